@@ -1,0 +1,49 @@
+//! The command line: parsing, logging setup, and one file per command.
+
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A WebAssembly-sandboxed telemetry collector.
+///
+/// The native agent owns all I/O and safety; a WebAssembly guest module owns every
+/// decision (what to collect, how often, what to publish). Logs go to standard error;
+/// set RUST_LOG (for instance RUST_LOG=debug) to change their detail.
+#[derive(Debug, Parser)]
+#[command(name = "collector", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Run(run::RunArgs),
+}
+
+/// Parses the command line, runs the command, and maps its outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

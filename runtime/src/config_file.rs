@@ -1,0 +1,136 @@
+//! `--config FILE`: a JSON `ConfigScope` (what an operator stores in the `agent_config`
+//! KV) layered over the built-in defaults, re-read when it changes. A bad edit is
+//! reported with the file and field, and the last good configuration stays in force.
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use collector_shared::config::resolve;
+use collector_shared::{ConfigError, ConfigScope, EffectiveConfig};
+
+use crate::agent::AgentHandle;
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("config file {path}: cannot read it: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {error}")]
+    Invalid { path: String, error: ConfigError },
+}
+
+/// Parses `text` (the content of `path`) into an effective configuration, warning about
+/// unknown fields.
+///
+/// # Errors
+///
+/// [`ConfigFileError::Invalid`], naming the file and the field.
+pub fn parse(path: &Path, text: &str) -> Result<EffectiveConfig, ConfigFileError> {
+    let (scope, unknown) =
+        ConfigScope::from_json(text).map_err(|error| ConfigFileError::Invalid {
+            path: path.display().to_string(),
+            error,
+        })?;
+    for field in unknown {
+        tracing::warn!(file = %path.display(), field, known = ?ConfigScope::FIELDS, "unknown config field ignored");
+    }
+    Ok(resolve(Some(&scope), [], None).config)
+}
+
+/// Reads and parses the file.
+///
+/// # Errors
+///
+/// When it cannot be read or is invalid.
+pub fn load(path: &Path) -> Result<(EffectiveConfig, String), ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let config = parse(path, &text)?;
+    Ok((config, text))
+}
+
+/// Polls the file every `poll` and sends each new valid configuration to the agent.
+/// `last_text` is the content already applied. Stops when the agent is gone.
+pub fn watch(
+    path: PathBuf,
+    mut last_text: String,
+    agent: AgentHandle,
+    poll: Duration,
+) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            let mut last_error: Option<String> = None;
+            loop {
+                std::thread::sleep(poll);
+                if !agent.is_running() {
+                    return;
+                }
+                let text = match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(source) => {
+                        let e = ConfigFileError::Read {
+                            path: path.display().to_string(),
+                            source,
+                        };
+                        report_once(&mut last_error, e.to_string());
+                        continue;
+                    }
+                };
+                if text == last_text {
+                    continue;
+                }
+                match parse(&path, &text) {
+                    Ok(config) => {
+                        tracing::info!(file = %path.display(), "config file changed; applying it");
+                        last_error = None;
+                        last_text = text;
+                        agent.configure(config);
+                    }
+                    Err(e) => report_once(&mut last_error, e.to_string()),
+                }
+            }
+        })
+        .expect("spawn the config watcher thread")
+}
+
+/// Logs an error once until it changes, so a broken file does not flood the log.
+fn report_once(last: &mut Option<String>, message: String) {
+    if last.as_deref() != Some(message.as_str()) {
+        tracing::error!("{message}; keeping the last good configuration");
+        *last = Some(message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_is_layered_over_defaults() {
+        let cfg = parse(
+            Path::new("c.json"),
+            r#"{"process_perf_enabled":true,"host_perf_interval":"2s"}"#,
+        )
+        .unwrap();
+        assert!(cfg.process_perf_enabled);
+        assert_eq!(cfg.host_perf_interval, "2s");
+        assert_eq!(cfg.process_perf_top_n, 20);
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let err = parse(Path::new("/etc/c.json"), r#"{"process_perf_top_n":-1}"#).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("config file /etc/c.json: field `process_perf_top_n`"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,90 @@
+//! The wasmtime engine every guest runs on, configured for sandboxing, with the
+//! background thread that advances its epoch (the clock behind per-call time budgets).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine};
+
+use crate::host::{self, HostState};
+
+/// How often the epoch advances: the resolution of time budgets.
+pub const EPOCH_PERIOD: Duration = Duration::from_millis(10);
+
+/// An engine, the linker of host functions, and the epoch ticker. Cheap to share.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<HostState>,
+    _ticker: EpochTicker,
+}
+
+impl Sandbox {
+    /// # Errors
+    ///
+    /// When the engine cannot be created on this platform.
+    pub fn new() -> anyhow::Result<Arc<Self>> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        // Epochs bound the time of every call at ~10% of guest speed; fuel would cost more.
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(anyhow::Error::from)?;
+        let linker = host::linker(&engine).map_err(anyhow::Error::from)?;
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            _ticker: ticker,
+        }))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(crate) fn linker(&self) -> &Linker<HostState> {
+        &self.linker
+    }
+}
+
+/// Number of epoch ticks that cover `budget` (at least one).
+pub(crate) fn ticks_for(budget: Duration) -> u64 {
+    let ticks = budget.as_nanos().div_ceil(EPOCH_PERIOD.as_nanos());
+    u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+}
+
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_PERIOD);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawn the epoch ticker thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Which subjects a module may publish to. Patterns use NATS wildcards (`*` one token,
+//! `>` one or more trailing tokens) and the placeholder `{pc_id}`, bound to this
+//! machine's id when the module is loaded.
+
+use std::fmt;
+
+/// Placeholder replaced by the machine's id in grant patterns.
+pub const PC_ID_PLACEHOLDER: &str = "{pc_id}";
+
+/// The grant given to modules that do not carry their own: any subject of the form
+/// `<name>.<this pc_id>`, which covers `process_perf.{pc_id}` and its siblings.
+pub const DEFAULT_GRANT: &str = "*.{pc_id}";
+
+/// A subject pattern that failed to parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid subject pattern {pattern:?}: {reason}")]
+pub struct PatternError {
+    pub pattern: String,
+    pub reason: &'static str,
+}
+
+/// A set of subject patterns with `{pc_id}` already bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    patterns: Vec<Vec<String>>,
+}
+
+impl Grant {
+    /// Binds `{pc_id}` in each pattern and checks its syntax.
+    ///
+    /// # Errors
+    ///
+    /// The first pattern that is not a valid NATS subject pattern.
+    pub fn new<S: AsRef<str>>(patterns: &[S], pc_id: &str) -> Result<Self, PatternError> {
+        let patterns = patterns
+            .iter()
+            .map(|p| {
+                let pattern = p.as_ref().replace(PC_ID_PLACEHOLDER, pc_id);
+                let tokens = tokens(&pattern).ok_or_else(|| PatternError {
+                    pattern: p.as_ref().to_string(),
+                    reason: "expected dot-separated tokens without spaces, such as process_perf.{pc_id}",
+                })?;
+                if let Some(i) = tokens.iter().position(|t| t == ">")
+                    && i + 1 != tokens.len()
+                {
+                    return Err(PatternError {
+                        pattern: p.as_ref().to_string(),
+                        reason: "`>` may only be the last token",
+                    });
+                }
+                Ok(tokens)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { patterns })
+    }
+
+    /// Whether a publish to `subject` is allowed. Subjects holding wildcards are never
+    /// allowed: NATS refuses to publish to them.
+    pub fn allows(&self, subject: &str) -> bool {
+        let Some(subject) = tokens(subject) else {
+            return false;
+        };
+        if subject.iter().any(|t| t == "*" || t == ">") {
+            return false;
+        }
+        self.patterns.iter().any(|p| matches(p, &subject))
+    }
+}
+
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: Vec<String> = self.patterns.iter().map(|p| p.join(".")).collect();
+        f.write_str(&shown.join(", "))
+    }
+}
+
+fn tokens(subject: &str) -> Option<Vec<String>> {
+    let tokens: Vec<String> = subject.split('.').map(str::to_string).collect();
+    let valid = tokens
+        .iter()
+        .all(|t| !t.is_empty() && !t.chars().any(|c| c.is_whitespace() || c.is_control()));
+    valid.then_some(tokens)
+}
+
+fn matches(pattern: &[String], subject: &[String]) -> bool {
+    match (pattern.split_first(), subject.split_first()) {
+        (Some((p, _)), Some(_)) if p == ">" => true,
+        (Some((p, prest)), Some((s, srest))) => (p == "*" || p == s) && matches(prest, srest),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_grant_covers_this_pc_only() {
+        let g = Grant::new(&[DEFAULT_GRANT], "pc-1").unwrap();
+        assert!(g.allows("process_perf.pc-1"));
+        assert!(g.allows("host_perf.pc-1"));
+        assert!(!g.allows("process_perf.pc-2"));
+        assert!(!g.allows("process_perf.pc-1.extra"));
+        assert!(!g.allows("pc-1"));
+    }
+
+    #[test]
+    fn wildcards_follow_nats_rules() {
+        let g = Grant::new(&["metrics.>", "a.*.c"], "x").unwrap();
+        assert!(g.allows("metrics.cpu"));
+        assert!(g.allows("metrics.cpu.total"));
+        assert!(!g.allows("metrics"));
+        assert!(g.allows("a.b.c"));
+        assert!(!g.allows("a.b.d"));
+        assert!(!g.allows("a.*.c"), "publishing to a wildcard is refused");
+        assert!(!g.allows("a..c"));
+        assert!(!g.allows("a.b c.c"));
+    }
+
+    #[test]
+    fn bad_patterns_are_reported() {
+        assert!(Grant::new(&["a.>.b"], "x").is_err());
+        assert!(Grant::new(&["a..b"], "x").is_err());
+        assert!(Grant::new(&[""], "x").is_err());
+    }
+}

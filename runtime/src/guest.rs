@@ -1,0 +1,489 @@
+//! Guest modules: loading and checking a component ([`GuestModule`]), and running it
+//! safely ([`Supervisor`]): every call under a time budget, traps contained, a fresh
+//! instance after any trap.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use collector_shared::EffectiveConfig;
+use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::engine::{Sandbox, ticks_for};
+use crate::host::{Collector, CollectorPre, HostState, HostStats, Services, TickTime, wasi};
+
+/// The WIT package guests are built against (`collector:api`), without version.
+pub const WIT_PACKAGE: &str = "collector:api";
+/// The version of that package this host implements.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// Interfaces of `collector:api` a guest may import.
+const API_IMPORTS: &[&str] = &["types", "processes", "publish", "log", "identity"];
+
+/// Why a module was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("not a WebAssembly file (it does not start with the `\\0asm` header)")]
+    NotWasm,
+    #[error(
+        "this is a core WebAssembly module, not a component: build the guest for \
+         wasm32-wasip2 (cargo build --target wasm32-wasip2), or wrap it with \
+         `wasm-tools component new`"
+    )]
+    CoreModule,
+    #[error("unsupported WebAssembly encoding (version bytes {0:02x?})")]
+    UnknownEncoding([u8; 4]),
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    #[error("imports `{import}`, which this host never offers: {reason}")]
+    ForbiddenImport { import: String, reason: String },
+    #[error(
+        "does not export `{WIT_PACKAGE}/guest@{WIT_VERSION}`; guests must target the \
+         `collector` world of {WIT_PACKAGE}@{WIT_VERSION}: {0}"
+    )]
+    WrongWorld(String),
+}
+
+/// A compiled, checked guest component, ready to instantiate any number of times.
+pub struct GuestModule {
+    name: Arc<str>,
+    pre: CollectorPre<HostState>,
+    imports: Vec<String>,
+}
+
+impl GuestModule {
+    /// Loads a component from a file; the module is named after the file.
+    ///
+    /// # Errors
+    ///
+    /// See [`GuestModule::from_bytes`]; also when the file cannot be read.
+    pub fn from_file(sandbox: &Sandbox, path: &Path) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        Self::from_bytes(sandbox, &name, &bytes)
+    }
+
+    /// Checks, compiles and links a component.
+    ///
+    /// # Errors
+    ///
+    /// When the bytes are not a component, import anything the host does not offer
+    /// (filesystem, sockets...), or do not export the `collector` world.
+    pub fn from_bytes(sandbox: &Sandbox, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
+        check_header(bytes)?;
+        let component = Component::from_binary(sandbox.engine(), bytes)
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        Self::from_component(sandbox, name, &component)
+    }
+
+    /// Checks and links an already compiled component.
+    ///
+    /// # Errors
+    ///
+    /// As [`GuestModule::from_bytes`], minus the parsing errors.
+    pub fn from_component(
+        sandbox: &Sandbox,
+        name: &str,
+        component: &Component,
+    ) -> Result<Self, LoadError> {
+        let imports = check_imports(sandbox, component)?;
+        let instance_pre = sandbox
+            .linker()
+            .instantiate_pre(component)
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let pre =
+            CollectorPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        Ok(Self {
+            name: name.into(),
+            pre,
+            imports,
+        })
+    }
+
+    /// The module's name, used in every log line about it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The interfaces the component imports.
+    pub fn imports(&self) -> &[String] {
+        &self.imports
+    }
+}
+
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(LoadError::NotWasm);
+    }
+    match [bytes[4], bytes[5], bytes[6], bytes[7]] {
+        [1, 0, 0, 0] => Err(LoadError::CoreModule),
+        [0x0d, 0, 1, 0] => Ok(()),
+        other => Err(LoadError::UnknownEncoding(other)),
+    }
+}
+
+/// Refuses any import outside `collector:api` and the capability-free WASI subset,
+/// before anything is instantiated.
+fn check_imports(sandbox: &Sandbox, component: &Component) -> Result<Vec<String>, LoadError> {
+    let ty = component.component_type();
+    let mut names = Vec::new();
+    for (name, item) in ty.imports(sandbox.engine()) {
+        let unversioned = name.split('@').next().unwrap_or(name);
+        let allowed = if let Some(iface) = unversioned.strip_prefix("collector:api/") {
+            API_IMPORTS.contains(&iface)
+        } else {
+            wasi::ALLOWED_WASI.contains(&unversioned)
+        };
+        if !allowed || !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
+            let reason = match unversioned.split('/').next().unwrap_or_default() {
+                "wasi:filesystem" => "guests get no filesystem access".to_string(),
+                "wasi:sockets" | "wasi:http" => "guests get no network access".to_string(),
+                _ => format!(
+                    "a guest may import only {WIT_PACKAGE}/{{{}}} and the WASI interfaces \
+                     io, cli, clocks and random",
+                    API_IMPORTS.join(",")
+                ),
+            };
+            return Err(LoadError::ForbiddenImport {
+                import: name.to_string(),
+                reason,
+            });
+        }
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
+/// What went wrong inside a guest call. The instance is gone afterwards; the next call
+/// starts a fresh one.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GuestFault {
+    #[error("trapped in `{call}`: {message}")]
+    Trap { call: &'static str, message: String },
+    #[error("`{call}` ran longer than its time budget of {budget:?}")]
+    Timeout {
+        call: &'static str,
+        budget: Duration,
+    },
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+/// Raised from the epoch callback when a call exhausts its budget.
+#[derive(Debug, thiserror::Error)]
+#[error("time budget of {0:?} exhausted")]
+struct BudgetExhausted(Duration);
+
+/// How a tick went.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TickError {
+    /// The guest returned an error; it keeps running.
+    #[error("guest reported an error: {0}")]
+    Guest(String),
+    /// The guest trapped or timed out; its instance was discarded.
+    #[error(transparent)]
+    Fault(#[from] GuestFault),
+}
+
+/// Replaces the default WASI clocks or randomness of each new instance (the mock host
+/// makes them virtual and deterministic).
+pub type WasiCustomizer = Arc<dyn Fn(&mut WasiCtxBuilder) + Send + Sync>;
+
+struct Live {
+    store: Store<HostState>,
+    bindings: Collector,
+}
+
+enum Slot {
+    Live(Box<Live>),
+    Idle(Services),
+    /// Only while a transition is in progress.
+    Empty,
+}
+
+/// Runs one guest module: keeps an instance alive, feeds it the configuration, and
+/// replaces it with a fresh one after a trap. Never panics because of a guest.
+pub struct Supervisor {
+    module: Arc<GuestModule>,
+    slot: Slot,
+    config_json: Option<String>,
+    interval: Option<Duration>,
+    wasi: Option<WasiCustomizer>,
+}
+
+impl Supervisor {
+    /// Prepares to run `module` with `services`; the instance is created on first use.
+    pub fn new(module: Arc<GuestModule>, services: Services) -> Self {
+        Self {
+            module,
+            slot: Slot::Idle(services),
+            config_json: None,
+            interval: None,
+            wasi: None,
+        }
+    }
+
+    /// Sets how new instances' WASI context is customized.
+    pub fn set_wasi_customizer(&mut self, customizer: WasiCustomizer) {
+        self.wasi = Some(customizer);
+    }
+
+    pub fn module(&self) -> &Arc<GuestModule> {
+        &self.module
+    }
+
+    /// The counters shared with the host functions.
+    pub fn stats(&self) -> Arc<HostStats> {
+        self.services().stats.clone()
+    }
+
+    /// The services behind the host functions.
+    pub fn services(&self) -> &Services {
+        match &self.slot {
+            Slot::Live(live) => &live.store.data().services,
+            Slot::Idle(services) => services,
+            Slot::Empty => unreachable!("slot is only empty during a transition"),
+        }
+    }
+
+    /// Mutable access to the services, for instance to script the process table.
+    pub fn services_mut(&mut self) -> &mut Services {
+        match &mut self.slot {
+            Slot::Live(live) => &mut live.store.data_mut().services,
+            Slot::Idle(services) => services,
+            Slot::Empty => unreachable!("slot is only empty during a transition"),
+        }
+    }
+
+    /// Gives up the module and returns the services (for a successor module).
+    pub fn into_services(self) -> Services {
+        match self.slot {
+            Slot::Live(live) => live.store.into_data().into_services(),
+            Slot::Idle(services) => services,
+            Slot::Empty => unreachable!("slot is only empty during a transition"),
+        }
+    }
+
+    /// Whether an instance is currently alive.
+    pub fn is_live(&self) -> bool {
+        matches!(self.slot, Slot::Live(_))
+    }
+
+    /// The interval the guest last asked for, if it was asked.
+    pub fn interval(&self) -> Option<Duration> {
+        self.interval
+    }
+
+    /// Passes a new effective configuration and asks for the interval. Returns whether
+    /// the interval changed (the caller then restarts its ticker).
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped; the configuration is still kept for the next instance.
+    pub fn configure(&mut self, config: &EffectiveConfig) -> Result<bool, GuestFault> {
+        let json = serde_json::to_string(config).expect("EffectiveConfig serializes");
+        self.config_json = Some(json);
+        if self.is_live() {
+            self.push_config()?;
+        } else {
+            // Instantiation pushes the stored config.
+            self.live()?;
+        }
+        self.refresh_interval()
+    }
+
+    /// Runs one tick at `now`, then asks for the interval.
+    ///
+    /// # Errors
+    ///
+    /// [`TickError::Guest`] when the guest reported an error, [`TickError::Fault`] when
+    /// it trapped (the next call starts a fresh instance).
+    pub fn tick(&mut self, now: TickTime) -> Result<(), TickError> {
+        let result = self.call("tick", |b, s| b.collector_api_guest().call_tick(s, now))?;
+        HostStats::bump(&self.services().stats.ticks, 1);
+        if let Err(message) = result {
+            tracing::warn!(guest = self.module.name(), error = %message, "tick reported an error");
+            return Err(TickError::Guest(message));
+        }
+        self.refresh_interval()?;
+        Ok(())
+    }
+
+    /// Asks the guest for state to hand to a successor.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn save_state(&mut self) -> Result<Option<Vec<u8>>, GuestFault> {
+        self.call("save-state", |b, s| {
+            b.collector_api_guest().call_save_state(s)
+        })
+    }
+
+    /// Hands the guest the state of a predecessor. Returns the guest's refusal, if any.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn restore_state(&mut self, state: &[u8]) -> Result<Result<(), String>, GuestFault> {
+        self.call("restore-state", |b, s| {
+            b.collector_api_guest().call_restore_state(s, state)
+        })
+    }
+
+    fn refresh_interval(&mut self) -> Result<bool, GuestFault> {
+        let ns = self.call("interval", |b, s| b.collector_api_guest().call_interval(s))?;
+        let interval = Some(Duration::from_nanos(ns));
+        let changed = interval != self.interval;
+        self.interval = interval;
+        Ok(changed)
+    }
+
+    fn push_config(&mut self) -> Result<(), GuestFault> {
+        let Some(json) = self.config_json.clone() else {
+            return Ok(());
+        };
+        let result = self.call("configure", |b, s| {
+            b.collector_api_guest().call_configure(s, &json)
+        })?;
+        if let Err(message) = result {
+            tracing::warn!(guest = self.module.name(), error = %message, "guest refused the configuration");
+        }
+        Ok(())
+    }
+
+    /// The live instance, creating one (and configuring it) when there is none.
+    fn live(&mut self) -> Result<&mut Live, GuestFault> {
+        if let Slot::Idle(_) = self.slot {
+            let Slot::Idle(services) = std::mem::replace(&mut self.slot, Slot::Empty) else {
+                unreachable!()
+            };
+            self.slot = match self.instantiate(services) {
+                Ok(live) => Slot::Live(Box::new(live)),
+                Err((services, fault)) => {
+                    HostStats::bump(&services.stats.traps, 1);
+                    tracing::error!(guest = self.module.name(), error = %fault, "guest failed to start");
+                    self.slot = Slot::Idle(services);
+                    return Err(fault);
+                }
+            };
+            self.push_config()?;
+        }
+        match &mut self.slot {
+            Slot::Live(live) => Ok(live),
+            _ => Err(GuestFault::Instantiate(
+                "the instance trapped while being configured".into(),
+            )),
+        }
+    }
+
+    fn instantiate(&self, services: Services) -> Result<Live, (Services, GuestFault)> {
+        let name = self.module.name.clone();
+        let ctx = wasi::context(&name, |b| {
+            if let Some(customize) = &self.wasi {
+                customize(b);
+            }
+        });
+        HostStats::bump(&services.stats.instantiations, 1);
+        let engine = self.module.pre.engine();
+        let mut store = Store::new(engine, HostState::new(services, name, ctx));
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_callback(|ctx| {
+            let state = ctx.data();
+            let budget = state.services.limits.call_budget;
+            let used = state.call.guest_time();
+            if used >= budget {
+                Err(wasmtime::Error::new(BudgetExhausted(budget)))
+            } else {
+                Ok(UpdateDeadline::Continue(ticks_for(budget - used)))
+            }
+        });
+        store.data_mut().begin_call();
+        store.set_epoch_deadline(ticks_for(store.data().services.limits.call_budget));
+        match self.module.pre.instantiate(&mut store) {
+            Ok(bindings) => Ok(Live { store, bindings }),
+            Err(e) => {
+                let fault = GuestFault::Instantiate(format!("{e:#}"));
+                Err((store.into_data().into_services(), fault))
+            }
+        }
+    }
+
+    /// Calls into the guest under the time budget; on a trap, discards the instance.
+    fn call<R>(
+        &mut self,
+        call: &'static str,
+        f: impl FnOnce(&Collector, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, GuestFault> {
+        let live = self.live()?;
+        let budget = live.store.data().services.limits.call_budget;
+        live.store.data_mut().begin_call();
+        live.store.set_epoch_deadline(ticks_for(budget));
+        let result = f(&live.bindings, &mut live.store);
+        let dropped = live.store.data().call.dropped_log_lines;
+        if dropped > 0 {
+            tracing::warn!(
+                guest = self.module.name(),
+                call,
+                dropped,
+                "guest log lines over the per-call limit were dropped"
+            );
+        }
+        result.map_err(|e| {
+            let fault = if e.downcast_ref::<BudgetExhausted>().is_some() {
+                GuestFault::Timeout { call, budget }
+            } else {
+                GuestFault::Trap {
+                    call,
+                    message: format!("{e:#}"),
+                }
+            };
+            self.discard();
+            HostStats::bump(&self.services().stats.traps, 1);
+            tracing::error!(guest = self.module.name(), error = %fault, "guest instance discarded; a fresh one starts on the next call");
+            fault
+        })
+    }
+
+    fn discard(&mut self) {
+        if let Slot::Live(live) = std::mem::replace(&mut self.slot, Slot::Empty) {
+            self.slot = Slot::Idle(live.store.into_data().into_services());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_check_names_core_modules_and_garbage() {
+        assert!(matches!(
+            check_header(b"hello world"),
+            Err(LoadError::NotWasm)
+        ));
+        assert!(matches!(
+            check_header(b"\0asm\x01\0\0\0"),
+            Err(LoadError::CoreModule)
+        ));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+        assert!(matches!(
+            check_header(b"\0asm\x02\0\0\0"),
+            Err(LoadError::UnknownEncoding(_))
+        ));
+    }
+}

