@@ -372,15 +372,7 @@ impl Supervisor {
             let Slot::Idle(services) = std::mem::replace(&mut self.slot, Slot::Empty) else {
                 unreachable!()
             };
-            self.slot = match self.instantiate(services) {
-                Ok(live) => Slot::Live(Box::new(live)),
-                Err((services, fault)) => {
-                    HostStats::bump(&services.stats.traps, 1);
-                    tracing::error!(guest = self.module.name(), error = %fault, "guest failed to start");
-                    self.slot = Slot::Idle(services);
-                    return Err(fault);
-                }
-            };
+            self.instantiate(services)?;
             self.push_config()?;
         }
         match &mut self.slot {
@@ -391,7 +383,8 @@ impl Supervisor {
         }
     }
 
-    fn instantiate(&self, services: Services) -> Result<Live, (Services, GuestFault)> {
+    /// Creates an instance and puts it in the slot; on failure the slot is idle again.
+    fn instantiate(&mut self, services: Services) -> Result<(), GuestFault> {
         let name = self.module.name.clone();
         let ctx = wasi::context(&name, |b| {
             if let Some(customize) = &self.wasi {
@@ -415,10 +408,17 @@ impl Supervisor {
         store.data_mut().begin_call();
         store.set_epoch_deadline(ticks_for(store.data().services.limits.call_budget));
         match self.module.pre.instantiate(&mut store) {
-            Ok(bindings) => Ok(Live { store, bindings }),
+            Ok(bindings) => {
+                self.slot = Slot::Live(Box::new(Live { store, bindings }));
+                Ok(())
+            }
             Err(e) => {
                 let fault = GuestFault::Instantiate(format!("{e:#}"));
-                Err((store.into_data().into_services(), fault))
+                let services = store.into_data().into_services();
+                HostStats::bump(&services.stats.traps, 1);
+                tracing::error!(guest = self.module.name(), error = %fault, "guest failed to start");
+                self.slot = Slot::Idle(services);
+                Err(fault)
             }
         }
     }

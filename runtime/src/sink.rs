@@ -105,15 +105,18 @@ impl Sink for NatsSink {
     }
 }
 
+/// A published message: subject and payload.
+pub type Message = (String, Vec<u8>);
+
 /// Keeps every publish in memory: for tests, the mock host and benchmarks.
 #[derive(Debug, Default, Clone)]
 pub struct MemorySink {
-    messages: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    messages: Arc<Mutex<Vec<Message>>>,
 }
 
 impl MemorySink {
     /// Takes every message published so far.
-    pub fn take(&self) -> Vec<(String, Vec<u8>)> {
+    pub fn take(&self) -> Vec<Message> {
         std::mem::take(&mut *self.messages.lock().expect("sink lock"))
     }
 

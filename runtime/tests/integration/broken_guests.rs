@@ -1,0 +1,128 @@
+//! Guests that trap or never return: the host logs with the guest's name, discards the
+//! instance, starts a fresh one for the next tick, and never panics or stops.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use collector::agent::{Agent, AgentOptions};
+use collector::guest::{GuestFault, GuestModule, Supervisor, TickError};
+use collector::host::{HostStats, Limits};
+use collector::sink::MemorySink;
+use collector::source::StaticSource;
+use wasmtime::component::Component;
+
+use crate::common::*;
+
+fn supervisor(name: &str, tick_body: &str, limits: Limits) -> Supervisor {
+    let sandbox = sandbox();
+    let component = Component::new(sandbox.engine(), wat_guest(tick_body)).unwrap();
+    let module = GuestModule::from_component(&sandbox, name, &component).unwrap();
+    Supervisor::new(
+        Arc::new(module),
+        services(
+            Box::new(StaticSource::default()),
+            MemorySink::default(),
+            limits,
+        ),
+    )
+}
+
+/// Captures log output of the current thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn with_captured_logs<R>(f: impl FnOnce() -> R) -> (R, String) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    (out, text)
+}
+
+#[test]
+fn a_trapping_guest_is_logged_by_name_and_replaced_by_a_fresh_instance() {
+    let mut sup = supervisor("trap-on-second", TRAP_ON_SECOND_TICK, Limits::default());
+    let origin = Instant::now();
+    let (results, logs) =
+        with_captured_logs(|| (0..4).map(|_| sup.tick(now(origin))).collect::<Vec<_>>());
+    assert!(results[0].is_ok());
+    match &results[1] {
+        Err(TickError::Fault(GuestFault::Trap { call, message })) => {
+            assert_eq!(*call, "tick");
+            assert!(message.contains("unreachable"), "{message}");
+        }
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    // The fresh instance counts from one again: its second tick is the fourth overall.
+    assert!(results[2].is_ok());
+    assert!(results[3].is_err());
+    let stats = sup.stats();
+    assert_eq!(HostStats::get(&stats.instantiations), 2);
+    assert_eq!(HostStats::get(&stats.traps), 2);
+    assert!(logs.contains("trap-on-second"), "{logs}");
+    assert!(logs.contains("trapped in `tick`"), "{logs}");
+}
+
+const TRAP_ON_SECOND_TICK: &str =
+    "(if (i32.eq (global.get $ticks) (i32.const 2)) (then unreachable)) (i32.const 0)";
+
+#[test]
+fn a_guest_that_never_returns_is_stopped_at_its_budget() {
+    let limits = Limits {
+        call_budget: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let mut sup = supervisor("spin", "(loop $l (br $l)) (i32.const 0)", limits);
+    let origin = Instant::now();
+    let started = Instant::now();
+    let result = sup.tick(now(origin));
+    assert!(
+        matches!(
+            result,
+            Err(TickError::Fault(GuestFault::Timeout { call: "tick", .. }))
+        ),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the loop was interrupted"
+    );
+    assert!(!sup.is_live(), "the interrupted instance is discarded");
+    // And again: each call gets a fresh instance and a fresh budget.
+    assert!(sup.tick(now(origin)).is_err());
+    assert_eq!(HostStats::get(&sup.stats().instantiations), 2);
+}
+
+#[test]
+fn the_agent_keeps_running_a_guest_that_always_traps() {
+    let sup = supervisor("always-traps", "unreachable", Limits::default());
+    let stats = sup.stats();
+    let (agent, handle) = Agent::new(
+        sup,
+        AgentOptions {
+            min_interval: Duration::from_millis(10),
+        },
+    );
+    let thread = std::thread::spawn(move || agent.run(enabled("100ms", 5)));
+    assert!(wait_for(Duration::from_secs(10), || HostStats::get(
+        &stats.traps
+    ) >= 3));
+    handle.shutdown();
+    thread.join().expect("the agent did not panic");
+    assert!(HostStats::get(&stats.instantiations) >= 3);
+}

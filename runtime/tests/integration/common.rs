@@ -1,0 +1,215 @@
+//! Shared helpers: locating the built guest, building supervisors, broken WAT guests,
+//! and starting a throwaway nats-server.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use collector::engine::Sandbox;
+use collector::grant::{DEFAULT_GRANT, Grant};
+use collector::guest::{GuestModule, Supervisor};
+use collector::host::{Datetime, HostStats, Limits, Services, TickTime};
+use collector::sink::MemorySink;
+use collector::source::{ProcessSource, SysinfoSource};
+use collector_shared::{EffectiveConfig, ProcessPerf};
+
+pub const PC_ID: &str = "pc-test";
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The default guest component, built by `cargo xtask build-guest` (or `cargo xtask test`).
+pub fn guest_wasm() -> PathBuf {
+    let path = std::env::var_os("COLLECTOR_GUEST_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/guests/process-perf.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask build-guest` first, or run the suite with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// One sandbox per test binary: engines are meant to be shared.
+pub fn sandbox() -> Arc<Sandbox> {
+    static SANDBOX: OnceLock<Arc<Sandbox>> = OnceLock::new();
+    SANDBOX.get_or_init(|| Sandbox::new().unwrap()).clone()
+}
+
+/// The default guest, compiled once per test binary.
+pub fn process_perf_module() -> Arc<GuestModule> {
+    static MODULE: OnceLock<Arc<GuestModule>> = OnceLock::new();
+    MODULE
+        .get_or_init(|| Arc::new(GuestModule::from_file(&sandbox(), &guest_wasm()).unwrap()))
+        .clone()
+}
+
+pub fn services(source: Box<dyn ProcessSource>, sink: MemorySink, limits: Limits) -> Services {
+    Services {
+        processes: source,
+        sink: Arc::new(sink),
+        pc_id: PC_ID.into(),
+        grant: Grant::new(&[DEFAULT_GRANT], PC_ID).unwrap(),
+        limits,
+        stats: Arc::new(HostStats::default()),
+    }
+}
+
+/// The real guest over real sysinfo data, publishing into memory.
+pub fn real_supervisor() -> (Supervisor, MemorySink) {
+    let sink = MemorySink::default();
+    let source = Box::new(SysinfoSource::new().unwrap());
+    let sup = Supervisor::new(
+        process_perf_module(),
+        services(source, sink.clone(), Limits::default()),
+    );
+    (sup, sink)
+}
+
+pub fn enabled(interval: &str, top_n: u32) -> EffectiveConfig {
+    EffectiveConfig {
+        process_perf_enabled: true,
+        host_perf_interval: interval.into(),
+        process_perf_top_n: top_n,
+        ..Default::default()
+    }
+}
+
+/// Real clocks, as the agent would read them.
+pub fn now(origin: Instant) -> TickTime {
+    let wall = chrono::Utc::now();
+    TickTime {
+        wall: Datetime {
+            seconds: wall.timestamp(),
+            nanoseconds: wall.timestamp_subsec_nanos(),
+        },
+        monotonic: origin.elapsed().as_nanos() as u64,
+    }
+}
+
+/// Decodes every message, checking the subject.
+pub fn decode_all(messages: Vec<(String, Vec<u8>)>) -> Vec<ProcessPerf> {
+    messages
+        .into_iter()
+        .map(|(subject, payload)| {
+            assert_eq!(subject, format!("process_perf.{PC_ID}"));
+            serde_json::from_slice(&payload).unwrap_or_else(|e| {
+                panic!(
+                    "not a ProcessPerf: {e}: {}",
+                    String::from_utf8_lossy(&payload)
+                )
+            })
+        })
+        .collect()
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// A component implementing the `collector` world whose `tick` body is `tick_body` (WAT
+/// instructions that must leave an i32 result-pointer on the stack, or never return).
+/// `configure` and `restore-state` succeed, `interval` is 100 ms, `save-state` is none.
+pub fn wat_guest(tick_body: &str) -> String {
+    format!(
+        r#"(component
+  (core module $m
+    (memory (export "mem") 1)
+    (global $ticks (mut i32) (i32.const 0))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "configure") (param i32 i32) (result i32) (i32.const 0))
+    (func (export "interval") (result i64) (i64.const 100000000))
+    (func (export "tick") (param i64 i32 i64) (result i32)
+      (global.set $ticks (i32.add (global.get $ticks) (i32.const 1)))
+      {tick_body})
+    (func (export "save-state") (result i32) (i32.const 0))
+    (func (export "restore-state") (param i32 i32) (result i32) (i32.const 0))
+  )
+  (core instance $i (instantiate $m))
+  (type $datetime (record (field "seconds" s64) (field "nanoseconds" u32)))
+  (type $tick-time (record (field "wall" $datetime) (field "monotonic" u64)))
+  (func $configure (param "config" string) (result (result (error string)))
+    (canon lift (core func $i "configure") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+  (func $interval (result u64) (canon lift (core func $i "interval")))
+  (func $tick (param "now" $tick-time) (result (result (error string)))
+    (canon lift (core func $i "tick") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+  (func $save (result (option (list u8)))
+    (canon lift (core func $i "save-state") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+  (func $restore (param "state" (list u8)) (result (result (error string)))
+    (canon lift (core func $i "restore-state") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+  (instance $guest
+    (export "datetime" (type $datetime))
+    (export "tick-time" (type $tick-time))
+    (export "configure" (func $configure))
+    (export "interval" (func $interval))
+    (export "tick" (func $tick))
+    (export "save-state" (func $save))
+    (export "restore-state" (func $restore)))
+  (export "collector:api/guest@0.1.0" (instance $guest))
+)"#
+    )
+}
+
+/// A nats-server with JetStream in a temporary directory on a free loopback port,
+/// killed on drop.
+pub struct NatsServer {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let bin = std::env::var_os("COLLECTOR_NATS_SERVER")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let local = workspace().join("target/tools/nats/bin/nats-server");
+                local.exists().then_some(local)
+            })
+            .expect(
+                "no nats-server: run the suite with `cargo xtask test`, which installs one, \
+                 or set COLLECTOR_NATS_SERVER=/path/to/nats-server (2.10 or newer)",
+            );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let up = wait_for(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "nats-server did not listen on port {port}");
+        Self {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

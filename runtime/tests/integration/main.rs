@@ -1,0 +1,11 @@
+//! Integration tests of the runtime with real parts: the real guest component, real
+//! sysinfo data, the `collector` binary, and a real nats-server started per test.
+//! One test binary (with modules) keeps link time down.
+
+mod common;
+
+mod agent;
+mod broken_guests;
+mod cli;
+mod guest;
+mod nats;
