@@ -1,5 +1,5 @@
-//! The `collector` binary. Everything lives in the library; see `collector::cli`.
+//! The `collector` binary. Everything lives in the library; see `collector_runtime::cli`.
 
 fn main() -> std::process::ExitCode {
-    collector::cli::main()
+    collector_runtime::cli::main()
 }

@@ -5,9 +5,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use chrono::Utc;
-use collector::agent::{Agent, AgentHandle, AgentOptions};
-use collector::host::{HostStats, Services};
-use collector::sink::MemorySink;
+use collector_runtime::agent::{Agent, AgentHandle, AgentOptions};
+use collector_runtime::host::{HostStats, Services};
+use collector_runtime::sink::MemorySink;
 use collector_shared::{EffectiveConfig, ProcessPerf};
 
 use crate::common::*;

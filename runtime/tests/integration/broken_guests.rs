@@ -5,11 +5,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use collector::agent::{Agent, AgentOptions};
-use collector::guest::{GuestFault, GuestModule, Supervisor, TickError};
-use collector::host::{HostStats, Limits};
-use collector::sink::MemorySink;
-use collector::source::StaticSource;
+use collector_runtime::agent::{Agent, AgentOptions};
+use collector_runtime::guest::{GuestFault, GuestModule, Supervisor, TickError};
+use collector_runtime::host::{HostStats, Limits};
+use collector_runtime::sink::MemorySink;
+use collector_runtime::source::StaticSource;
 use wasmtime::component::Component;
 
 use crate::common::*;

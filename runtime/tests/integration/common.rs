@@ -7,12 +7,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use collector::engine::Sandbox;
-use collector::grant::{DEFAULT_GRANT, Grant};
-use collector::guest::{GuestModule, Supervisor};
-use collector::host::{Datetime, HostStats, Limits, Services, TickTime};
-use collector::sink::MemorySink;
-use collector::source::{ProcessSource, SysinfoSource};
+use collector_runtime::engine::Sandbox;
+use collector_runtime::grant::{DEFAULT_GRANT, Grant};
+use collector_runtime::guest::{GuestModule, Supervisor};
+use collector_runtime::host::{Datetime, HostStats, Limits, Services, TickTime};
+use collector_runtime::sink::MemorySink;
+use collector_runtime::source::{ProcessSource, SysinfoSource};
 use collector_shared::{EffectiveConfig, ProcessPerf};
 
 pub const PC_ID: &str = "pc-test";
