@@ -10,6 +10,7 @@ use collector_shared::EffectiveConfig;
 
 use crate::guest::Supervisor;
 use crate::host::{Datetime, Services, TickTime};
+use crate::ticker::Ticker;
 
 /// Something the agent loop should react to.
 #[derive(Debug)]
@@ -104,27 +105,24 @@ impl Agent {
         let _running = RunningGuard(self.running.clone());
         let name = self.supervisor.module().name().to_string();
         let _ = self.supervisor.configure(&config);
-        tracing::info!(guest = %name, interval = ?self.interval(), "agent started");
-        let mut next_tick = Instant::now();
+        let mut ticker = Ticker::new(self.origin.elapsed(), self.options.min_interval);
+        let period = ticker.period(self.supervisor.interval());
+        tracing::info!(guest = %name, interval = ?period, "agent started");
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            let wait = ticker.next().saturating_sub(self.origin.elapsed());
             match self.events.recv_timeout(wait) {
                 Ok(Event::Config(config)) => {
                     // A trap is logged by the supervisor; the next tick retries.
                     if let Ok(true) = self.supervisor.configure(&config) {
-                        tracing::info!(guest = %name, interval = ?self.interval(), "cadence changed; ticker restarted");
-                        next_tick = Instant::now();
+                        let period = ticker.period(self.supervisor.interval());
+                        tracing::info!(guest = %name, interval = ?period, "cadence changed; ticker restarted");
+                        ticker.restart(self.origin.elapsed());
                     }
                 }
                 Ok(Event::Shutdown) => break,
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.supervisor.tick(self.now());
-                    // Keep the phase; after an overrun, skip the missed ticks.
-                    next_tick += self.interval();
-                    let now = Instant::now();
-                    if next_tick <= now {
-                        next_tick = now + self.interval();
-                    }
+                    ticker.ticked(self.origin.elapsed(), self.supervisor.interval());
                 }
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the agent holds a sender"),
             }
@@ -133,14 +131,6 @@ impl Agent {
         let services = self.supervisor.into_services();
         services.sink.flush();
         services
-    }
-
-    /// The guest's interval, floored; the default cadence while the guest is down.
-    fn interval(&self) -> Duration {
-        self.supervisor
-            .interval()
-            .unwrap_or(collector_shared::config::FALLBACK_HOST_PERF_INTERVAL)
-            .max(self.options.min_interval)
     }
 
     fn now(&self) -> TickTime {

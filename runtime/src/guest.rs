@@ -386,7 +386,7 @@ impl Supervisor {
     /// Creates an instance and puts it in the slot; on failure the slot is idle again.
     fn instantiate(&mut self, services: Services) -> Result<(), GuestFault> {
         let name = self.module.name.clone();
-        let ctx = wasi::context(&name, |b| {
+        let ctx = wasi::context(&name, services.log_book.clone(), |b| {
             if let Some(customize) = &self.wasi {
                 customize(b);
             }

@@ -11,3 +11,5 @@ pub mod guest;
 pub mod host;
 pub mod sink;
 pub mod source;
+pub mod testkit;
+pub mod ticker;

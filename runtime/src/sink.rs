@@ -1,6 +1,7 @@
 //! Where published messages go: standard output (one message per line) or core NATS.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -112,9 +113,15 @@ pub type Message = (String, Vec<u8>);
 #[derive(Debug, Default, Clone)]
 pub struct MemorySink {
     messages: Arc<Mutex<Vec<Message>>>,
+    failing: Arc<AtomicBool>,
 }
 
 impl MemorySink {
+    /// While set, every publish fails as a broker outage would.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
+    }
+
     /// Takes every message published so far.
     pub fn take(&self) -> Vec<Message> {
         std::mem::take(&mut *self.messages.lock().expect("sink lock"))
@@ -133,6 +140,9 @@ impl MemorySink {
 
 impl Sink for MemorySink {
     fn publish(&self, subject: &str, payload: &[u8]) -> Result<(), SinkError> {
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(SinkError::Nats("simulated outage: no server available".into()));
+        }
         self.messages
             .lock()
             .expect("sink lock")

@@ -1,6 +1,7 @@
 //! The command line: parsing, logging setup, and one file per command.
 
 mod run;
+mod test;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    Test(test::TestArgs),
 }
 
 /// Parses the command line, runs the command, and maps its outcome to an exit code.
@@ -29,6 +31,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Test(args) => test::run(args),
     };
     match result {
         Ok(code) => code,

@@ -97,17 +97,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Arc::new(StdoutSink),
     };
 
-    let services = Services {
-        processes: Box::new(SysinfoSource::new()?),
-        sink,
-        pc_id,
-        grant,
-        limits: Limits {
-            memory_bytes: args.max_memory_mib << 20,
-            call_budget: args.call_timeout,
-            ..Limits::default()
-        },
-        stats: Arc::new(HostStats::default()),
+    let mut services = Services::new(Box::new(SysinfoSource::new()?), sink, &pc_id);
+    services.grant = grant;
+    services.limits = Limits {
+        memory_bytes: args.max_memory_mib << 20,
+        call_budget: args.call_timeout,
+        ..Limits::default()
     };
     let supervisor = Supervisor::new(Arc::new(module), services);
     let (agent, handle) = Agent::new(

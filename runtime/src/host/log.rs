@@ -2,7 +2,7 @@
 //! module's name and bounded per call.
 
 use super::collector::api::log::Host;
-use super::{HostState, HostStats, Level};
+use super::{HostState, HostStats, Level, LogLine};
 
 /// Longest log line kept; longer ones are cut (at a character boundary).
 const MAX_LINE_BYTES: usize = 4096;
@@ -17,6 +17,12 @@ impl HostState {
         self.call.log_lines += 1;
         HostStats::bump(&self.services.stats.log_lines, 1);
         let message = truncate(message, MAX_LINE_BYTES);
+        if let Some(book) = &self.services.log_book {
+            book.lock().expect("log book lock").push(LogLine {
+                level,
+                message: message.to_string(),
+            });
+        }
         let guest = &*self.guest_name;
         match level {
             Level::Trace => tracing::trace!(target: "guest", guest, "{message}"),

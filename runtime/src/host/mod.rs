@@ -8,15 +8,15 @@ mod processes;
 mod publish;
 pub(crate) mod wasi;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::grant::Grant;
+use crate::grant::{DEFAULT_GRANT, Grant};
 use crate::sink::Sink;
 use crate::source::ProcessSource;
 
@@ -97,6 +97,16 @@ impl Default for Limits {
     }
 }
 
+/// A line a guest logged (through `log` or its stdout/stderr), as kept for the mock host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: Level,
+    pub message: String,
+}
+
+/// Where guest log lines are recorded, in addition to the agent's log.
+pub type LogBook = Arc<Mutex<Vec<LogLine>>>;
+
 /// What the host functions act on. It outlives instances: after a trap, the next
 /// instance gets the same services.
 pub struct Services {
@@ -106,6 +116,24 @@ pub struct Services {
     pub grant: Grant,
     pub limits: Limits,
     pub stats: Arc<HostStats>,
+    /// When set, guest log lines are also recorded here.
+    pub log_book: Option<LogBook>,
+}
+
+impl Services {
+    /// Services with the default grant ([`DEFAULT_GRANT`]), default limits, fresh
+    /// counters and no log book.
+    pub fn new(processes: Box<dyn ProcessSource>, sink: Arc<dyn Sink>, pc_id: &str) -> Self {
+        Self {
+            processes,
+            sink,
+            pc_id: pc_id.to_string(),
+            grant: Grant::new(&[DEFAULT_GRANT], pc_id).expect("the default grant is valid"),
+            limits: Limits::default(),
+            stats: Arc::new(HostStats::default()),
+            log_book: None,
+        }
+    }
 }
 
 /// Accounting of the call in progress, for the time budget and per-call limits.

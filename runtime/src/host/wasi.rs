@@ -17,7 +17,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiView};
 
-use super::HostState;
+use super::{HostState, Level, LogBook, LogLine};
 
 /// WASI interfaces a guest may import (by `namespace:package/interface` prefix). Anything
 /// else from the `wasi` namespace is refused before instantiation.
@@ -75,13 +75,18 @@ pub(crate) fn add_to_linker(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// A WASI context with no capabilities whose stdout and stderr go to the log.
-/// `customize` may replace clocks and randomness (the mock host makes them virtual).
-pub(crate) fn context(guest: &Arc<str>, customize: impl FnOnce(&mut WasiCtxBuilder)) -> WasiCtx {
+/// A WASI context with no capabilities whose stdout and stderr go to the log (and to
+/// `book` when set). `customize` may replace clocks and randomness (the mock host makes
+/// them virtual).
+pub(crate) fn context(
+    guest: &Arc<str>,
+    book: Option<LogBook>,
+    customize: impl FnOnce(&mut WasiCtxBuilder),
+) -> WasiCtx {
     let mut builder = WasiCtxBuilder::new();
     builder
-        .stdout(LogStream::new(guest.clone(), "stdout"))
-        .stderr(LogStream::new(guest.clone(), "stderr"));
+        .stdout(LogStream::new(guest.clone(), "stdout", book.clone()))
+        .stderr(LogStream::new(guest.clone(), "stderr", book));
     customize(&mut builder);
     builder.build()
 }
@@ -95,14 +100,16 @@ struct LogStream {
     guest: Arc<str>,
     stream: &'static str,
     pending: Arc<Mutex<Vec<u8>>>,
+    book: Option<LogBook>,
 }
 
 impl LogStream {
-    fn new(guest: Arc<str>, stream: &'static str) -> Self {
+    fn new(guest: Arc<str>, stream: &'static str, book: Option<LogBook>) -> Self {
         Self {
             guest,
             stream,
             pending: Arc::default(),
+            book,
         }
     }
 
@@ -124,10 +131,18 @@ impl LogStream {
         let line = line.trim_end_matches('\r');
         let guest = &*self.guest;
         let stream = self.stream;
-        if stream == "stderr" {
+        let level = if stream == "stderr" {
             tracing::warn!(target: "guest", guest, stream, "{line}");
+            Level::Warn
         } else {
             tracing::info!(target: "guest", guest, stream, "{line}");
+            Level::Info
+        };
+        if let Some(book) = &self.book {
+            book.lock().expect("log book lock").push(LogLine {
+                level,
+                message: line.to_string(),
+            });
         }
     }
 }

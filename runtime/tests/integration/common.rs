@@ -8,9 +8,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use collector_runtime::engine::Sandbox;
-use collector_runtime::grant::{DEFAULT_GRANT, Grant};
 use collector_runtime::guest::{GuestModule, Supervisor};
-use collector_runtime::host::{Datetime, HostStats, Limits, Services, TickTime};
+use collector_runtime::host::{Datetime, Limits, Services, TickTime};
 use collector_runtime::sink::MemorySink;
 use collector_runtime::source::{ProcessSource, SysinfoSource};
 use collector_shared::{EffectiveConfig, ProcessPerf};
@@ -49,14 +48,9 @@ pub fn process_perf_module() -> Arc<GuestModule> {
 }
 
 pub fn services(source: Box<dyn ProcessSource>, sink: MemorySink, limits: Limits) -> Services {
-    Services {
-        processes: source,
-        sink: Arc::new(sink),
-        pc_id: PC_ID.into(),
-        grant: Grant::new(&[DEFAULT_GRANT], PC_ID).unwrap(),
-        limits,
-        stats: Arc::new(HostStats::default()),
-    }
+    let mut services = Services::new(source, Arc::new(sink), PC_ID);
+    services.limits = limits;
+    services
 }
 
 /// The real guest over real sysinfo data, publishing into memory.

@@ -30,7 +30,7 @@ fn publishes_kanade_json_sorted_and_cut_to_top_n() {
     for (_, payload) in &raw {
         let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["at", "pc_id", "processes"], "sorted keys");
+        assert_eq!(keys, ["pc_id", "at", "processes"], "wire order");
         assert_eq!(v["pc_id"], PC_ID);
         chrono::DateTime::parse_from_rfc3339(v["at"].as_str().unwrap()).unwrap();
         for p in v["processes"].as_array().unwrap() {

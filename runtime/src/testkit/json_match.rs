@@ -1,0 +1,190 @@
+//! Matching a published JSON document against an expected subset, with a float
+//! tolerance, and describing every difference by its path so a failure reads like a diff.
+//!
+//! Rules: every key of an expected object must match (extra actual keys are fine); the
+//! string `"$absent"` requires the key to be missing and `"$any"` accepts any value;
+//! arrays must have the same length and match element by element, in order when
+//! `ordered` is set, otherwise in any order; numbers match within `tolerance`.
+
+use serde_json::Value;
+
+/// Placeholder requiring a key to be absent.
+pub const ABSENT: &str = "$absent";
+/// Placeholder accepting any value.
+pub const ANY: &str = "$any";
+
+/// How loosely to compare.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MatchOptions {
+    /// Largest absolute difference between two numbers that still match.
+    pub tolerance: f64,
+    /// Whether arrays must match in order.
+    pub ordered: bool,
+}
+
+impl Default for MatchOptions {
+    fn default() -> Self {
+        Self {
+            tolerance: 1e-6,
+            ordered: false,
+        }
+    }
+}
+
+/// One difference between expected and actual.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Where, such as `processes[0].pid` (empty for the root).
+    pub path: String,
+    pub expected: String,
+    pub actual: String,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = if self.path.is_empty() { "(root)" } else { &self.path };
+        write!(f, "at {path}: expected {}, got {}", self.expected, self.actual)
+    }
+}
+
+/// Every difference between `expected` (a subset pattern) and `actual`.
+pub fn mismatches(expected: &Value, actual: &Value, options: MatchOptions) -> Vec<Mismatch> {
+    let mut out = Vec::new();
+    compare(expected, actual, options, String::new(), &mut out);
+    out
+}
+
+fn compare(expected: &Value, actual: &Value, o: MatchOptions, path: String, out: &mut Vec<Mismatch>) {
+    let mut differ = |e: String, a: String| {
+        out.push(Mismatch {
+            path: path.clone(),
+            expected: e,
+            actual: a,
+        })
+    };
+    match (expected, actual) {
+        (Value::String(s), _) if s == ANY => {}
+        (Value::Object(e), Value::Object(a)) => {
+            for (key, ev) in e {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match (ev, a.get(key)) {
+                    (Value::String(s), None) if s == ABSENT => {}
+                    (Value::String(s), Some(av)) if s == ABSENT => out.push(Mismatch {
+                        path: child,
+                        expected: "no such key".into(),
+                        actual: short(av),
+                    }),
+                    (_, None) => out.push(Mismatch {
+                        path: child,
+                        expected: short(ev),
+                        actual: "no such key".into(),
+                    }),
+                    (_, Some(av)) => compare(ev, av, o, child, out),
+                }
+            }
+        }
+        (Value::Array(e), Value::Array(a)) => {
+            if e.len() != a.len() {
+                differ(
+                    format!("{} elements", e.len()),
+                    format!("{} elements: {}", a.len(), short(actual)),
+                );
+            } else if o.ordered {
+                for (i, (ev, av)) in e.iter().zip(a).enumerate() {
+                    compare(ev, av, o, format!("{path}[{i}]"), out);
+                }
+            } else {
+                let mut used = vec![false; a.len()];
+                for (i, ev) in e.iter().enumerate() {
+                    let found = (0..a.len()).find(|&j| {
+                        !used[j] && mismatches(ev, &a[j], o).is_empty()
+                    });
+                    match found {
+                        Some(j) => used[j] = true,
+                        None => out.push(Mismatch {
+                            path: format!("{path}[{i}]"),
+                            expected: short(ev),
+                            actual: "no matching element (arrays compared in any order)".into(),
+                        }),
+                    }
+                }
+            }
+        }
+        (Value::Number(e), Value::Number(a)) => {
+            let (e, a) = (e.as_f64().unwrap_or(f64::NAN), a.as_f64().unwrap_or(f64::NAN));
+            if (e - a).abs() > o.tolerance || e.is_nan() != a.is_nan() {
+                differ(e.to_string(), a.to_string());
+            }
+        }
+        (e, a) if e == a => {}
+        (e, a) => differ(short(e), short(a)),
+    }
+}
+
+/// A value as compact JSON, cut to a readable length.
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 120 {
+        let cut: String = s.chars().take(117).collect();
+        format!("{cut}...")
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(expected: Value, actual: Value, ordered: bool) -> Vec<String> {
+        let o = MatchOptions {
+            ordered,
+            ..Default::default()
+        };
+        mismatches(&expected, &actual, o)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn subset_of_objects_with_absent_and_any() {
+        let actual = json!({"pid": 1, "name": "x", "cpu_pct": 2.0000001});
+        assert!(check(json!({"pid": 1, "cpu_pct": 2.0, "rate": ABSENT, "name": ANY}), actual.clone(), false).is_empty());
+        assert_eq!(
+            check(json!({"name": ABSENT, "pid": 2}), actual, false),
+            vec![
+                "at name: expected no such key, got \"x\"".to_string(),
+                "at pid: expected 2, got 1".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn arrays_need_equal_length_and_order_only_when_asked() {
+        let actual = json!([{"pid": 1}, {"pid": 2}]);
+        assert!(check(json!([{"pid": 2}, {"pid": 1}]), actual.clone(), false).is_empty());
+        assert_eq!(
+            check(json!([{"pid": 2}, {"pid": 1}]), actual.clone(), true),
+            vec!["at [0].pid: expected 2, got 1", "at [1].pid: expected 1, got 2"]
+        );
+        let e = check(json!([{"pid": 1}]), actual, false);
+        assert!(e[0].starts_with("at (root): expected 1 elements, got 2 elements"), "{e:?}");
+    }
+
+    #[test]
+    fn numbers_respect_the_tolerance_and_types_must_agree() {
+        assert!(check(json!(1.0), json!(1.0000005), false).is_empty());
+        assert_eq!(check(json!(1.0), json!(1.1), false).len(), 1);
+        assert_eq!(check(json!("1"), json!(1), false), vec!["at (root): expected \"1\", got 1"]);
+        assert_eq!(
+            check(json!({"a": {"b": 1}}), json!({"a": {}}), false),
+            vec!["at a.b: expected 1, got no such key"]
+        );
+    }
+}

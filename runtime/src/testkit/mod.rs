@@ -1,0 +1,441 @@
+//! A mock host for guest authors: run any guest component with no agent, no broker and no
+//! real processes. The process table is scripted, time is virtual (wall and monotonic),
+//! configuration changes are scripted, and every publish, log line and host call is
+//! recorded for assertions.
+//!
+//! The guest runs in the same sandbox as in production (same linker, limits, traps and
+//! ticker), so what passes here behaves the same in the agent.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use collector_runtime::testkit::{MockHost, MockProcess};
+//! use collector_shared::ConfigScope;
+//!
+//! let mut host = MockHost::from_file("target/guests/process-perf.wasm".as_ref())?;
+//! host.set_processes(vec![MockProcess::new(1, "init").cpu(2.5).rss(4096)]);
+//! host.configure(&ConfigScope { process_perf_enabled: Some(true), ..Default::default() })?;
+//! host.tick()?;
+//! let sent = host.take_published();
+//! assert_eq!(sent[0].subject, "process_perf.test-pc");
+//! host.advance(Duration::from_secs(60));
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+
+pub mod json_match;
+pub mod scenario;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use collector_shared::{ConfigScope, EffectiveConfig};
+
+use crate::engine::Sandbox;
+use crate::guest::{GuestFault, GuestModule, Supervisor, TickError};
+use crate::host::{Datetime, HostStats, LogBook, LogLine, Services, TickTime};
+use crate::sink::MemorySink;
+use crate::source::{Fields, ProcessSource, ProcessTable};
+use crate::ticker::Ticker;
+
+/// The machine id the mock host reports unless told otherwise.
+pub const DEFAULT_PC_ID: &str = "test-pc";
+
+/// Wall-clock start of virtual time unless told otherwise: 2026-01-01T00:00:00Z.
+pub fn default_start() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_767_225_600, 0).expect("valid timestamp")
+}
+
+/// One scripted process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockProcess {
+    pub pid: u32,
+    pub name: String,
+    pub cpu_pct: f32,
+    pub rss_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_written_bytes: u64,
+}
+
+impl MockProcess {
+    /// An idle process with no memory and no I/O.
+    pub fn new(pid: u32, name: &str) -> Self {
+        Self {
+            pid,
+            name: name.to_string(),
+            cpu_pct: 0.0,
+            rss_bytes: 0,
+            disk_read_bytes: 0,
+            disk_written_bytes: 0,
+        }
+    }
+
+    /// Sets the CPU usage, in percent of one core (NaN allowed).
+    pub fn cpu(mut self, pct: f32) -> Self {
+        self.cpu_pct = pct;
+        self
+    }
+
+    /// Sets the resident memory.
+    pub fn rss(mut self, bytes: u64) -> Self {
+        self.rss_bytes = bytes;
+        self
+    }
+
+    /// Sets the cumulative disk counters.
+    pub fn disk(mut self, read: u64, written: u64) -> Self {
+        self.disk_read_bytes = read;
+        self.disk_written_bytes = written;
+        self
+    }
+}
+
+/// The scripted process table, shared between the mock host and its process source.
+#[derive(Debug, Default)]
+struct Script {
+    processes: Vec<MockProcess>,
+}
+
+/// A [`ProcessSource`] reading the script.
+struct ScriptedSource(Arc<Mutex<Script>>);
+
+impl ProcessSource for ScriptedSource {
+    fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
+        let script = self.0.lock().expect("script lock");
+        let p = &script.processes;
+        let mut table = ProcessTable {
+            pids: p.iter().map(|p| p.pid).collect(),
+            cpu_pct: p.iter().map(|p| p.cpu_pct).collect(),
+            rss_bytes: p.iter().map(|p| p.rss_bytes).collect(),
+            disk_read_bytes: p.iter().map(|p| p.disk_read_bytes).collect(),
+            disk_written_bytes: p.iter().map(|p| p.disk_written_bytes).collect(),
+        };
+        table.retain_fields(fields);
+        Ok(table)
+    }
+
+    fn names(&mut self, pids: &[u32]) -> Vec<String> {
+        let script = self.0.lock().expect("script lock");
+        let names: HashMap<u32, &str> = script
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.name.as_str()))
+            .collect();
+        pids.iter()
+            .map(|pid| names.get(pid).copied().unwrap_or_default().to_string())
+            .collect()
+    }
+}
+
+/// Virtual time: wall clock and monotonic offset. Shared with the guest's WASI clocks, so
+/// even a guest that reads WASI time directly stays deterministic.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall: DateTime<Utc>,
+    mono: Duration,
+}
+
+#[derive(Clone)]
+struct SharedClock(Arc<Mutex<Clock>>);
+
+impl SharedClock {
+    fn get(&self) -> Clock {
+        *self.0.lock().expect("clock lock")
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for SharedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_nanos(1)
+    }
+
+    fn now(&self) -> Duration {
+        let wall = self.get().wall;
+        Duration::new(
+            u64::try_from(wall.timestamp()).unwrap_or(0),
+            wall.timestamp_subsec_nanos(),
+        )
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for SharedClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.get().mono.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A message the guest published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    pub subject: String,
+    pub payload: Vec<u8>,
+    /// Virtual wall-clock time of the publish.
+    pub at: DateTime<Utc>,
+}
+
+/// Options of a [`MockHost`].
+#[derive(Debug, Clone)]
+pub struct MockOptions {
+    pub pc_id: String,
+    pub start: DateTime<Utc>,
+    /// Grant patterns; `None` uses the default grant.
+    pub grants: Option<Vec<String>>,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        Self {
+            pc_id: DEFAULT_PC_ID.into(),
+            start: default_start(),
+            grants: None,
+        }
+    }
+}
+
+/// A guest component running against scripted processes and virtual time.
+pub struct MockHost {
+    supervisor: Supervisor,
+    script: Arc<Mutex<Script>>,
+    clock: SharedClock,
+    sink: MemorySink,
+    log_book: LogBook,
+    config: EffectiveConfig,
+    ticker: Ticker,
+    /// Publishes already seen by the caller (the sink is drained into here).
+    published: Vec<Published>,
+    logs_read: usize,
+}
+
+impl MockHost {
+    /// Loads a guest component from a file with default options.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be loaded as a guest (see [`GuestModule::from_file`]).
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        Self::with_options(path, MockOptions::default())
+    }
+
+    /// Loads a guest component from a file.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be loaded as a guest, or a grant pattern is invalid.
+    pub fn with_options(path: &Path, options: MockOptions) -> anyhow::Result<Self> {
+        let sandbox = Sandbox::new()?;
+        let module = GuestModule::from_file(&sandbox, path)?;
+        Self::with_module(Arc::new(module), options)
+    }
+
+    /// Runs an already loaded module.
+    ///
+    /// # Errors
+    ///
+    /// When a grant pattern is invalid.
+    pub fn with_module(module: Arc<GuestModule>, options: MockOptions) -> anyhow::Result<Self> {
+        let script = Arc::new(Mutex::new(Script::default()));
+        let sink = MemorySink::default();
+        let log_book = LogBook::default();
+        let mut services = Services::new(
+            Box::new(ScriptedSource(script.clone())),
+            Arc::new(sink.clone()),
+            &options.pc_id,
+        );
+        if let Some(grants) = &options.grants {
+            services.grant = crate::grant::Grant::new(grants, &options.pc_id)?;
+        }
+        services.log_book = Some(log_book.clone());
+        let clock = SharedClock(Arc::new(Mutex::new(Clock {
+            wall: options.start,
+            mono: Duration::ZERO,
+        })));
+        let mut supervisor = Supervisor::new(module, services);
+        let wasi_clock = clock.clone();
+        supervisor.set_wasi_customizer(Arc::new(move |b| {
+            b.wall_clock(wasi_clock.clone())
+                .monotonic_clock(wasi_clock.clone())
+                .insecure_random_seed(0)
+                .secure_random(wasmtime_wasi::Deterministic::new(vec![7; 32]));
+        }));
+        Ok(Self {
+            supervisor,
+            script,
+            clock,
+            sink,
+            log_book,
+            config: EffectiveConfig::default(),
+            ticker: Ticker::new(Duration::ZERO, Duration::ZERO),
+            published: Vec::new(),
+            logs_read: 0,
+        })
+    }
+
+    /// Replaces the process table.
+    pub fn set_processes(&mut self, processes: Vec<MockProcess>) {
+        self.script.lock().expect("script lock").processes = processes;
+    }
+
+    /// Overlays `scope` on the current effective configuration and hands the result to
+    /// the guest. Returns whether the guest's interval changed (the ticker then restarts,
+    /// as in the agent).
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn configure(&mut self, scope: &ConfigScope) -> Result<bool, GuestFault> {
+        scope.apply_to(&mut self.config);
+        let changed = self.supervisor.configure(&self.config)?;
+        if changed {
+            self.ticker.restart(self.clock.get().mono);
+        }
+        Ok(changed)
+    }
+
+    /// The effective configuration the guest was last given.
+    pub fn config(&self) -> &EffectiveConfig {
+        &self.config
+    }
+
+    /// Moves both clocks forward.
+    pub fn advance(&mut self, by: Duration) {
+        let mut c = self.clock.0.lock().expect("clock lock");
+        c.wall += chrono::Duration::from_std(by).expect("duration in range");
+        c.mono += by;
+    }
+
+    /// Sets the wall clock (a jump, as after an NTP correction); monotonic time is
+    /// unaffected.
+    pub fn set_wall(&mut self, wall: DateTime<Utc>) {
+        self.clock.0.lock().expect("clock lock").wall = wall;
+    }
+
+    /// Virtual wall-clock time now.
+    pub fn wall(&self) -> DateTime<Utc> {
+        self.clock.get().wall
+    }
+
+    /// Virtual monotonic time now.
+    pub fn monotonic(&self) -> Duration {
+        self.clock.get().mono
+    }
+
+    /// Makes the sink refuse (`true`) or accept (`false`) publishes, as a broker outage.
+    pub fn set_publish_failing(&mut self, failing: bool) {
+        self.sink.set_failing(failing);
+    }
+
+    /// One tick now.
+    ///
+    /// # Errors
+    ///
+    /// When the guest reports an error or traps.
+    pub fn tick(&mut self) -> Result<(), TickError> {
+        let c = self.clock.get();
+        let now = TickTime {
+            wall: Datetime {
+                seconds: c.wall.timestamp(),
+                nanoseconds: c.wall.timestamp_subsec_nanos(),
+            },
+            monotonic: u64::try_from(c.mono.as_nanos()).unwrap_or(u64::MAX),
+        };
+        let result = self.supervisor.tick(now);
+        self.ticker.ticked(c.mono, self.supervisor.interval());
+        self.collect();
+        result
+    }
+
+    /// Advances virtual time by `span`, ticking whenever the agent's ticker would.
+    /// Returns the number of ticks and the errors they reported.
+    pub fn run_for(&mut self, span: Duration) -> (u64, Vec<TickError>) {
+        let end = self.monotonic() + span;
+        let mut ticks = 0;
+        let mut errors = Vec::new();
+        while self.ticker.next() <= end {
+            let due = self.ticker.next();
+            let now = self.monotonic();
+            if due > now {
+                self.advance(due - now);
+            }
+            ticks += 1;
+            if let Err(e) = self.tick() {
+                errors.push(e);
+            }
+        }
+        let now = self.monotonic();
+        self.advance(end.saturating_sub(now));
+        (ticks, errors)
+    }
+
+    /// The interval the guest last asked for.
+    pub fn interval(&self) -> Option<Duration> {
+        self.supervisor.interval()
+    }
+
+    /// When the ticker's next tick is due, in virtual monotonic time.
+    pub fn next_tick(&self) -> Duration {
+        self.ticker.next()
+    }
+
+    /// Every publish so far, oldest first.
+    pub fn published(&mut self) -> &[Published] {
+        self.collect();
+        &self.published
+    }
+
+    /// Takes the publishes recorded so far.
+    pub fn take_published(&mut self) -> Vec<Published> {
+        self.collect();
+        std::mem::take(&mut self.published)
+    }
+
+    /// Every line the guest logged so far.
+    pub fn logs(&self) -> Vec<LogLine> {
+        self.log_book.lock().expect("log book lock").clone()
+    }
+
+    /// Lines logged since the previous call.
+    pub fn new_logs(&mut self) -> Vec<LogLine> {
+        let logs = self.logs();
+        let fresh = logs[self.logs_read.min(logs.len())..].to_vec();
+        self.logs_read = logs.len();
+        fresh
+    }
+
+    /// Counters of host calls (samples, name look-ups, publishes, traps...).
+    pub fn stats(&self) -> Arc<HostStats> {
+        self.supervisor.stats()
+    }
+
+    /// The guest's saved state, if it keeps any.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn save_state(&mut self) -> Result<Option<Vec<u8>>, GuestFault> {
+        self.supervisor.save_state()
+    }
+
+    /// Hands the guest a predecessor's state; returns the guest's refusal, if any.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn restore_state(&mut self, state: &[u8]) -> Result<Result<(), String>, GuestFault> {
+        self.supervisor.restore_state(state)
+    }
+
+    fn collect(&mut self) {
+        let at = self.clock.get().wall;
+        self.published
+            .extend(self.sink.take().into_iter().map(|(subject, payload)| Published {
+                subject,
+                payload,
+                at,
+            }));
+    }
+}

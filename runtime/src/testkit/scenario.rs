@@ -1,0 +1,709 @@
+//! Scenario files: human-written TOML scripts run against a guest on the mock host by
+//! `collector test`. The format is documented in `docs/writing-a-guest.md`; in short:
+//!
+//! ```toml
+//! name = "s06-top-n-zero-means-one"     # optional, defaults to the file name
+//! pc_id = "pc-1"                        # optional, default "test-pc"
+//! start = "2026-01-01T00:00:00Z"        # optional virtual wall-clock start
+//!
+//! [[step]]
+//! config = { process_perf_enabled = true, process_perf_top_n = 0 }
+//! [[step]]
+//! processes = [{ pid = 1, name = "a", cpu = 5.0 }, { pid = 2, name = "b", cpu = 9.5 }]
+//! [[step]]
+//! tick = true
+//! [[step]]
+//! expect_publish = { subject = "process_perf.pc-1", json = { processes = [{ pid = 2 }] } }
+//! ```
+//!
+//! Each step holds exactly one action. A failing step stops its scenario.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use collector_shared::ConfigScope;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::json_match::{self, MatchOptions};
+use super::{MockHost, MockOptions, MockProcess, Published, default_start};
+use crate::guest::GuestModule;
+use crate::host::{HostStats, Level};
+
+/// Every action a step may hold, in the order they are documented.
+pub const ACTIONS: &[&str] = &[
+    "config",
+    "processes",
+    "advance",
+    "set_wall",
+    "tick",
+    "run",
+    "fail_publish",
+    "expect_publish",
+    "expect_no_publish",
+    "expect_interval",
+    "expect_samples",
+    "expect_name_lookups",
+    "expect_ticks",
+    "expect_log",
+];
+
+/// A scenario file that could not be read or understood.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ScenarioError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    name: Option<String>,
+    #[allow(dead_code)]
+    description: Option<String>,
+    pc_id: Option<String>,
+    start: Option<Spanned<String>>,
+    grants: Option<Vec<String>>,
+    #[serde(default)]
+    step: Vec<Spanned<StepSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepSpec {
+    /// Shown in failure reports.
+    label: Option<String>,
+    config: Option<toml::Table>,
+    processes: Option<Vec<ProcessSpec>>,
+    advance: Option<String>,
+    set_wall: Option<String>,
+    tick: Option<bool>,
+    run: Option<String>,
+    fail_publish: Option<bool>,
+    expect_publish: Option<ExpectPublishSpec>,
+    expect_no_publish: Option<bool>,
+    expect_interval: Option<String>,
+    expect_samples: Option<u64>,
+    expect_name_lookups: Option<u64>,
+    expect_ticks: Option<u64>,
+    expect_log: Option<ExpectLogSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProcessSpec {
+    pid: u32,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    cpu: Number,
+    #[serde(default)]
+    rss: u64,
+    #[serde(default)]
+    read: u64,
+    #[serde(default)]
+    written: u64,
+}
+
+/// A TOML number written either as integer or float (`5`, `5.0`, `nan`).
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum Number {
+    Int(i64),
+    Float(f64),
+    #[default]
+    #[serde(skip)]
+    Zero,
+}
+
+impl Number {
+    fn as_f32(self) -> f32 {
+        match self {
+            Number::Int(i) => i as f32,
+            Number::Float(f) => f as f32,
+            Number::Zero => 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectPublishSpec {
+    subject: Option<String>,
+    json: Option<toml::Table>,
+    #[serde(default)]
+    ordered: bool,
+    tolerance: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectLogSpec {
+    level: Option<String>,
+    contains: String,
+}
+
+/// One step, checked and ready to run.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Config(ConfigScope),
+    Processes(Vec<MockProcess>),
+    Advance(Duration),
+    SetWall(DateTime<Utc>),
+    Tick,
+    Run(Duration),
+    FailPublish(bool),
+    ExpectPublish {
+        subject: Option<String>,
+        json: Option<serde_json::Value>,
+        options: MatchOptions,
+    },
+    ExpectNoPublish,
+    ExpectInterval(Duration),
+    ExpectSamples(u64),
+    ExpectNameLookups(u64),
+    ExpectTicks(u64),
+    ExpectLog {
+        level: Option<Level>,
+        contains: String,
+    },
+}
+
+impl Action {
+    /// The action's key in the file.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Action::Config(_) => "config",
+            Action::Processes(_) => "processes",
+            Action::Advance(_) => "advance",
+            Action::SetWall(_) => "set_wall",
+            Action::Tick => "tick",
+            Action::Run(_) => "run",
+            Action::FailPublish(_) => "fail_publish",
+            Action::ExpectPublish { .. } => "expect_publish",
+            Action::ExpectNoPublish => "expect_no_publish",
+            Action::ExpectInterval(_) => "expect_interval",
+            Action::ExpectSamples(_) => "expect_samples",
+            Action::ExpectNameLookups(_) => "expect_name_lookups",
+            Action::ExpectTicks(_) => "expect_ticks",
+            Action::ExpectLog { .. } => "expect_log",
+        }
+    }
+}
+
+/// A step with where it was written.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// 1-based line of the `[[step]]` header.
+    pub line: usize,
+    pub label: Option<String>,
+    pub action: Action,
+}
+
+/// A parsed scenario file.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub file: PathBuf,
+    pub options: MockOptions,
+    pub steps: Vec<Step>,
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    ///
+    /// # Errors
+    ///
+    /// A [`ScenarioError`] naming the file, the line and what was expected.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+            file: path.display().to_string(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses scenario text; `path` is used for the name and in errors.
+    ///
+    /// # Errors
+    ///
+    /// A [`ScenarioError`] naming the file, the line and what was expected.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ScenarioError> {
+        let file = path.display().to_string();
+        let fail = |line: usize, message: String| ScenarioError {
+            file: file.clone(),
+            message: format!("line {line}: {message}"),
+        };
+        let spec: FileSpec = toml::from_str(text).map_err(|e| ScenarioError {
+            file: file.clone(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let mut options = MockOptions::default();
+        if let Some(pc_id) = spec.pc_id {
+            options.pc_id = pc_id;
+        }
+        options.grants = spec.grants;
+        options.start = match spec.start {
+            Some(s) => parse_time(s.get_ref())
+                .map_err(|m| fail(line_of(text, s.span().start), format!("`start`: {m}")))?,
+            None => default_start(),
+        };
+        if spec.step.is_empty() {
+            return Err(fail(1, "no steps: add at least one [[step]] table".into()));
+        }
+        let steps = spec
+            .step
+            .into_iter()
+            .map(|s| {
+                let line = line_of(text, s.span().start);
+                let step = s.into_inner();
+                let label = step.label.clone();
+                let action = step_action(step).map_err(|m| fail(line, m))?;
+                Ok(Step {
+                    line,
+                    label,
+                    action,
+                })
+            })
+            .collect::<Result<_, ScenarioError>>()?;
+        let name = spec.name.unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| file.clone())
+        });
+        Ok(Self {
+            name,
+            file: path.to_path_buf(),
+            options,
+            steps,
+        })
+    }
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("expected an RFC 3339 time such as \"2026-01-01T00:00:00Z\", got {s:?} ({e})"))
+}
+
+fn parse_duration(key: &str, s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{key}`: expected a duration such as \"2s\" or \"1m 30s\", got {s:?} ({e})"))
+}
+
+fn step_action(step: StepSpec) -> Result<Action, String> {
+    let mut actions = Vec::new();
+    if let Some(table) = step.config {
+        let json = serde_json::to_string(&table).map_err(|e| format!("`config`: {e}"))?;
+        let (scope, unknown) =
+            ConfigScope::from_json(&json).map_err(|e| format!("`config`: {e}"))?;
+        if let Some(field) = unknown.first() {
+            return Err(format!(
+                "`config`: unknown field `{field}`, expected one of {}",
+                ConfigScope::FIELDS.join(", ")
+            ));
+        }
+        actions.push(Action::Config(scope));
+    }
+    if let Some(procs) = step.processes {
+        actions.push(Action::Processes(
+            procs
+                .into_iter()
+                .map(|p| {
+                    MockProcess::new(p.pid, &p.name)
+                        .cpu(p.cpu.as_f32())
+                        .rss(p.rss)
+                        .disk(p.read, p.written)
+                })
+                .collect(),
+        ));
+    }
+    if let Some(d) = step.advance {
+        actions.push(Action::Advance(parse_duration("advance", &d)?));
+    }
+    if let Some(t) = step.set_wall {
+        actions.push(Action::SetWall(parse_time(&t).map_err(|m| format!("`set_wall`: {m}"))?));
+    }
+    if let Some(tick) = step.tick {
+        if !tick {
+            return Err("`tick` must be `true` (omit the step to not tick)".into());
+        }
+        actions.push(Action::Tick);
+    }
+    if let Some(d) = step.run {
+        actions.push(Action::Run(parse_duration("run", &d)?));
+    }
+    if let Some(f) = step.fail_publish {
+        actions.push(Action::FailPublish(f));
+    }
+    if let Some(e) = step.expect_publish {
+        let json = e
+            .json
+            .map(|t| serde_json::to_value(t).map_err(|e| format!("`expect_publish.json`: {e}")))
+            .transpose()?;
+        let mut options = MatchOptions {
+            ordered: e.ordered,
+            ..MatchOptions::default()
+        };
+        if let Some(t) = e.tolerance {
+            options.tolerance = t;
+        }
+        actions.push(Action::ExpectPublish {
+            subject: e.subject,
+            json,
+            options,
+        });
+    }
+    if let Some(flag) = step.expect_no_publish {
+        if !flag {
+            return Err("`expect_no_publish` must be `true`".into());
+        }
+        actions.push(Action::ExpectNoPublish);
+    }
+    if let Some(d) = step.expect_interval {
+        actions.push(Action::ExpectInterval(parse_duration("expect_interval", &d)?));
+    }
+    if let Some(n) = step.expect_samples {
+        actions.push(Action::ExpectSamples(n));
+    }
+    if let Some(n) = step.expect_name_lookups {
+        actions.push(Action::ExpectNameLookups(n));
+    }
+    if let Some(n) = step.expect_ticks {
+        actions.push(Action::ExpectTicks(n));
+    }
+    if let Some(e) = step.expect_log {
+        let level = e
+            .level
+            .map(|l| match l.as_str() {
+                "trace" => Ok(Level::Trace),
+                "debug" => Ok(Level::Debug),
+                "info" => Ok(Level::Info),
+                "warn" => Ok(Level::Warn),
+                "error" => Ok(Level::Error),
+                other => Err(format!(
+                    "`expect_log.level`: expected trace, debug, info, warn or error, got {other:?}"
+                )),
+            })
+            .transpose()?;
+        actions.push(Action::ExpectLog {
+            level,
+            contains: e.contains,
+        });
+    }
+    match actions.len() {
+        1 => Ok(actions.pop().expect("one action")),
+        0 => Err(format!(
+            "a step needs one action, one of: {}",
+            ACTIONS.join(", ")
+        )),
+        _ => Err(format!(
+            "a step holds exactly one action, this one has {}: split it into several [[step]] tables",
+            actions.iter().map(Action::key).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+/// Why a step failed.
+#[derive(Debug, Clone)]
+pub struct StepFailure {
+    /// 0-based index of the step.
+    pub index: usize,
+    pub line: usize,
+    pub action: &'static str,
+    pub label: Option<String>,
+    /// What was expected and what happened, possibly over several lines.
+    pub message: String,
+}
+
+impl fmt::Display for StepFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "step {} (line {}) {}", self.index + 1, self.line, self.action)?;
+        if let Some(label) = &self.label {
+            write!(f, " \"{label}\"")?;
+        }
+        write!(f, ":")?;
+        for line in self.message.lines() {
+            write!(f, "\n    {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of one scenario.
+#[derive(Debug, Clone)]
+pub struct ScenarioReport {
+    pub name: String,
+    pub file: PathBuf,
+    pub steps: usize,
+    pub failure: Option<StepFailure>,
+}
+
+impl ScenarioReport {
+    pub fn passed(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+/// Runs `scenario` against a fresh instance of `module`.
+///
+/// # Errors
+///
+/// Only when the mock host cannot be set up (an invalid grant pattern); guest failures
+/// are reported in the [`ScenarioReport`].
+pub fn run(module: Arc<GuestModule>, scenario: &Scenario) -> anyhow::Result<ScenarioReport> {
+    let mut host = MockHost::with_module(module, scenario.options.clone())?;
+    let mut pending: VecDeque<Published> = VecDeque::new();
+    let mut total_ticks = 0u64;
+    let mut failure = None;
+    for (index, step) in scenario.steps.iter().enumerate() {
+        if let Err(message) = run_step(&mut host, &step.action, &mut pending, &mut total_ticks) {
+            failure = Some(StepFailure {
+                index,
+                line: step.line,
+                action: step.action.key(),
+                label: step.label.clone(),
+                message,
+            });
+            break;
+        }
+    }
+    Ok(ScenarioReport {
+        name: scenario.name.clone(),
+        file: scenario.file.clone(),
+        steps: scenario.steps.len(),
+        failure,
+    })
+}
+
+fn run_step(
+    host: &mut MockHost,
+    action: &Action,
+    pending: &mut VecDeque<Published>,
+    total_ticks: &mut u64,
+) -> Result<(), String> {
+    match action {
+        Action::Config(scope) => {
+            host.configure(scope)
+                .map_err(|e| format!("the guest trapped while being configured: {e}"))?;
+        }
+        Action::Processes(p) => host.set_processes(p.clone()),
+        Action::Advance(d) => host.advance(*d),
+        Action::SetWall(t) => host.set_wall(*t),
+        Action::Tick => {
+            *total_ticks += 1;
+            host.tick().map_err(|e| format!("the tick failed: {e}"))?;
+        }
+        Action::Run(d) => {
+            let (ticks, errors) = host.run_for(*d);
+            *total_ticks += ticks;
+            if let Some(e) = errors.first() {
+                return Err(format!("a tick failed: {e}"));
+            }
+        }
+        Action::FailPublish(f) => host.set_publish_failing(*f),
+        Action::ExpectPublish {
+            subject,
+            json,
+            options,
+        } => {
+            pending.extend(host.take_published());
+            let Some(msg) = pending.pop_front() else {
+                return Err("expected a publish, but the guest published nothing more".into());
+            };
+            check_publish(&msg, subject.as_deref(), json.as_ref(), *options)?;
+        }
+        Action::ExpectNoPublish => {
+            pending.extend(host.take_published());
+            if let Some(msg) = pending.front() {
+                return Err(format!(
+                    "expected no publish, got {} on {}:\n{}",
+                    pending.len(),
+                    msg.subject,
+                    pretty(&msg.payload)
+                ));
+            }
+        }
+        Action::ExpectInterval(want) => match host.interval() {
+            Some(got) if got == *want => {}
+            got => {
+                return Err(format!(
+                    "expected interval {}, the guest asks for {}",
+                    humantime::format_duration(*want),
+                    got.map_or("nothing".to_string(), |g| humantime::format_duration(g).to_string())
+                ));
+            }
+        },
+        Action::ExpectSamples(n) => {
+            expect_count("process samples", *n, HostStats::get(&host.stats().samples))?;
+        }
+        Action::ExpectNameLookups(n) => {
+            expect_count("name look-ups", *n, HostStats::get(&host.stats().names_looked_up))?;
+        }
+        Action::ExpectTicks(n) => expect_count("ticks", *n, *total_ticks)?,
+        Action::ExpectLog { level, contains } => {
+            let fresh = host.new_logs();
+            let found = fresh
+                .iter()
+                .any(|l| level.is_none_or(|lv| l.level == lv) && l.message.contains(contains.as_str()));
+            if !found {
+                let seen: Vec<String> = fresh
+                    .iter()
+                    .map(|l| format!("[{:?}] {}", l.level, l.message))
+                    .collect();
+                return Err(format!(
+                    "expected a {}log line containing {contains:?} since the previous expect_log; lines:\n{}",
+                    level.map_or(String::new(), |l| format!("{l:?} ")),
+                    if seen.is_empty() { "(none)".to_string() } else { seen.join("\n") }
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn expect_count(what: &str, want: u64, got: u64) -> Result<(), String> {
+    if want == got {
+        Ok(())
+    } else {
+        Err(format!("expected {want} {what} so far, counted {got}"))
+    }
+}
+
+fn check_publish(
+    msg: &Published,
+    subject: Option<&str>,
+    json: Option<&serde_json::Value>,
+    options: MatchOptions,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if let Some(s) = subject
+        && s != msg.subject
+    {
+        problems.push(format!("subject: expected {s:?}, got {:?}", msg.subject));
+    }
+    if let Some(expected) = json {
+        match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+            Ok(actual) => problems.extend(
+                json_match::mismatches(expected, &actual, options)
+                    .iter()
+                    .map(ToString::to_string),
+            ),
+            Err(e) => problems.push(format!("payload is not JSON: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the publish does not match:\n{}\npublished on {}:\n{}",
+        problems.iter().map(|p| format!("- {p}")).collect::<Vec<_>>().join("\n"),
+        msg.subject,
+        pretty(&msg.payload)
+    ))
+}
+
+fn pretty(payload: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| String::from_utf8_lossy(payload).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        Scenario::parse(Path::new("s.toml"), text)
+    }
+
+    #[test]
+    fn parses_every_action() {
+        let s = parse(
+            r#"
+pc_id = "pc-9"
+start = "2026-05-01T00:00:00Z"
+[[step]]
+config = { process_perf_enabled = true, host_perf_interval = "2s" }
+[[step]]
+processes = [{ pid = 1, name = "a", cpu = nan, rss = 5 }, { pid = 2, cpu = 3 }]
+[[step]]
+advance = "1m"
+[[step]]
+set_wall = "2026-05-01T01:00:00Z"
+[[step]]
+tick = true
+[[step]]
+run = "10s"
+[[step]]
+fail_publish = true
+[[step]]
+label = "first message"
+expect_publish = { subject = "x", json = { pid = 1 }, ordered = true, tolerance = 0.5 }
+[[step]]
+expect_no_publish = true
+[[step]]
+expect_interval = "2s"
+[[step]]
+expect_samples = 1
+[[step]]
+expect_name_lookups = 2
+[[step]]
+expect_ticks = 3
+[[step]]
+expect_log = { level = "warn", contains = "x" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.name, "s");
+        assert_eq!(s.options.pc_id, "pc-9");
+        let keys: Vec<_> = s.steps.iter().map(|s| s.action.key()).collect();
+        assert_eq!(keys, ACTIONS);
+        assert_eq!(s.steps[0].line, 4);
+        let Action::Processes(p) = &s.steps[1].action else {
+            panic!()
+        };
+        assert!(p[0].cpu_pct.is_nan());
+        assert_eq!(p[1].cpu_pct, 3.0);
+        assert_eq!(s.steps[7].label.as_deref(), Some("first message"));
+    }
+
+    #[test]
+    fn malformed_files_name_the_line_and_what_was_expected() {
+        let err = parse("[[step]]\ntick = true\n[[step]]\ntick = true\nadvance = \"1s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("s.toml: line 3: a step holds exactly one action"), "{err}");
+
+        let err = parse("[[step]]\nexpect_publsh = {}\n").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("unknown field `expect_publsh`"), "{err}");
+
+        let err = parse("[[step]]\nadvance = \"soon\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 1: `advance`: expected a duration"), "{err}");
+
+        let err = parse("[[step]]\nconfig = { process_perf_top_n = \"x\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("field `process_perf_top_n`"), "{err}");
+
+        let err = parse("[[step]]\nconfig = { top_n = 3 }\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `top_n`"), "{err}");
+
+        let err = parse("name = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("no steps"), "{err}");
+
+        let err = parse("[[step]]\n").unwrap_err().to_string();
+        assert!(err.contains("a step needs one action"), "{err}");
+    }
+}
