@@ -141,7 +141,9 @@ impl MemorySink {
 impl Sink for MemorySink {
     fn publish(&self, subject: &str, payload: &[u8]) -> Result<(), SinkError> {
         if self.failing.load(Ordering::Relaxed) {
-            return Err(SinkError::Nats("simulated outage: no server available".into()));
+            return Err(SinkError::Nats(
+                "simulated outage: no server available".into(),
+            ));
         }
         self.messages
             .lock()

@@ -120,21 +120,14 @@ fn build_guest() -> Result<PathBuf> {
 fn run(extra: &[String]) -> Result<()> {
     let guest = build_guest()?;
     let config = root().join("runtime/config/process-perf-2s.json");
+    // The dev profile (dependencies optimized) shares its build with `cargo xtask test`.
     let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--quiet",
-        "--release",
-        "--package",
-        "collector",
-        "--",
-        "run",
-    ])
-    .arg("--guest")
-    .arg(&guest)
-    .arg("--config")
-    .arg(&config)
-    .args(extra);
+    cmd.args(["run", "--quiet", "--package", "collector", "--", "run"])
+        .arg("--guest")
+        .arg(&guest)
+        .arg("--config")
+        .arg(&config)
+        .args(extra);
     eprintln!(
         "xtask: starting the agent with {} (Ctrl-C to stop)",
         config.display()

@@ -76,7 +76,11 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                 .filter(|f| f.extension() == Some("toml".as_ref()))
                 .collect();
             found.sort();
-            anyhow::ensure!(!found.is_empty(), "{}: no .toml scenario files in it", p.display());
+            anyhow::ensure!(
+                !found.is_empty(),
+                "{}: no .toml scenario files in it",
+                p.display()
+            );
             files.extend(found);
         } else {
             files.push(p.to_path_buf());

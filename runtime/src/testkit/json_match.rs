@@ -42,8 +42,16 @@ pub struct Mismatch {
 
 impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let path = if self.path.is_empty() { "(root)" } else { &self.path };
-        write!(f, "at {path}: expected {}, got {}", self.expected, self.actual)
+        let path = if self.path.is_empty() {
+            "(root)"
+        } else {
+            &self.path
+        };
+        write!(
+            f,
+            "at {path}: expected {}, got {}",
+            self.expected, self.actual
+        )
     }
 }
 
@@ -54,7 +62,13 @@ pub fn mismatches(expected: &Value, actual: &Value, options: MatchOptions) -> Ve
     out
 }
 
-fn compare(expected: &Value, actual: &Value, o: MatchOptions, path: String, out: &mut Vec<Mismatch>) {
+fn compare(
+    expected: &Value,
+    actual: &Value,
+    o: MatchOptions,
+    path: String,
+    out: &mut Vec<Mismatch>,
+) {
     let mut differ = |e: String, a: String| {
         out.push(Mismatch {
             path: path.clone(),
@@ -100,9 +114,8 @@ fn compare(expected: &Value, actual: &Value, o: MatchOptions, path: String, out:
             } else {
                 let mut used = vec![false; a.len()];
                 for (i, ev) in e.iter().enumerate() {
-                    let found = (0..a.len()).find(|&j| {
-                        !used[j] && mismatches(ev, &a[j], o).is_empty()
-                    });
+                    let found =
+                        (0..a.len()).find(|&j| !used[j] && mismatches(ev, &a[j], o).is_empty());
                     match found {
                         Some(j) => used[j] = true,
                         None => out.push(Mismatch {
@@ -115,7 +128,10 @@ fn compare(expected: &Value, actual: &Value, o: MatchOptions, path: String, out:
             }
         }
         (Value::Number(e), Value::Number(a)) => {
-            let (e, a) = (e.as_f64().unwrap_or(f64::NAN), a.as_f64().unwrap_or(f64::NAN));
+            let (e, a) = (
+                e.as_f64().unwrap_or(f64::NAN),
+                a.as_f64().unwrap_or(f64::NAN),
+            );
             if (e - a).abs() > o.tolerance || e.is_nan() != a.is_nan() {
                 differ(e.to_string(), a.to_string());
             }
@@ -155,7 +171,14 @@ mod tests {
     #[test]
     fn subset_of_objects_with_absent_and_any() {
         let actual = json!({"pid": 1, "name": "x", "cpu_pct": 2.0000001});
-        assert!(check(json!({"pid": 1, "cpu_pct": 2.0, "rate": ABSENT, "name": ANY}), actual.clone(), false).is_empty());
+        assert!(
+            check(
+                json!({"pid": 1, "cpu_pct": 2.0, "rate": ABSENT, "name": ANY}),
+                actual.clone(),
+                false
+            )
+            .is_empty()
+        );
         assert_eq!(
             check(json!({"name": ABSENT, "pid": 2}), actual, false),
             vec![
@@ -171,17 +194,26 @@ mod tests {
         assert!(check(json!([{"pid": 2}, {"pid": 1}]), actual.clone(), false).is_empty());
         assert_eq!(
             check(json!([{"pid": 2}, {"pid": 1}]), actual.clone(), true),
-            vec!["at [0].pid: expected 2, got 1", "at [1].pid: expected 1, got 2"]
+            vec![
+                "at [0].pid: expected 2, got 1",
+                "at [1].pid: expected 1, got 2"
+            ]
         );
         let e = check(json!([{"pid": 1}]), actual, false);
-        assert!(e[0].starts_with("at (root): expected 1 elements, got 2 elements"), "{e:?}");
+        assert!(
+            e[0].starts_with("at (root): expected 1 elements, got 2 elements"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn numbers_respect_the_tolerance_and_types_must_agree() {
         assert!(check(json!(1.0), json!(1.0000005), false).is_empty());
         assert_eq!(check(json!(1.0), json!(1.1), false).len(), 1);
-        assert_eq!(check(json!("1"), json!(1), false), vec!["at (root): expected \"1\", got 1"]);
+        assert_eq!(
+            check(json!("1"), json!(1), false),
+            vec!["at (root): expected \"1\", got 1"]
+        );
         assert_eq!(
             check(json!({"a": {"b": 1}}), json!({"a": {}}), false),
             vec!["at a.b: expected 1, got no such key"]

@@ -431,11 +431,15 @@ impl MockHost {
 
     fn collect(&mut self) {
         let at = self.clock.get().wall;
-        self.published
-            .extend(self.sink.take().into_iter().map(|(subject, payload)| Published {
-                subject,
-                payload,
-                at,
-            }));
+        self.published.extend(
+            self.sink
+                .take()
+                .into_iter()
+                .map(|(subject, payload)| Published {
+                    subject,
+                    payload,
+                    at,
+                }),
+        );
     }
 }

@@ -293,12 +293,15 @@ fn line_of(text: &str, offset: usize) -> usize {
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("expected an RFC 3339 time such as \"2026-01-01T00:00:00Z\", got {s:?} ({e})"))
+        .map_err(|e| {
+            format!("expected an RFC 3339 time such as \"2026-01-01T00:00:00Z\", got {s:?} ({e})")
+        })
 }
 
 fn parse_duration(key: &str, s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{key}`: expected a duration such as \"2s\" or \"1m 30s\", got {s:?} ({e})"))
+    humantime::parse_duration(s).map_err(|e| {
+        format!("`{key}`: expected a duration such as \"2s\" or \"1m 30s\", got {s:?} ({e})")
+    })
 }
 
 fn step_action(step: StepSpec) -> Result<Action, String> {
@@ -332,7 +335,9 @@ fn step_action(step: StepSpec) -> Result<Action, String> {
         actions.push(Action::Advance(parse_duration("advance", &d)?));
     }
     if let Some(t) = step.set_wall {
-        actions.push(Action::SetWall(parse_time(&t).map_err(|m| format!("`set_wall`: {m}"))?));
+        actions.push(Action::SetWall(
+            parse_time(&t).map_err(|m| format!("`set_wall`: {m}"))?,
+        ));
     }
     if let Some(tick) = step.tick {
         if !tick {
@@ -371,7 +376,10 @@ fn step_action(step: StepSpec) -> Result<Action, String> {
         actions.push(Action::ExpectNoPublish);
     }
     if let Some(d) = step.expect_interval {
-        actions.push(Action::ExpectInterval(parse_duration("expect_interval", &d)?));
+        actions.push(Action::ExpectInterval(parse_duration(
+            "expect_interval",
+            &d,
+        )?));
     }
     if let Some(n) = step.expect_samples {
         actions.push(Action::ExpectSamples(n));
@@ -409,7 +417,11 @@ fn step_action(step: StepSpec) -> Result<Action, String> {
         )),
         _ => Err(format!(
             "a step holds exactly one action, this one has {}: split it into several [[step]] tables",
-            actions.iter().map(Action::key).collect::<Vec<_>>().join(", ")
+            actions
+                .iter()
+                .map(Action::key)
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
     }
 }
@@ -428,7 +440,13 @@ pub struct StepFailure {
 
 impl fmt::Display for StepFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "step {} (line {}) {}", self.index + 1, self.line, self.action)?;
+        write!(
+            f,
+            "step {} (line {}) {}",
+            self.index + 1,
+            self.line,
+            self.action
+        )?;
         if let Some(label) = &self.label {
             write!(f, " \"{label}\"")?;
         }
@@ -540,7 +558,8 @@ fn run_step(
                 return Err(format!(
                     "expected interval {}, the guest asks for {}",
                     humantime::format_duration(*want),
-                    got.map_or("nothing".to_string(), |g| humantime::format_duration(g).to_string())
+                    got.map_or("nothing".to_string(), |g| humantime::format_duration(g)
+                        .to_string())
                 ));
             }
         },
@@ -548,14 +567,18 @@ fn run_step(
             expect_count("process samples", *n, HostStats::get(&host.stats().samples))?;
         }
         Action::ExpectNameLookups(n) => {
-            expect_count("name look-ups", *n, HostStats::get(&host.stats().names_looked_up))?;
+            expect_count(
+                "name look-ups",
+                *n,
+                HostStats::get(&host.stats().names_looked_up),
+            )?;
         }
         Action::ExpectTicks(n) => expect_count("ticks", *n, *total_ticks)?,
         Action::ExpectLog { level, contains } => {
             let fresh = host.new_logs();
-            let found = fresh
-                .iter()
-                .any(|l| level.is_none_or(|lv| l.level == lv) && l.message.contains(contains.as_str()));
+            let found = fresh.iter().any(|l| {
+                level.is_none_or(|lv| l.level == lv) && l.message.contains(contains.as_str())
+            });
             if !found {
                 let seen: Vec<String> = fresh
                     .iter()
@@ -564,7 +587,11 @@ fn run_step(
                 return Err(format!(
                     "expected a {}log line containing {contains:?} since the previous expect_log; lines:\n{}",
                     level.map_or(String::new(), |l| format!("{l:?} ")),
-                    if seen.is_empty() { "(none)".to_string() } else { seen.join("\n") }
+                    if seen.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        seen.join("\n")
+                    }
                 ));
             }
         }
@@ -607,7 +634,11 @@ fn check_publish(
     }
     Err(format!(
         "the publish does not match:\n{}\npublished on {}:\n{}",
-        problems.iter().map(|p| format!("- {p}")).collect::<Vec<_>>().join("\n"),
+        problems
+            .iter()
+            .map(|p| format!("- {p}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         msg.subject,
         pretty(&msg.payload)
     ))
@@ -684,20 +715,35 @@ expect_log = { level = "warn", contains = "x" }
         let err = parse("[[step]]\ntick = true\n[[step]]\ntick = true\nadvance = \"1s\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("s.toml: line 3: a step holds exactly one action"), "{err}");
+        assert!(
+            err.starts_with("s.toml: line 3: a step holds exactly one action"),
+            "{err}"
+        );
 
-        let err = parse("[[step]]\nexpect_publsh = {}\n").unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("unknown field `expect_publsh`"), "{err}");
+        let err = parse("[[step]]\nexpect_publsh = {}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("unknown field `expect_publsh`"),
+            "{err}"
+        );
 
-        let err = parse("[[step]]\nadvance = \"soon\"\n").unwrap_err().to_string();
-        assert!(err.contains("line 1: `advance`: expected a duration"), "{err}");
+        let err = parse("[[step]]\nadvance = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 1: `advance`: expected a duration"),
+            "{err}"
+        );
 
         let err = parse("[[step]]\nconfig = { process_perf_top_n = \"x\" }\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("field `process_perf_top_n`"), "{err}");
 
-        let err = parse("[[step]]\nconfig = { top_n = 3 }\n").unwrap_err().to_string();
+        let err = parse("[[step]]\nconfig = { top_n = 3 }\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `top_n`"), "{err}");
 
         let err = parse("name = \"x\"\n").unwrap_err().to_string();
