@@ -9,6 +9,7 @@ pub mod engine;
 pub mod grant;
 pub mod guest;
 pub mod host;
+pub mod reference;
 pub mod sink;
 pub mod source;
 pub mod testkit;

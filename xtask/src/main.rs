@@ -181,8 +181,20 @@ fn test(extra: &[String]) -> Result<()> {
             .env("COLLECTOR_GUEST_WASM", &guest)
             .env("COLLECTOR_NATS_SERVER", &nats),
     )?;
+    run_scenarios(&guest, "guest-process-perf/scenarios")?;
     eprintln!("xtask: all checks passed");
     Ok(())
+}
+
+/// Runs a guest's scenario suite with the `collector test` command users run.
+fn run_scenarios(guest: &Path, dir: &str) -> Result<()> {
+    run_step(
+        &format!("running the scenarios in {dir}"),
+        cargo()
+            .args(["run", "--quiet", "--package", "collector", "--", "test"])
+            .arg(guest)
+            .arg(root().join(dir)),
+    )
 }
 
 /// Finds a nats-server >= 2.10 (NATS_SERVER, target/tools/nats, PATH), installing one

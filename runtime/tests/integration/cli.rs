@@ -199,3 +199,93 @@ fn config_file_edits_apply_while_running_and_bad_edits_keep_the_last_good_config
     let msg = next_message(&agent.stdout);
     assert!(msg.processes.len() <= 3, "still the last good top_n");
 }
+
+const SCENARIO_HEAD: &str = r#"
+pc_id = "pc-1"
+[[step]]
+config = { process_perf_enabled = true }
+[[step]]
+processes = [{ pid = 7, name = "seven", cpu = 50.0 }, { pid = 8, name = "eight", cpu = 10.0 }]
+[[step]]
+tick = true
+"#;
+
+#[test]
+fn collector_test_passes_good_scenarios_and_explains_a_wrong_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "{SCENARIO_HEAD}[[step]]\nexpect_publish = {{ ordered = true, json = {{ processes = [{{ pid = 7 }}, {{ pid = 8 }}] }} }}\n"
+        ),
+    )
+    .unwrap();
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        format!(
+            "{SCENARIO_HEAD}[[step]]\nexpect_publish = {{ ordered = true, json = {{ processes = [{{ pid = 8 }}, {{ pid = 7 }}] }} }}\n"
+        ),
+    )
+    .unwrap();
+    let guest = guest_wasm();
+
+    let out = collector()
+        .arg("test")
+        .arg(&guest)
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("ok   good (4 steps)"), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("1 passed, 0 failed"));
+
+    let out = collector()
+        .arg("test")
+        .arg(&guest)
+        .arg(&good)
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("FAIL wrong"), "{stdout}");
+    assert!(
+        stdout.contains("step 4 (line 9) expect_publish"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("at processes[0].pid: expected 8, got 7"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"name\": \"seven\""),
+        "the published JSON is shown: {stdout}"
+    );
+    assert_eq!(stdout.lines().last(), Some("1 passed, 1 failed"));
+}
+
+#[test]
+fn collector_test_reports_a_malformed_scenario_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[step]]\ntick = true\n\n[[step]]\nexpect_samples = \"two\"\n",
+    )
+    .unwrap();
+    let out = collector()
+        .arg("test")
+        .arg(guest_wasm())
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("bad.toml"), "{stdout}");
+    assert!(stdout.contains("line 5"), "{stdout}");
+    assert!(stdout.contains("expected u64"), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("0 passed, 1 failed"));
+}

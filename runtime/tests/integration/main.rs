@@ -7,5 +7,6 @@ mod common;
 mod agent;
 mod broken_guests;
 mod cli;
+mod differential;
 mod guest;
 mod nats;
