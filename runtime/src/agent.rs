@@ -1,5 +1,6 @@
 //! The agent loop in real time: ticks the guest at the cadence it asks for, feeds it
-//! configuration changes, and survives anything the guest does.
+//! configuration changes, swaps modules at tick boundaries, rolls back a new module that
+//! fails its first ticks, and survives anything a guest does.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,15 +9,44 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use collector_shared::EffectiveConfig;
 
-use crate::guest::Supervisor;
-use crate::host::{Datetime, Services, TickTime};
+use crate::grant::Grant;
+use crate::guest::{GuestModule, Supervisor, TickError};
+use crate::host::{Datetime, Limits, Services, TickTime};
 use crate::ticker::Ticker;
+
+/// Called once with no argument when a swapped-in module has passed its probation.
+pub type HealthyHook = Box<dyn FnOnce() + Send>;
+/// Called once with the reason when a swapped-in module is rolled back.
+pub type RollbackHook = Box<dyn FnOnce(&str) + Send>;
+
+/// A module ready to take over: compiled and checked, with the grant and limits it runs
+/// under. Compilation happens before this is sent, off the tick path.
+pub struct ModuleSpec {
+    pub module: Arc<GuestModule>,
+    pub grant: Grant,
+    pub limits: Limits,
+    /// How logs name it, for instance `process-perf v3`.
+    pub label: String,
+    pub on_healthy: Option<HealthyHook>,
+    pub on_rolled_back: Option<RollbackHook>,
+}
+
+impl std::fmt::Debug for ModuleSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleSpec")
+            .field("label", &self.label)
+            .field("grant", &self.grant)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Something the agent loop should react to.
 #[derive(Debug)]
 pub enum Event {
     /// A new effective configuration.
     Config(Box<EffectiveConfig>),
+    /// Replace the running module at the next tick boundary.
+    Swap(Box<ModuleSpec>),
     /// Stop after the current tick.
     Shutdown,
 }
@@ -35,6 +65,11 @@ impl AgentHandle {
         let _ = self.tx.send(Event::Config(Box::new(config)));
     }
 
+    /// Hands over a new module; it takes over between two ticks.
+    pub fn swap(&self, spec: ModuleSpec) {
+        let _ = self.tx.send(Event::Swap(Box::new(spec)));
+    }
+
     /// Whether the agent loop has not finished yet.
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
@@ -51,20 +86,44 @@ impl AgentHandle {
 pub struct AgentOptions {
     /// Shortest interval honoured, whatever the guest asks for.
     pub min_interval: Duration,
+    /// Ticks a swapped-in module must complete without a trap before it counts as
+    /// healthy; a trap before that (or during its start) rolls it back.
+    pub health_ticks: u32,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
         Self {
             min_interval: Duration::from_secs(1),
+            health_ticks: 3,
         }
     }
+}
+
+/// The module to return to if the one on probation fails.
+struct Fallback {
+    module: Arc<GuestModule>,
+    grant: Grant,
+    limits: Limits,
+    label: String,
+    /// Its state when it was swapped out, handed back on rollback.
+    state: Option<Vec<u8>>,
+}
+
+/// A swapped-in module that has not yet proven itself.
+struct Probation {
+    ticks_left: u32,
+    fallback: Fallback,
+    on_healthy: Option<HealthyHook>,
+    on_rolled_back: Option<RollbackHook>,
 }
 
 /// A guest under supervision, ticked in real time.
 pub struct Agent {
     supervisor: Supervisor,
+    label: String,
     options: AgentOptions,
+    probation: Option<Probation>,
     events: Receiver<Event>,
     /// Keeps the channel open so that a closed configuration source can never turn
     /// `recv_timeout` into an immediate error, and the loop into a spin.
@@ -88,8 +147,10 @@ impl Agent {
         let (tx, events) = mpsc::channel();
         let running = Arc::new(AtomicBool::new(true));
         let agent = Self {
+            label: supervisor.module().name().to_string(),
             supervisor,
             options,
+            probation: None,
             events,
             _keepalive: tx.clone(),
             running: running.clone(),
@@ -98,39 +159,165 @@ impl Agent {
         (agent, AgentHandle { tx, running })
     }
 
+    /// Names the running module in logs (default: the module's name).
+    pub fn set_label(&mut self, label: String) {
+        self.label = label;
+    }
+
     /// Runs until [`AgentHandle::shutdown`], starting with `config`. The first tick is
     /// immediate; so is the first tick after the interval changes (the ticker restarts).
     /// Returns the services, with the sink flushed.
     pub fn run(mut self, config: EffectiveConfig) -> Services {
         let _running = RunningGuard(self.running.clone());
-        let name = self.supervisor.module().name().to_string();
         let _ = self.supervisor.configure(&config);
         let mut ticker = Ticker::new(self.origin.elapsed(), self.options.min_interval);
         let period = ticker.period(self.supervisor.interval());
-        tracing::info!(guest = %name, interval = ?period, "agent started");
+        tracing::info!(module = %self.label, interval = ?period, "agent started");
         loop {
             let wait = ticker.next().saturating_sub(self.origin.elapsed());
             match self.events.recv_timeout(wait) {
                 Ok(Event::Config(config)) => {
                     // A trap is logged by the supervisor; the next tick retries.
                     if let Ok(true) = self.supervisor.configure(&config) {
-                        let period = ticker.period(self.supervisor.interval());
-                        tracing::info!(guest = %name, interval = ?period, "cadence changed; ticker restarted");
-                        ticker.restart(self.origin.elapsed());
+                        self.restart_ticker(&mut ticker, "cadence changed");
+                    }
+                }
+                Ok(Event::Swap(spec)) => {
+                    let before = self.supervisor.interval();
+                    self.swap(*spec);
+                    if self.supervisor.interval() != before {
+                        self.restart_ticker(&mut ticker, "new module asks for another cadence");
                     }
                 }
                 Ok(Event::Shutdown) => break,
                 Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.supervisor.tick(self.now());
+                    let result = self.supervisor.tick(self.now());
+                    // A rollback happens here, inside the tick slot: the schedule stays.
+                    self.after_tick(result);
                     ticker.ticked(self.origin.elapsed(), self.supervisor.interval());
                 }
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the agent holds a sender"),
             }
         }
-        tracing::info!(guest = %name, "agent stopped");
+        tracing::info!(module = %self.label, "agent stopped");
         let services = self.supervisor.into_services();
         services.sink.flush();
         services
+    }
+
+    fn restart_ticker(&self, ticker: &mut Ticker, why: &str) {
+        let period = ticker.period(self.supervisor.interval());
+        tracing::info!(module = %self.label, interval = ?period, "{why}; ticker restarted");
+        ticker.restart(self.origin.elapsed());
+    }
+
+    /// Replaces the running module between two ticks, carrying its state over.
+    fn swap(&mut self, spec: ModuleSpec) {
+        let ModuleSpec {
+            module,
+            grant,
+            limits,
+            label,
+            on_healthy,
+            on_rolled_back,
+        } = spec;
+        let state = self.supervisor.save_state().ok().flatten();
+        let old_module = self.supervisor.swap_module(module);
+        let services = self.supervisor.services_mut();
+        let old_grant = std::mem::replace(&mut services.grant, grant);
+        let old_limits = std::mem::replace(&mut services.limits, limits);
+        let old_label = std::mem::replace(&mut self.label, label);
+        // On probation already: the healthy module to return to stays the older one.
+        let fallback = match self.probation.take() {
+            Some(p) => {
+                if let Some(hook) = p.on_rolled_back {
+                    hook(&format!(
+                        "replaced by {} before it proved healthy",
+                        self.label
+                    ));
+                }
+                p.fallback
+            }
+            None => Fallback {
+                module: old_module,
+                grant: old_grant,
+                limits: old_limits,
+                label: old_label.clone(),
+                state: state.clone(),
+            },
+        };
+        tracing::info!(from = %old_label, to = %self.label, state_bytes = state.as_ref().map_or(0, Vec::len), "swapping modules at a tick boundary");
+        self.probation = Some(Probation {
+            ticks_left: self.options.health_ticks,
+            fallback,
+            on_healthy,
+            on_rolled_back,
+        });
+        match self.supervisor.start(state.as_deref()) {
+            Ok(None) => {
+                if state.is_some() {
+                    tracing::info!(module = %self.label, "state carried over");
+                }
+            }
+            Ok(Some(refusal)) => {
+                tracing::info!(module = %self.label, reason = %refusal, "the new module starts fresh: it refused the predecessor's state");
+            }
+            Err(fault) => self.roll_back(&format!("failed to start: {fault}")),
+        }
+        if self.options.health_ticks == 0 {
+            self.mark_healthy();
+        }
+    }
+
+    fn after_tick(&mut self, result: Result<(), TickError>) {
+        let Some(probation) = &mut self.probation else {
+            return;
+        };
+        match result {
+            Err(TickError::Fault(fault)) => self.roll_back(&fault.to_string()),
+            // A guest-reported error is the guest's business, not a crash.
+            Ok(()) | Err(TickError::Guest(_)) => {
+                probation.ticks_left = probation.ticks_left.saturating_sub(1);
+                if probation.ticks_left == 0 {
+                    self.mark_healthy();
+                }
+            }
+        }
+    }
+
+    fn mark_healthy(&mut self) {
+        if let Some(p) = self.probation.take() {
+            tracing::info!(module = %self.label, ticks = self.options.health_ticks, "new module is healthy");
+            if let Some(hook) = p.on_healthy {
+                hook();
+            }
+        }
+    }
+
+    fn roll_back(&mut self, reason: &str) {
+        let Some(p) = self.probation.take() else {
+            return;
+        };
+        let Fallback {
+            module,
+            grant,
+            limits,
+            label,
+            state,
+        } = p.fallback;
+        tracing::error!(module = %self.label, back_to = %label, reason, "rolling back to the last healthy module");
+        if let Some(hook) = p.on_rolled_back {
+            hook(reason);
+        }
+        self.supervisor.swap_module(module);
+        let services = self.supervisor.services_mut();
+        services.grant = grant;
+        services.limits = limits;
+        self.label = label;
+        if let Err(fault) = self.supervisor.start(state.as_deref()) {
+            // The previous module ran healthy; it gets the usual fresh-instance retries.
+            tracing::error!(module = %self.label, error = %fault, "the last healthy module failed to restart; retrying on the next tick");
+        }
     }
 
     fn now(&self) -> TickTime {

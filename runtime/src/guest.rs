@@ -288,6 +288,38 @@ impl Supervisor {
         self.interval
     }
 
+    /// Replaces the module, keeping the services and configuration; the instance of the
+    /// old module is dropped. Returns the old module. Call [`Supervisor::start`] next.
+    pub fn swap_module(&mut self, module: Arc<GuestModule>) -> Arc<GuestModule> {
+        self.discard();
+        self.interval = None;
+        std::mem::replace(&mut self.module, module)
+    }
+
+    /// Starts a fresh instance: hands it `state` from a predecessor (before any
+    /// configuration, as the WIT promises), then the configuration, then asks for the
+    /// interval. Returns the guest's refusal of the state, if any.
+    ///
+    /// # Errors
+    ///
+    /// When the new instance fails to start or traps on any of these calls.
+    pub fn start(&mut self, state: Option<&[u8]>) -> Result<Option<String>, GuestFault> {
+        self.discard();
+        if let Slot::Idle(_) = self.slot {
+            let Slot::Idle(services) = std::mem::replace(&mut self.slot, Slot::Empty) else {
+                unreachable!()
+            };
+            self.instantiate(services)?;
+        }
+        let refusal = match state {
+            Some(state) => self.restore_state(state)?.err(),
+            None => None,
+        };
+        self.push_config()?;
+        self.refresh_interval()?;
+        Ok(refusal)
+    }
+
     /// Passes a new effective configuration and asks for the interval. Returns whether
     /// the interval changed (the caller then restarts its ticker).
     ///
@@ -460,6 +492,9 @@ impl Supervisor {
     }
 
     fn discard(&mut self) {
+        if !matches!(self.slot, Slot::Live(_)) {
+            return;
+        }
         if let Slot::Live(live) = std::mem::replace(&mut self.slot, Slot::Empty) {
             self.slot = Slot::Idle(live.store.into_data().into_services());
         }

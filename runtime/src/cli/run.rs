@@ -109,6 +109,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         supervisor,
         AgentOptions {
             min_interval: args.min_interval,
+            ..AgentOptions::default()
         },
     );
     if let (Some(path), Some(text)) = (args.config, config_text) {

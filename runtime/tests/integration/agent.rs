@@ -26,6 +26,7 @@ fn start(
         sup,
         AgentOptions {
             min_interval: Duration::from_millis(10),
+            ..AgentOptions::default()
         },
     );
     let thread = std::thread::spawn(move || agent.run(config));

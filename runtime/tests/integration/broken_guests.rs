@@ -6,20 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use collector_runtime::agent::{Agent, AgentOptions};
-use collector_runtime::guest::{GuestFault, GuestModule, Supervisor, TickError};
+use collector_runtime::guest::{GuestFault, Supervisor, TickError};
 use collector_runtime::host::{HostStats, Limits};
 use collector_runtime::sink::MemorySink;
 use collector_runtime::source::StaticSource;
-use wasmtime::component::Component;
 
 use crate::common::*;
 
 fn supervisor(name: &str, tick_body: &str, limits: Limits) -> Supervisor {
-    let sandbox = sandbox();
-    let component = Component::new(sandbox.engine(), wat_guest(tick_body)).unwrap();
-    let module = GuestModule::from_component(&sandbox, name, &component).unwrap();
     Supervisor::new(
-        Arc::new(module),
+        wat_module(name, &wat_guest(tick_body)),
         services(
             Box::new(StaticSource::default()),
             MemorySink::default(),
@@ -116,6 +112,7 @@ fn the_agent_keeps_running_a_guest_that_always_traps() {
         sup,
         AgentOptions {
             min_interval: Duration::from_millis(10),
+            ..AgentOptions::default()
         },
     );
     let thread = std::thread::spawn(move || agent.run(enabled("100ms", 5)));

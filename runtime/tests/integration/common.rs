@@ -117,13 +117,18 @@ pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// instructions that must leave an i32 result-pointer on the stack, or never return).
 /// `configure` and `restore-state` succeed, `interval` is 100 ms, `save-state` is none.
 pub fn wat_guest(tick_body: &str) -> String {
+    wat_guest_with("(i32.const 0)", tick_body)
+}
+
+/// As [`wat_guest`], with the body of `configure` too.
+pub fn wat_guest_with(configure_body: &str, tick_body: &str) -> String {
     format!(
         r#"(component
   (core module $m
     (memory (export "mem") 1)
     (global $ticks (mut i32) (i32.const 0))
     (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
-    (func (export "configure") (param i32 i32) (result i32) (i32.const 0))
+    (func (export "configure") (param i32 i32) (result i32) {configure_body})
     (func (export "interval") (result i64) (i64.const 100000000))
     (func (export "tick") (param i64 i32 i64) (result i32)
       (global.set $ticks (i32.add (global.get $ticks) (i32.const 1)))
@@ -154,6 +159,13 @@ pub fn wat_guest(tick_body: &str) -> String {
   (export "collector:api/guest@0.1.0" (instance $guest))
 )"#
     )
+}
+
+/// Compiles a WAT guest into a module named `name`.
+pub fn wat_module(name: &str, wat: &str) -> Arc<GuestModule> {
+    let sandbox = sandbox();
+    let component = wasmtime::component::Component::new(sandbox.engine(), wat).unwrap();
+    Arc::new(GuestModule::from_component(&sandbox, name, &component).unwrap())
 }
 
 /// A nats-server with JetStream in a temporary directory on a free loopback port,

@@ -10,3 +10,4 @@ mod cli;
 mod differential;
 mod guest;
 mod nats;
+mod swap;

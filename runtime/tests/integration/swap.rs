@@ -1,0 +1,167 @@
+//! Hot swap in the running agent: the successor takes over at a tick boundary with no
+//! tick skipped or doubled and inherits the rate baseline; a successor that traps on its
+//! first ticks, or cannot start, is rolled back to the last healthy module.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use collector_runtime::agent::{Agent, AgentHandle, AgentOptions, ModuleSpec};
+use collector_runtime::grant::{DEFAULT_GRANT, Grant};
+use collector_runtime::guest::GuestModule;
+use collector_runtime::host::{HostStats, Limits, Services};
+use collector_runtime::sink::MemorySink;
+use collector_shared::ProcessPerf;
+
+use crate::common::*;
+
+/// What the hooks of a swapped-in module reported.
+#[derive(Default, Clone)]
+struct Outcome(Arc<Mutex<Vec<String>>>);
+
+impl Outcome {
+    fn events(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn spec(module: Arc<GuestModule>, label: &str, outcome: &Outcome) -> ModuleSpec {
+    let healthy = outcome.clone();
+    let rolled = outcome.clone();
+    ModuleSpec {
+        module,
+        grant: Grant::new(&[DEFAULT_GRANT], PC_ID).unwrap(),
+        limits: Limits::default(),
+        label: label.into(),
+        on_healthy: Some(Box::new(move || {
+            healthy.0.lock().unwrap().push("healthy".into())
+        })),
+        on_rolled_back: Some(Box::new(move |why| {
+            rolled.0.lock().unwrap().push(format!("rolled back: {why}"))
+        })),
+    }
+}
+
+fn start(
+    health_ticks: u32,
+) -> (
+    AgentHandle,
+    MemorySink,
+    JoinHandle<Services>,
+    Arc<HostStats>,
+) {
+    let (sup, sink) = real_supervisor();
+    let stats = sup.stats();
+    let (agent, handle) = Agent::new(
+        sup,
+        AgentOptions {
+            min_interval: Duration::from_millis(10),
+            health_ticks,
+        },
+    );
+    let thread = std::thread::spawn(move || agent.run(enabled("200ms", 1_000_000)));
+    (handle, sink, thread, stats)
+}
+
+fn has_rates(m: &ProcessPerf) -> bool {
+    m.processes
+        .iter()
+        .any(|p| p.disk_read_bytes_per_sec.is_some())
+}
+
+/// Gaps between consecutive messages, in milliseconds.
+fn gaps(msgs: &[ProcessPerf]) -> Vec<i64> {
+    msgs.windows(2)
+        .map(|w| (w[1].at - w[0].at).num_milliseconds())
+        .collect()
+}
+
+#[test]
+fn a_swap_keeps_the_cadence_and_carries_the_baseline_over() {
+    let (handle, sink, thread, stats) = start(2);
+    assert!(wait_for(Duration::from_secs(10), || sink.len() >= 3));
+    let outcome = Outcome::default();
+    let swapped_at_tick = HostStats::get(&stats.ticks);
+    handle.swap(spec(process_perf_module(), "process-perf v2", &outcome));
+    assert!(wait_for(Duration::from_secs(10), || sink.len() >= 8));
+    handle.shutdown();
+    thread.join().unwrap();
+
+    let msgs = decode_all(sink.take());
+    let after_swap = &msgs[swapped_at_tick as usize];
+    assert!(
+        has_rates(after_swap),
+        "the first tick of the successor computes rates from the inherited baseline"
+    );
+    for gap in gaps(&msgs) {
+        assert!(
+            (100..=300).contains(&gap),
+            "a tick was skipped or doubled around the swap: gaps {:?} ms",
+            gaps(&msgs)
+        );
+    }
+    assert_eq!(outcome.events(), ["healthy"]);
+    assert_eq!(HostStats::get(&stats.traps), 0);
+}
+
+#[test]
+fn a_successor_that_traps_on_its_second_tick_is_rolled_back_with_the_old_state() {
+    let (handle, sink, thread, stats) = start(3);
+    assert!(wait_for(Duration::from_secs(10), || sink.len() >= 2));
+    let outcome = Outcome::default();
+    let trap_on_second =
+        "(if (i32.eq (global.get $ticks) (i32.const 2)) (then unreachable)) (i32.const 0)";
+    handle.swap(spec(
+        wat_module("trap-on-second", &wat_guest(trap_on_second)),
+        "trap-on-second v2",
+        &outcome,
+    ));
+    assert!(wait_for(Duration::from_secs(10), || HostStats::get(
+        &stats.traps
+    ) >= 1));
+    let before_rollback = sink.take().len();
+    assert!(
+        wait_for(Duration::from_secs(10), || sink.len() >= 2),
+        "the old module publishes again"
+    );
+    handle.shutdown();
+    thread.join().unwrap();
+
+    let events = outcome.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].starts_with("rolled back: trapped in `tick`"),
+        "{events:?}"
+    );
+    let resumed = decode_all(sink.take());
+    assert!(before_rollback >= 2);
+    assert!(
+        has_rates(&resumed[0]),
+        "the restored module computes rates from the state it had before the swap"
+    );
+}
+
+#[test]
+fn a_successor_that_cannot_start_is_rolled_back_at_once() {
+    let (handle, sink, thread, _stats) = start(3);
+    assert!(wait_for(Duration::from_secs(10), || sink.len() >= 1));
+    let outcome = Outcome::default();
+    handle.swap(spec(
+        wat_module("bad-init", &wat_guest_with("unreachable", "(i32.const 0)")),
+        "bad-init v2",
+        &outcome,
+    ));
+    assert!(wait_for(Duration::from_secs(5), || !outcome
+        .events()
+        .is_empty()));
+    sink.take();
+    assert!(
+        wait_for(Duration::from_secs(10), || sink.len() >= 1),
+        "the old module keeps publishing"
+    );
+    handle.shutdown();
+    thread.join().unwrap();
+    let events = outcome.events();
+    assert!(events[0].contains("failed to start"), "{events:?}");
+    assert!(events[0].contains("configure"), "{events:?}");
+}
