@@ -144,7 +144,7 @@ fn a_successor_that_traps_on_its_second_tick_is_rolled_back_with_the_old_state()
 #[test]
 fn a_successor_that_cannot_start_is_rolled_back_at_once() {
     let (handle, sink, thread, _stats) = start(3);
-    assert!(wait_for(Duration::from_secs(10), || sink.len() >= 1));
+    assert!(wait_for(Duration::from_secs(10), || !sink.is_empty()));
     let outcome = Outcome::default();
     handle.swap(spec(
         wat_module("bad-init", &wat_guest_with("unreachable", "(i32.const 0)")),
@@ -156,7 +156,7 @@ fn a_successor_that_cannot_start_is_rolled_back_at_once() {
         .is_empty()));
     sink.take();
     assert!(
-        wait_for(Duration::from_secs(10), || sink.len() >= 1),
+        wait_for(Duration::from_secs(10), || !sink.is_empty()),
         "the old module keeps publishing"
     );
     handle.shutdown();
