@@ -138,18 +138,19 @@ impl ProcessPerfLoop {
             return;
         }
 
-        let elapsed = self
-            .last_tick
-            .map_or(0.0, |prev| mono.saturating_sub(prev).as_secs_f64());
-        self.last_tick = Some(mono);
-
         let sample = match host.sample() {
             Ok(sample) => sample,
             Err(e) => {
+                // The baseline and its time stay those of the last good sample, so the
+                // next rate spans both and stays correct.
                 host.log(Level::Warn, &format!("process sampling failed: {e}"));
                 return;
             }
         };
+        let elapsed = self
+            .last_tick
+            .map_or(0.0, |prev| mono.saturating_sub(prev).as_secs_f64());
+        self.last_tick = Some(mono);
         let top = top_by_cpu(&sample, self.config.process_perf_top_n.max(1) as usize);
         let top_pids: Vec<u32> = top.iter().map(|&i| sample.pids[i]).collect();
         let names = host.names(&top_pids);
@@ -239,9 +240,11 @@ fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// S5: JSON has no NaN, and a NaN must not poison the order, so it counts as 0.
+/// S5: JSON has no NaN (serde_json writes `null`, which the backend cannot decode as
+/// f64) and a NaN must not poison the order, so it counts as 0. Infinities have the same
+/// JSON problem and are no more a real reading, so they count as 0 too.
 fn sanitize(cpu: f32) -> f32 {
-    if cpu.is_nan() { 0.0 } else { cpu }
+    if cpu.is_finite() { cpu } else { 0.0 }
 }
 
 /// Indices of the `n` processes with the highest CPU, highest first; ties keep sample
@@ -272,6 +275,7 @@ mod tests {
         published: Vec<(String, ProcessPerf)>,
         logs: Vec<(Level, String)>,
         fail_publish: bool,
+        fail_sample: bool,
     }
 
     impl FakeHost {
@@ -292,6 +296,9 @@ mod tests {
     impl Host for FakeHost {
         fn sample(&mut self) -> Result<Sample, String> {
             self.samples += 1;
+            if self.fail_sample {
+                return Err("enumeration failed".into());
+            }
             Ok(self.table.clone())
         }
         fn names(&mut self, pids: &[u32]) -> Vec<String> {
@@ -462,6 +469,43 @@ mod tests {
         l.tick(t(2), mono(2.0), &mut h);
         assert_eq!(h.published.len(), 1);
         assert_eq!(h.published[0].0, "process_perf.pc-1");
+    }
+
+    #[test]
+    fn a_failed_sample_keeps_the_baseline_and_its_time() {
+        let mut l = ProcessPerfLoop::default();
+        l.configure(enabled(5, "2s"));
+        let mut h = FakeHost::default();
+        h.set(&[(1, 9.0, 1, 100, 100)]);
+        l.tick(t(0), mono(0.0), &mut h);
+        h.fail_sample = true;
+        l.tick(t(2), mono(2.0), &mut h);
+        assert!(h.logs.iter().any(|(_, m)| m.contains("enumeration failed")));
+        h.fail_sample = false;
+        h.set(&[(1, 9.0, 1, 500, 100)]);
+        l.tick(t(4), mono(4.0), &mut h);
+        assert_eq!(h.published.len(), 2);
+        assert_eq!(
+            h.last().processes[0].disk_read_bytes_per_sec,
+            Some(100.0),
+            "400 bytes over the 4 s since the last good sample"
+        );
+    }
+
+    #[test]
+    fn infinite_cpu_counts_as_zero_so_the_json_stays_decodable() {
+        let mut l = ProcessPerfLoop::default();
+        l.configure(enabled(5, "2s"));
+        let mut h = FakeHost::default();
+        h.set(&[(1, f32::INFINITY, 1, 0, 0), (2, 1.0, 1, 0, 0)]);
+        l.tick(t(0), mono(0.0), &mut h);
+        let got: Vec<(u32, f64)> = h
+            .last()
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.cpu_pct))
+            .collect();
+        assert_eq!(got, vec![(2, 1.0), (1, 0.0)]);
     }
 
     #[test]

@@ -30,11 +30,12 @@ pub enum ConfigFileError {
 ///
 /// [`ConfigFileError::Invalid`], naming the file and the field.
 pub fn parse(path: &Path, text: &str) -> Result<EffectiveConfig, ConfigFileError> {
-    let (scope, unknown) =
-        ConfigScope::from_json(text).map_err(|error| ConfigFileError::Invalid {
-            path: path.display().to_string(),
-            error,
-        })?;
+    let invalid = |error| ConfigFileError::Invalid {
+        path: path.display().to_string(),
+        error,
+    };
+    let (scope, unknown) = ConfigScope::from_json(text).map_err(invalid)?;
+    scope.validate().map_err(invalid)?;
     for field in unknown {
         tracing::warn!(file = %path.display(), field, known = ?ConfigScope::FIELDS, "unknown config field ignored");
     }
@@ -122,6 +123,15 @@ mod tests {
         assert!(cfg.process_perf_enabled);
         assert_eq!(cfg.host_perf_interval, "2s");
         assert_eq!(cfg.process_perf_top_n, 20);
+    }
+
+    #[test]
+    fn unparsable_durations_are_refused() {
+        let err = parse(Path::new("c.json"), r#"{"host_perf_interval":"soon"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("field `host_perf_interval`"),
+            "{err}"
+        );
     }
 
     #[test]

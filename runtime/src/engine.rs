@@ -1,14 +1,17 @@
 //! The wasmtime engine every guest runs on, configured for sandboxing, with the
 //! background thread that advances its epoch (the clock behind per-call time budgets).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine};
 
+use crate::cache::CompileCache;
 use crate::host::{self, HostState};
 
 /// How often the epoch advances: the resolution of time budgets.
@@ -18,26 +21,54 @@ pub const EPOCH_PERIOD: Duration = Duration::from_millis(10);
 pub struct Sandbox {
     engine: Engine,
     linker: Linker<HostState>,
+    cache: Option<CompileCache>,
     _ticker: EpochTicker,
 }
 
 impl Sandbox {
+    /// A sandbox that compiles every component it loads.
+    ///
     /// # Errors
     ///
     /// When the engine cannot be created on this platform.
     pub fn new() -> anyhow::Result<Arc<Self>> {
+        Self::build(None)
+    }
+
+    /// A sandbox that keeps compiled components in `cache_dir` (see [`CompileCache`]).
+    ///
+    /// # Errors
+    ///
+    /// When the engine cannot be created or the cache directory cannot be opened.
+    pub fn with_cache(cache_dir: &Path) -> anyhow::Result<Arc<Self>> {
+        Self::build(Some(cache_dir))
+    }
+
+    fn build(cache_dir: Option<&Path>) -> anyhow::Result<Arc<Self>> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         // Epochs bound the time of every call at ~10% of guest speed; fuel would cost more.
         config.epoch_interruption(true);
         let engine = Engine::new(&config).map_err(anyhow::Error::from)?;
         let linker = host::linker(&engine).map_err(anyhow::Error::from)?;
+        let cache = cache_dir
+            .map(|dir| {
+                CompileCache::open(dir, &engine)
+                    .with_context(|| format!("cannot open the compile cache in {}", dir.display()))
+            })
+            .transpose()?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Arc::new(Self {
             engine,
             linker,
+            cache,
             _ticker: ticker,
         }))
+    }
+
+    /// The compile cache, when there is one.
+    pub fn cache(&self) -> Option<&CompileCache> {
+        self.cache.as_ref()
     }
 
     pub fn engine(&self) -> &Engine {

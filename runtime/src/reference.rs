@@ -7,8 +7,8 @@
 //! the native baseline the sandboxed guest is measured against. It shares no logic with
 //! the guest on purpose: a shared module would make the comparison test only the compiler.
 //!
-//! The one deliberate difference from the seed (S5): a NaN CPU reading is treated as 0.0
-//! for sorting and in the JSON, because JSON has no NaN.
+//! The one deliberate difference from the seed (S5): a NaN (or infinite) CPU reading is
+//! treated as 0.0 for sorting and in the JSON, because JSON has neither.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -85,26 +85,27 @@ impl ReferenceLoop {
             return None;
         }
 
+        // A failed enumeration leaves the previous sample as the baseline, time included.
+        let table = source.sample(Fields::ALL).ok()?;
         let elapsed = match self.last_tick_at {
             Some(prev) => now.saturating_sub(prev).as_secs_f64(),
             None => 0.0,
         };
         self.last_tick_at = Some(now);
 
-        let table = source.sample(Fields::ALL).ok()?;
         let mut all: Vec<(u32, f32, u64, u64, u64)> = (0..table.len())
             .map(|i| {
                 let cpu = table.cpu_pct[i];
                 (
                     table.pids[i],
-                    if cpu.is_nan() { 0.0 } else { cpu },
+                    if cpu.is_finite() { cpu } else { 0.0 },
                     table.rss_bytes[i],
                     table.disk_read_bytes[i],
                     table.disk_written_bytes[i],
                 )
             })
             .collect();
-        // Descending by CPU%; NaN was replaced above, so `total_cmp` is a total order and
+        // Descending by CPU%; non-finite readings were replaced above, so `total_cmp` is a total order and
         // the stable sort keeps ties in enumeration order.
         all.sort_by(|a, b| b.1.total_cmp(&a.1));
         let top_n = self.cfg.process_perf_top_n.max(1) as usize;

@@ -28,7 +28,11 @@ enum Command {
 /// Parses the command line, runs the command, and maps its outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // `test` prints its own report on stdout; guest warnings there are expected noise.
+    init_logging(match cli.command {
+        Command::Test(_) => "error",
+        _ => "info",
+    });
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Test(args) => test::run(args),
@@ -42,9 +46,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr at `default` detail unless RUST_LOG says otherwise.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -27,6 +27,8 @@ enum Op {
 fn cpu() -> impl Strategy<Value = f32> {
     prop_oneof![
         Just(f32::NAN),
+        Just(f32::INFINITY),
+        Just(f32::NEG_INFINITY),
         Just(0.0f32),
         Just(-0.0f32),
         Just(5.0f32),
