@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -176,8 +176,8 @@ impl Manifest {
                 "expires_at",
                 format!(
                     "{} is not after issued_at {}",
-                    expires.to_rfc3339(),
-                    self.issued_at.to_rfc3339()
+                    expires.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                    self.issued_at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
                 ),
             );
         }
@@ -254,7 +254,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        let cases: Vec<(fn(&mut Manifest), &str)> = vec![
+        type Spoil = fn(&mut Manifest);
+        let cases: Vec<(Spoil, &str)> = vec![
             (|m| m.name = "../etc".into(), "`name`"),
             (|m| m.name = String::new(), "`name`"),
             (|m| m.sha256 = "ABC".into(), "`sha256`"),

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::path::Path;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 
 use super::format::{Bundle, FormatError, MAX_BUNDLE_LEN, ReadError, read_bounded};
 use super::keys::{KeyId, PublicKey, SecretKey, TrustStore};
@@ -54,7 +54,11 @@ pub enum Refusal {
     },
     #[error("the component targets WIT {found:?}, this host implements {expected:?}")]
     WrongWit { found: String, expected: String },
-    #[error("the bundle expired at {}, it is now {}", expires_at.to_rfc3339(), now.to_rfc3339())]
+    #[error(
+        "the bundle expired at {}, it is now {}",
+        expires_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        now.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    )]
     Expired {
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,

@@ -6,6 +6,7 @@ mod common;
 
 mod agent;
 mod broken_guests;
+mod bundle_cli;
 mod cli;
 mod guest;
 mod nats;
