@@ -134,7 +134,9 @@ impl GuestModule {
     }
 }
 
-fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+/// Tells a component from a core module or other bytes by its first 8 bytes, without
+/// parsing anything else.
+pub(crate) fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err(LoadError::NotWasm);
     }

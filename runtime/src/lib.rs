@@ -3,6 +3,7 @@
 //! to publish. The `collector` binary is a thin layer over this library ([`cli`]).
 
 pub mod agent;
+pub mod bundle;
 pub mod cache;
 pub mod cli;
 pub mod config_file;

@@ -1,5 +1,6 @@
 //! The command line: parsing, logging setup, and one file per command.
 
+mod module;
 mod run;
 mod test;
 
@@ -23,6 +24,7 @@ struct Cli {
 enum Command {
     Run(run::RunArgs),
     Test(test::TestArgs),
+    Module(module::ModuleArgs),
 }
 
 /// Parses the command line, runs the command, and maps its outcome to an exit code.
@@ -36,6 +38,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Test(args) => test::run(args),
+        Command::Module(args) => module::run(args),
     };
     match result {
         Ok(code) => code,
@@ -54,4 +57,34 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // Catches clashing flags, such as `module sign --version` against the
+        // propagated --version, which clap would otherwise only report at run time.
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "collector",
+            "module",
+            "sign",
+            "--key",
+            "k",
+            "--name",
+            "m",
+            "--version",
+            "7",
+            "g.wasm",
+            "--out",
+            "b",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Module(_)));
+    }
 }

@@ -6,6 +6,7 @@ mod common;
 
 mod agent;
 mod broken_guests;
+mod bundle_cli;
 mod cache;
 mod cli;
 mod differential;

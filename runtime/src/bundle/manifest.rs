@@ -1,0 +1,285 @@
+//! The manifest: what a bundle's signers vouch for. Parsed strictly (unknown or duplicate
+//! fields refused) because a signed statement must mean exactly what it says.
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::grant::{DEFAULT_GRANT, Grant, PatternError};
+use crate::guest::{WIT_PACKAGE, WIT_VERSION};
+
+/// The `format` of manifests this host understands.
+pub const FORMAT: &str = "collector-bundle/1";
+
+/// Longest module name; names become keys of the version store and appear in every log.
+const MAX_NAME_LEN: usize = 64;
+
+/// The `wit` target of components this host runs, such as `collector:api@0.1.0`.
+pub fn wit_target() -> String {
+    format!("{WIT_PACKAGE}@{WIT_VERSION}")
+}
+
+/// Lowercase hex SHA-256 of `bytes`, as stored in manifests.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A bundle's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`FORMAT`] for this version of the format.
+    pub format: String,
+    /// The module's name: letters, digits, `.`, `_` and `-`, at most 64 characters.
+    pub name: String,
+    /// Only ever grows for a given name; agents refuse to go back (anti-rollback).
+    pub version: u64,
+    /// Lowercase hex SHA-256 of the component bytes.
+    pub sha256: String,
+    /// Length of the component bytes.
+    pub length: u64,
+    /// The WIT package and version the component targets, such as `collector:api@0.1.0`.
+    pub wit: String,
+    pub grants: Grants,
+    #[serde(default)]
+    pub limits: Limits,
+    pub issued_at: DateTime<Utc>,
+    /// After this instant the bundle is refused. `None`: it never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// What the module may do outside its sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// Subject patterns the module may publish to (see [`crate::grant`]).
+    pub publish: Vec<String>,
+}
+
+/// Resource limits the signers set for the module; unset ones are left to the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_timeout_ms: Option<u64>,
+}
+
+impl Limits {
+    pub fn call_timeout(&self) -> Option<Duration> {
+        self.call_timeout_ms.map(Duration::from_millis)
+    }
+}
+
+/// Why manifest bytes are not an acceptable manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("the manifest is not valid JSON of the expected shape, at `{path}`: {message}")]
+    Json { path: String, message: String },
+    #[error("manifest field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl Manifest {
+    /// A manifest describing `component`, with the format and WIT target of this host,
+    /// the default grant, no limits and no expiry.
+    pub fn describe(name: &str, version: u64, component: &[u8], issued_at: DateTime<Utc>) -> Self {
+        Self {
+            format: FORMAT.to_string(),
+            name: name.to_string(),
+            version,
+            sha256: sha256_hex(component),
+            length: component.len() as u64,
+            wit: wit_target(),
+            grants: Grants {
+                publish: vec![DEFAULT_GRANT.to_string()],
+            },
+            limits: Limits::default(),
+            issued_at,
+            expires_at: None,
+        }
+    }
+
+    /// Parses and checks manifest bytes. Unknown and duplicate fields are refused.
+    ///
+    /// # Errors
+    ///
+    /// When the bytes are not UTF-8 JSON of the manifest's shape, or a field holds a
+    /// value no valid manifest has (see [`Manifest::validate`]).
+    pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let manifest: Self =
+            serde_path_to_error::deserialize(de).map_err(|e| ManifestError::Json {
+                path: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks the values that the JSON shape alone does not: the name's characters, the
+    /// hash's form, the grant patterns, non-zero limits and the expiry's order. Whether
+    /// the format and WIT target suit this host is checked later, after the signatures.
+    ///
+    /// # Errors
+    ///
+    /// The first field holding an unacceptable value.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |field, reason: String| Err(ManifestError::Invalid { field, reason });
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= MAX_NAME_LEN
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !name_ok {
+            return invalid(
+                "name",
+                format!(
+                    "{:?} is not a module name: expected 1 to {MAX_NAME_LEN} letters, \
+                     digits, `.`, `_` or `-`",
+                    self.name
+                ),
+            );
+        }
+        let hash_ok = self.sha256.len() == 64
+            && self
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hash_ok {
+            return invalid(
+                "sha256",
+                format!("{:?} is not 64 lowercase hex digits", self.sha256),
+            );
+        }
+        if let Err(PatternError { pattern, reason }) = Grant::new(&self.grants.publish, "pc-id") {
+            return invalid(
+                "grants.publish",
+                format!("invalid subject pattern {pattern:?}: {reason}"),
+            );
+        }
+        if self.limits.memory_mib == Some(0) {
+            return invalid("limits.memory_mib", "must be at least 1".into());
+        }
+        if self.limits.call_timeout_ms == Some(0) {
+            return invalid("limits.call_timeout_ms", "must be at least 1".into());
+        }
+        if let Some(expires) = self.expires_at
+            && expires <= self.issued_at
+        {
+            return invalid(
+                "expires_at",
+                format!(
+                    "{} is not after issued_at {}",
+                    expires.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                    self.issued_at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The bytes to store and sign: pretty JSON, so a person reading a bundle reads
+    /// exactly what was signed.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).expect("manifests serialize");
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// The publish grant with `{pc_id}` bound to this machine.
+    ///
+    /// # Errors
+    ///
+    /// Never for a validated manifest; otherwise the first invalid pattern.
+    pub fn grant(&self, pc_id: &str) -> Result<Grant, PatternError> {
+        Grant::new(&self.grants.publish, pc_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest::describe(
+            "process-perf",
+            3,
+            b"\0asm\x0d\0\x01\0",
+            "2025-01-01T00:00:00Z".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn round_trips_through_its_json() {
+        let mut m = sample();
+        m.limits.memory_mib = Some(32);
+        m.expires_at = Some("2026-01-01T00:00:00Z".parse().unwrap());
+        let json = m.to_json();
+        assert_eq!(Manifest::parse(&json).unwrap(), m);
+        let text = String::from_utf8(json).unwrap();
+        assert!(text.contains(r#""wit": "collector:api@0.1.0""#), "{text}");
+        assert!(text.contains(r#""publish": ["#), "{text}");
+        assert_eq!(m.grants.publish, [DEFAULT_GRANT]);
+    }
+
+    #[test]
+    fn unknown_and_duplicate_fields_are_refused() {
+        let mut value: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        value["run_as_root"] = true.into();
+        let err = Manifest::parse(value.to_string().as_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `run_as_root`"),
+            "{err}"
+        );
+
+        let mut value: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        value["limits"]["cpu"] = 1.into();
+        let err = Manifest::parse(value.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("limits"), "{err}");
+
+        let text = String::from_utf8(sample().to_json()).unwrap();
+        let doubled = text.replacen("\"version\": 3,", "\"version\": 3, \"version\": 9,", 1);
+        let err = Manifest::parse(doubled.as_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("duplicate field `version`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        type Spoil = fn(&mut Manifest);
+        let cases: Vec<(Spoil, &str)> = vec![
+            (|m| m.name = "../etc".into(), "`name`"),
+            (|m| m.name = String::new(), "`name`"),
+            (|m| m.sha256 = "ABC".into(), "`sha256`"),
+            (
+                |m| m.grants.publish = vec!["a..b".into()],
+                "`grants.publish`",
+            ),
+            (|m| m.limits.memory_mib = Some(0), "`limits.memory_mib`"),
+            (
+                |m| m.limits.call_timeout_ms = Some(0),
+                "`limits.call_timeout_ms`",
+            ),
+            (|m| m.expires_at = Some(m.issued_at), "`expires_at`"),
+        ];
+        for (spoil, field) in cases {
+            let mut m = sample();
+            spoil(&mut m);
+            let err = Manifest::parse(&m.to_json()).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        let err = Manifest::parse(br#"{"format": 1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`format`"), "{err}");
+        assert!(Manifest::parse(b"\xff").is_err());
+    }
+}

@@ -1,0 +1,698 @@
+//! Deciding whether a bundle may run here, and making bundles. The checks run in a fixed
+//! order, cheapest and least trusting first, so that nothing an attacker controls is
+//! acted upon before the signatures vouch for it.
+
+use std::fmt;
+use std::path::Path;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use super::format::{Bundle, FormatError, MAX_BUNDLE_LEN, ReadError, read_bounded};
+use super::keys::{KeyId, PublicKey, SecretKey, TrustStore};
+use super::manifest::{FORMAT, Manifest, ManifestError, sha256_hex, wit_target};
+use super::versions::{RollbackError, VersionStore};
+
+/// A bundle that passed every check.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub manifest: Manifest,
+    /// The component bytes, whose length and hash match the manifest.
+    pub component: Vec<u8>,
+    /// The distinct trusted keys whose signatures verified, in signature order.
+    pub signers: Vec<KeyId>,
+}
+
+/// A refused bundle: which bundle, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("bundle {bundle}: {refusal}")]
+pub struct VerifyError {
+    /// The bundle as the caller named it (usually its path).
+    pub bundle: String,
+    pub refusal: Refusal,
+}
+
+/// Why a bundle was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{}", threshold_message(signers, *required, problems))]
+    Threshold {
+        /// The distinct trusted keys whose signatures verified.
+        signers: Vec<KeyId>,
+        required: usize,
+        problems: Vec<SignatureProblem>,
+    },
+    #[error("manifest format is {found:?}, this host reads {expected:?}")]
+    WrongFormat {
+        found: String,
+        expected: &'static str,
+    },
+    #[error("the component targets WIT {found:?}, this host implements {expected:?}")]
+    WrongWit { found: String, expected: String },
+    #[error(
+        "the bundle expired at {}, it is now {}",
+        expires_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        now.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    )]
+    Expired {
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    },
+    #[error(
+        "the component is {actual} bytes, the manifest says {declared} (bytes were added or \
+         removed after signing)"
+    )]
+    LengthMismatch { declared: u64, actual: u64 },
+    #[error(
+        "the component's sha256 is {actual}, the manifest says {declared} (the component was \
+         altered after signing)"
+    )]
+    HashMismatch { declared: String, actual: String },
+    #[error(transparent)]
+    Rollback(#[from] RollbackError),
+}
+
+/// Why one signature of a bundle did not count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignatureProblem {
+    /// It claims a key id that is not trusted and verifies under no trusted key.
+    UnknownKey { index: usize, key_id: KeyId },
+    /// It claims a trusted key id but verifies under no trusted key: the manifest was
+    /// altered, or the signature was taken from another bundle.
+    Invalid { index: usize, key_id: KeyId },
+    /// It verifies under a trusted key that an earlier signature already counted for.
+    Duplicate { index: usize, signer: KeyId },
+}
+
+impl fmt::Display for SignatureProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownKey { index, key_id } => write!(
+                f,
+                "signature {index} is by key {key_id}, which is not trusted"
+            ),
+            Self::Invalid { index, key_id } => write!(
+                f,
+                "signature {index} claims trusted key {key_id} but does not verify over this \
+                 manifest (altered, or copied from another bundle)"
+            ),
+            Self::Duplicate { index, signer } => write!(
+                f,
+                "signature {index} is another signature by key {signer}, which counts once"
+            ),
+        }
+    }
+}
+
+fn threshold_message(signers: &[KeyId], required: usize, problems: &[SignatureProblem]) -> String {
+    let mut out = match signers.len() {
+        0 => format!("signed by no trusted key, {required} required"),
+        n => {
+            let ids: Vec<String> = signers.iter().map(KeyId::to_string).collect();
+            format!(
+                "signed by {n} distinct trusted key(s) ({}), {required} required",
+                ids.join(", ")
+            )
+        }
+    };
+    if problems.is_empty() && signers.is_empty() {
+        out.push_str(" (the bundle carries no signature)");
+    }
+    for p in problems {
+        out.push_str("; ");
+        out.push_str(&p.to_string());
+    }
+    out
+}
+
+/// Checks a bundle held in memory; `bundle` names it in errors. `now` decides expiry.
+/// With `versions`, a bundle that would take its module back is refused; nothing is
+/// recorded.
+///
+/// # Errors
+///
+/// The first check that fails, in this order: container, manifest, signatures and
+/// threshold, format and WIT target, expiry, component length, component hash,
+/// anti-rollback.
+pub fn verify(
+    bundle: &str,
+    bytes: &[u8],
+    trust: &TrustStore,
+    now: DateTime<Utc>,
+    versions: Option<&VersionStore>,
+) -> Result<Verified, VerifyError> {
+    verify_inner(bytes, trust, now, versions).map_err(|refusal| VerifyError {
+        bundle: bundle.to_string(),
+        refusal,
+    })
+}
+
+/// Reads (at most [`MAX_BUNDLE_LEN`] bytes) and checks a bundle file, as [`verify`].
+///
+/// # Errors
+///
+/// As [`verify`], and when the file cannot be read or is too large.
+pub fn verify_file(
+    path: &Path,
+    trust: &TrustStore,
+    now: DateTime<Utc>,
+    versions: Option<&VersionStore>,
+) -> Result<Verified, VerifyError> {
+    let name = path.display().to_string();
+    let bytes = read_bounded(path, MAX_BUNDLE_LEN).map_err(|e| VerifyError {
+        bundle: name.clone(),
+        refusal: e.into(),
+    })?;
+    verify(&name, &bytes, trust, now, versions)
+}
+
+fn verify_inner(
+    bytes: &[u8],
+    trust: &TrustStore,
+    now: DateTime<Utc>,
+    versions: Option<&VersionStore>,
+) -> Result<Verified, Refusal> {
+    let bundle = Bundle::parse(bytes)?;
+    let manifest = Manifest::parse(bundle.manifest)?;
+
+    let mut signers: Vec<&PublicKey> = Vec::new();
+    let mut problems = Vec::new();
+    for (i, entry) in bundle.signatures.iter().enumerate() {
+        let index = i + 1;
+        match trust.signer_of(bundle.manifest, &entry.signature) {
+            Some(key) if signers.contains(&key) => problems.push(SignatureProblem::Duplicate {
+                index,
+                signer: key.id(),
+            }),
+            Some(key) => signers.push(key),
+            None if trust.knows(entry.key_id) => problems.push(SignatureProblem::Invalid {
+                index,
+                key_id: entry.key_id,
+            }),
+            None => problems.push(SignatureProblem::UnknownKey {
+                index,
+                key_id: entry.key_id,
+            }),
+        }
+    }
+    let signers: Vec<KeyId> = signers.iter().map(|k| k.id()).collect();
+    if signers.len() < trust.threshold() {
+        return Err(Refusal::Threshold {
+            signers,
+            required: trust.threshold(),
+            problems,
+        });
+    }
+
+    if manifest.format != FORMAT {
+        return Err(Refusal::WrongFormat {
+            found: manifest.format,
+            expected: FORMAT,
+        });
+    }
+    let expected_wit = wit_target();
+    if manifest.wit != expected_wit {
+        return Err(Refusal::WrongWit {
+            found: manifest.wit,
+            expected: expected_wit,
+        });
+    }
+    if let Some(expires_at) = manifest.expires_at
+        && now >= expires_at
+    {
+        return Err(Refusal::Expired { expires_at, now });
+    }
+    check_component(&manifest, bundle.component)?;
+    if let Some(versions) = versions {
+        versions.check(&manifest)?;
+    }
+    Ok(Verified {
+        manifest,
+        component: bundle.component.to_vec(),
+        signers,
+    })
+}
+
+/// Whether `component` is what `manifest` describes: its length first (cheap, and
+/// catches appended data), then its SHA-256. Never parses the component.
+///
+/// # Errors
+///
+/// [`Refusal::LengthMismatch`] or [`Refusal::HashMismatch`].
+pub fn check_component(manifest: &Manifest, component: &[u8]) -> Result<(), Refusal> {
+    let actual = component.len() as u64;
+    if actual != manifest.length {
+        return Err(Refusal::LengthMismatch {
+            declared: manifest.length,
+            actual,
+        });
+    }
+    let actual = sha256_hex(component);
+    if actual != manifest.sha256 {
+        return Err(Refusal::HashMismatch {
+            declared: manifest.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Why a bundle could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("no signing key given")]
+    NoKey,
+    #[error("key {0} is given twice; each signature must come from a different key")]
+    DuplicateKey(KeyId),
+    #[error("the manifest does not describe the component: {0}")]
+    Component(Refusal),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+/// Makes a bundle: serializes `manifest` once, signs those exact bytes with each key,
+/// and packs them with `component`.
+///
+/// # Errors
+///
+/// When no key is given or a key is given twice, the manifest is invalid or does not
+/// describe `component`, or the bundle would exceed a size cap.
+pub fn sign(
+    manifest: &Manifest,
+    component: &[u8],
+    keys: &[&SecretKey],
+) -> Result<Vec<u8>, SignError> {
+    if keys.is_empty() {
+        return Err(SignError::NoKey);
+    }
+    for (i, key) in keys.iter().enumerate() {
+        if keys[..i].iter().any(|k| k.id() == key.id()) {
+            return Err(SignError::DuplicateKey(key.id()));
+        }
+    }
+    manifest.validate()?;
+    check_component(manifest, component).map_err(SignError::Component)?;
+    let manifest_bytes = manifest.to_json();
+    let bundle = Bundle {
+        manifest: &manifest_bytes,
+        signatures: keys.iter().map(|k| k.sign(&manifest_bytes)).collect(),
+        component,
+    };
+    Ok(bundle.encode()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::MAX_MANIFEST_LEN;
+    use super::*;
+
+    const COMPONENT: &[u8] = b"\0asm\x0d\0\x01\0 pretend this is a component";
+
+    fn key(n: u8) -> SecretKey {
+        SecretKey::from_seed(&[n; 32])
+    }
+
+    fn at(rfc3339: &str) -> DateTime<Utc> {
+        rfc3339.parse().unwrap()
+    }
+
+    fn now() -> DateTime<Utc> {
+        at("2025-06-01T00:00:00Z")
+    }
+
+    fn manifest(version: u64, component: &[u8]) -> Manifest {
+        let mut m = Manifest::describe(
+            "process-perf",
+            version,
+            component,
+            at("2025-01-01T00:00:00Z"),
+        );
+        m.expires_at = Some(at("2026-01-01T00:00:00Z"));
+        m
+    }
+
+    fn trust(keys: &[&SecretKey], threshold: usize) -> TrustStore {
+        TrustStore::new(keys.iter().map(|k| k.public_key()), threshold).unwrap()
+    }
+
+    fn signed(keys: &[&SecretKey]) -> Vec<u8> {
+        sign(&manifest(3, COMPONENT), COMPONENT, keys).unwrap()
+    }
+
+    fn refusal(bytes: &[u8], trust: &TrustStore) -> Refusal {
+        let err = verify("test.bundle", bytes, trust, now(), None).unwrap_err();
+        assert_eq!(err.bundle, "test.bundle");
+        assert!(err.to_string().starts_with("bundle test.bundle: "), "{err}");
+        err.refusal
+    }
+
+    /// Re-packs a bundle after `edit` changes its parts; signatures are kept as they are.
+    fn repack(bytes: &[u8], edit: impl FnOnce(&mut Vec<u8>, &mut Vec<u8>)) -> Vec<u8> {
+        let b = Bundle::parse(bytes).unwrap();
+        let mut manifest = b.manifest.to_vec();
+        let mut component = b.component.to_vec();
+        edit(&mut manifest, &mut component);
+        Bundle {
+            manifest: &manifest,
+            signatures: b.signatures,
+            component: &component,
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_well_signed_bundle_is_accepted_with_its_signers() {
+        let (a, b) = (key(1), key(2));
+        let bytes = signed(&[&a, &b]);
+        let v = verify("ok", &bytes, &trust(&[&a, &b], 2), now(), None).unwrap();
+        assert_eq!(v.component, COMPONENT);
+        assert_eq!(v.signers, [a.id(), b.id()]);
+        assert_eq!(v.manifest, manifest(3, COMPONENT));
+    }
+
+    #[test]
+    fn one_byte_flipped_in_the_component_is_a_hash_mismatch() {
+        let a = key(1);
+        let mut bytes = signed(&[&a]);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            refusal(&bytes, &trust(&[&a], 1)),
+            Refusal::HashMismatch { .. }
+        ));
+    }
+
+    #[test]
+    fn appended_bytes_or_a_custom_section_are_a_length_mismatch() {
+        let a = key(1);
+        let bytes = signed(&[&a]);
+        let mut appended = bytes.clone();
+        appended.extend_from_slice(b"tail");
+        assert!(matches!(
+            refusal(&appended, &trust(&[&a], 1)),
+            Refusal::LengthMismatch { declared, actual } if actual == declared + 4
+        ));
+        // A custom section (id 0, size 6, name "x", payload "evil") after the header.
+        let with_section = repack(&bytes, |_, c| {
+            c.splice(8..8, [0u8, 6, 1, b'x', b'e', b'v', b'i', b'l']);
+        });
+        assert!(matches!(
+            refusal(&with_section, &trust(&[&a], 1)),
+            Refusal::LengthMismatch { .. }
+        ));
+    }
+
+    #[test]
+    fn a_component_swapped_for_one_of_the_same_length_is_a_hash_mismatch() {
+        let a = key(1);
+        let swapped = repack(&signed(&[&a]), |_, c| c.iter_mut().for_each(|b| *b = b'x'));
+        let err = refusal(&swapped, &trust(&[&a], 1));
+        assert!(matches!(err, Refusal::HashMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("altered after signing"), "{err}");
+    }
+
+    #[test]
+    fn an_edited_manifest_no_longer_verifies() {
+        let a = key(1);
+        let raised = repack(&signed(&[&a]), |m, _| {
+            let text = String::from_utf8(m.clone()).unwrap();
+            *m = text
+                .replace("\"version\": 3", "\"version\": 4")
+                .into_bytes();
+        });
+        let err = refusal(&raised, &trust(&[&a], 1));
+        assert!(
+            matches!(&err, Refusal::Threshold { problems, .. }
+                if problems == &[SignatureProblem::Invalid { index: 1, key_id: a.id() }]),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_signature_from_an_unknown_key_does_not_count() {
+        let (a, stranger) = (key(1), key(9));
+        let err = refusal(&signed(&[&stranger]), &trust(&[&a], 1));
+        assert!(
+            matches!(&err, Refusal::Threshold { signers, required: 1, problems }
+                if signers.is_empty()
+                && problems == &[SignatureProblem::UnknownKey { index: 1, key_id: stranger.id() }]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not trusted"), "{err}");
+    }
+
+    #[test]
+    fn a_signature_copied_from_another_bundle_fails() {
+        let a = key(1);
+        let other = sign(&manifest(9, b"other component"), b"other component", &[&a]).unwrap();
+        let stolen = Bundle::parse(&other).unwrap().signatures;
+        let bytes = signed(&[&key(2)]);
+        let b = Bundle::parse(&bytes).unwrap();
+        let forged = Bundle {
+            signatures: stolen,
+            ..b
+        }
+        .encode()
+        .unwrap();
+        let err = refusal(&forged, &trust(&[&a], 1));
+        assert!(
+            matches!(&err, Refusal::Threshold { problems, .. }
+                if problems == &[SignatureProblem::Invalid { index: 1, key_id: a.id() }]),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("copied from another bundle"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_threshold_counts_distinct_trusted_keys() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let store = trust(&[&a, &b, &c], 2);
+        assert!(matches!(
+            refusal(&signed(&[&a]), &store),
+            Refusal::Threshold { required: 2, .. }
+        ));
+        assert!(verify("two", &signed(&[&a, &c]), &store, now(), None).is_ok());
+        assert!(matches!(
+            refusal(&unsigned(), &store),
+            Refusal::Threshold { .. }
+        ));
+    }
+
+    /// A bundle with a valid manifest and component but no signature at all.
+    fn unsigned() -> Vec<u8> {
+        let m = manifest(3, COMPONENT).to_json();
+        Bundle {
+            manifest: &m,
+            signatures: vec![],
+            component: COMPONENT,
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn the_same_key_under_two_key_ids_counts_once() {
+        let (a, b) = (key(1), key(2));
+        let bytes = signed(&[&a]);
+        let parsed = Bundle::parse(&bytes).unwrap();
+        let mut relabelled = parsed.signatures[0].clone();
+        relabelled.key_id = b.id();
+        let doubled = Bundle {
+            signatures: vec![parsed.signatures[0].clone(), relabelled],
+            ..parsed
+        }
+        .encode()
+        .unwrap();
+        let err = refusal(&doubled, &trust(&[&a, &b], 2));
+        assert!(
+            matches!(&err, Refusal::Threshold { signers, problems, .. }
+                if signers == &[a.id()]
+                && problems == &[SignatureProblem::Duplicate { index: 2, signer: a.id() }]),
+            "{err}"
+        );
+        // Nor does the same key given twice to the trust store lower the bar.
+        assert!(TrustStore::new([a.public_key(), a.public_key()], 2).is_err());
+    }
+
+    #[test]
+    fn an_expired_bundle_is_refused_by_the_given_clock() {
+        let a = key(1);
+        let bytes = signed(&[&a]);
+        let store = trust(&[&a], 1);
+        assert!(verify("b", &bytes, &store, at("2025-12-31T23:59:59Z"), None).is_ok());
+        let err = verify("b", &bytes, &store, at("2026-01-01T00:00:00Z"), None).unwrap_err();
+        assert!(matches!(err.refusal, Refusal::Expired { .. }), "{err}");
+        assert!(err.to_string().contains("expired at 2026-01-01"), "{err}");
+    }
+
+    #[test]
+    fn a_manifest_for_another_wit_package_or_format_is_refused() {
+        let a = key(1);
+        let store = trust(&[&a], 1);
+        let mut m = manifest(3, COMPONENT);
+        m.wit = "other:api@0.1.0".into();
+        let err = refusal(&sign(&m, COMPONENT, &[&a]).unwrap(), &store);
+        assert!(
+            matches!(&err, Refusal::WrongWit { found, expected }
+                if found == "other:api@0.1.0" && expected == "collector:api@0.1.0"),
+            "{err}"
+        );
+        m.wit = "collector:api@0.2.0".into();
+        assert!(matches!(
+            refusal(&sign(&m, COMPONENT, &[&a]).unwrap(), &store),
+            Refusal::WrongWit { .. }
+        ));
+        let mut m = manifest(3, COMPONENT);
+        m.format = "collector-bundle/2".into();
+        assert!(matches!(
+            refusal(&sign(&m, COMPONENT, &[&a]).unwrap(), &store),
+            Refusal::WrongFormat { .. }
+        ));
+    }
+
+    #[test]
+    fn rollback_is_refused_through_the_version_store() {
+        let a = key(1);
+        let store = trust(&[&a], 1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut versions = VersionStore::open(dir.path()).unwrap();
+        let v3 = signed(&[&a]);
+        let accepted = verify("v3", &v3, &store, now(), Some(&versions)).unwrap();
+        versions.record(&accepted.manifest).unwrap();
+        assert!(verify("v3 again", &v3, &store, now(), Some(&versions)).is_ok());
+
+        let v2 = sign(&manifest(2, COMPONENT), COMPONENT, &[&a]).unwrap();
+        let err = verify("v2", &v2, &store, now(), Some(&versions)).unwrap_err();
+        assert!(
+            matches!(
+                err.refusal,
+                Refusal::Rollback(RollbackError::Older {
+                    offered: 2,
+                    accepted: 3,
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        let other = b"\0asm\x0d\0\x01\0 a different component".as_slice();
+        let v3b = sign(&manifest(3, other), other, &[&a]).unwrap();
+        let err = verify("v3b", &v3b, &store, now(), Some(&versions)).unwrap_err();
+        assert!(
+            matches!(
+                err.refusal,
+                Refusal::Rollback(RollbackError::SameVersionOtherBytes { .. })
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_declared_component_length_larger_than_the_bytes_is_refused() {
+        let a = key(1);
+        let mut m = manifest(3, COMPONENT);
+        m.length += 1000;
+        let manifest_bytes = m.to_json();
+        let bytes = Bundle {
+            manifest: &manifest_bytes,
+            signatures: vec![a.sign(&manifest_bytes)],
+            component: COMPONENT,
+        }
+        .encode()
+        .unwrap();
+        assert!(matches!(
+            refusal(&bytes, &trust(&[&a], 1)),
+            Refusal::LengthMismatch { declared, actual } if declared == actual + 1000
+        ));
+    }
+
+    #[test]
+    fn container_damage_is_refused_before_anything_else() {
+        let a = key(1);
+        let store = trust(&[&a], 1);
+        let mut bytes = MAGIC_HEADER.to_vec();
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(b"{}");
+        assert!(matches!(
+            refusal(&bytes, &store),
+            Refusal::Format(FormatError::SectionTooLarge { .. })
+        ));
+        let mut bytes = MAGIC_HEADER.to_vec();
+        bytes.extend_from_slice(&(MAX_MANIFEST_LEN as u32).to_le_bytes());
+        bytes.extend_from_slice(b"{}");
+        assert!(matches!(
+            refusal(&bytes, &store),
+            Refusal::Format(FormatError::SectionPastEnd { .. })
+        ));
+        assert!(matches!(
+            refusal(COMPONENT, &store),
+            Refusal::Format(FormatError::BareWasm)
+        ));
+    }
+
+    const MAGIC_HEADER: &[u8] = super::super::format::MAGIC;
+
+    #[test]
+    fn an_unknown_manifest_field_is_refused_even_when_signed() {
+        let a = key(1);
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&manifest(3, COMPONENT).to_json()).unwrap();
+        value["grants"]["subscribe"] = serde_json::json!([">"]);
+        let manifest_bytes = serde_json::to_vec(&value).unwrap();
+        let bytes = Bundle {
+            manifest: &manifest_bytes,
+            signatures: vec![a.sign(&manifest_bytes)],
+            component: COMPONENT,
+        }
+        .encode()
+        .unwrap();
+        let err = refusal(&bytes, &trust(&[&a], 1));
+        assert!(matches!(err, Refusal::Manifest(_)), "{err}");
+        assert!(err.to_string().contains("subscribe"), "{err}");
+    }
+
+    #[test]
+    fn verify_file_reads_with_a_cap_and_names_the_file() {
+        let a = key(1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.bundle");
+        std::fs::write(&path, signed(&[&a])).unwrap();
+        let v = verify_file(&path, &trust(&[&a], 1), now(), None).unwrap();
+        assert_eq!(v.component, COMPONENT);
+        let missing = dir.path().join("missing.bundle");
+        let err = verify_file(&missing, &trust(&[&a], 1), now(), None).unwrap_err();
+        assert!(err.to_string().contains("missing.bundle"), "{err}");
+        assert!(matches!(err.refusal, Refusal::Read(_)));
+    }
+
+    #[test]
+    fn sign_refuses_what_it_cannot_vouch_for() {
+        let a = key(1);
+        let m = manifest(3, COMPONENT);
+        assert!(matches!(sign(&m, COMPONENT, &[]), Err(SignError::NoKey)));
+        assert!(matches!(
+            sign(&m, COMPONENT, &[&a, &key(1)]),
+            Err(SignError::DuplicateKey(_))
+        ));
+        assert!(matches!(
+            sign(&m, b"something else", &[&a]),
+            Err(SignError::Component(_))
+        ));
+        let mut bad = m.clone();
+        bad.name = "no spaces allowed".into();
+        assert!(matches!(
+            sign(&bad, COMPONENT, &[&a]),
+            Err(SignError::Manifest(_))
+        ));
+    }
+}

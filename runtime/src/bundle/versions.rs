@@ -1,0 +1,330 @@
+//! Anti-rollback: the highest version of each module an agent has accepted, kept on disk
+//! so that an old (perhaps vulnerable) but validly signed bundle cannot be replayed, not
+//! even after a restart.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::format::read_bounded;
+use super::manifest::Manifest;
+
+/// The store's file name inside the state directory.
+pub const VERSIONS_FILE: &str = "bundle-versions.json";
+
+/// The `format` of the store file.
+const STORE_FORMAT: &str = "collector-versions/1";
+
+/// The store holds a line per module; anything near this size is not a store.
+const MAX_STORE_LEN: u64 = 4 * 1024 * 1024;
+
+/// The version of a module last accepted, and the hash of its component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptedVersion {
+    pub version: u64,
+    pub sha256: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    format: String,
+    modules: BTreeMap<String, AcceptedVersion>,
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read the version store {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error(
+        "the version store {path} is corrupt ({reason}); it is never reset automatically, \
+         since that would make older bundles acceptable again: restore it, or remove it \
+         knowingly"
+    )]
+    Corrupt { path: String, reason: String },
+}
+
+/// A bundle that would take a module back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RollbackError {
+    #[error(
+        "module `{name}` version {offered} is older than version {accepted}, which this \
+         agent has already accepted (anti-rollback)"
+    )]
+    Older {
+        name: String,
+        offered: u64,
+        accepted: u64,
+    },
+    #[error(
+        "module `{name}` version {version} was already accepted with a different component \
+         (sha256 {accepted_sha256}, this one has {offered_sha256}); a changed component \
+         needs a higher version"
+    )]
+    SameVersionOtherBytes {
+        name: String,
+        version: u64,
+        offered_sha256: String,
+        accepted_sha256: String,
+    },
+}
+
+/// The highest accepted version per module name, persisted in a state directory.
+///
+/// One agent owns a state directory: the store is not locked against other writers.
+#[derive(Debug)]
+pub struct VersionStore {
+    dir: PathBuf,
+    path: PathBuf,
+    accepted: BTreeMap<String, AcceptedVersion>,
+}
+
+impl VersionStore {
+    /// Opens the store in `state_dir`. A missing file (or directory) is an empty store;
+    /// the directory is created on the first [`VersionStore::record`].
+    ///
+    /// # Errors
+    ///
+    /// When the file exists but cannot be read, or does not hold a valid store.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let path = state_dir.join(VERSIONS_FILE);
+        let shown = path.display().to_string();
+        let accepted = match read_bounded(&path, MAX_STORE_LEN) {
+            Ok(bytes) => parse(&bytes).map_err(|reason| StoreError::Corrupt {
+                path: shown,
+                reason,
+            })?,
+            Err(super::format::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                BTreeMap::new()
+            }
+            Err(e) => {
+                return Err(StoreError::Read {
+                    path: shown,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        Ok(Self {
+            dir: state_dir.to_path_buf(),
+            path,
+            accepted,
+        })
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The version of `name` last recorded, if any.
+    pub fn accepted(&self, name: &str) -> Option<&AcceptedVersion> {
+        self.accepted.get(name)
+    }
+
+    /// Whether `manifest` may be accepted: a higher version than the one recorded for its
+    /// name, or the same version with the same component (the same bundle loaded again,
+    /// for instance after a restart).
+    ///
+    /// # Errors
+    ///
+    /// When the version is lower, or equal with a different component hash.
+    pub fn check(&self, manifest: &Manifest) -> Result<(), RollbackError> {
+        let Some(accepted) = self.accepted.get(&manifest.name) else {
+            return Ok(());
+        };
+        if manifest.version < accepted.version {
+            return Err(RollbackError::Older {
+                name: manifest.name.clone(),
+                offered: manifest.version,
+                accepted: accepted.version,
+            });
+        }
+        if manifest.version == accepted.version && manifest.sha256 != accepted.sha256 {
+            return Err(RollbackError::SameVersionOtherBytes {
+                name: manifest.name.clone(),
+                version: manifest.version,
+                offered_sha256: manifest.sha256.clone(),
+                accepted_sha256: accepted.sha256.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records `manifest` as the accepted version of its module, durably: the file is
+    /// replaced atomically (temporary file, fsync, rename, fsync of the directory), so a
+    /// crash leaves either the old store or the new one. Call it only once the module is
+    /// really running.
+    ///
+    /// # Errors
+    ///
+    /// When the manifest would fail [`VersionStore::check`] (kind `InvalidInput`: the
+    /// store never goes back), or the store cannot be written; the store in memory is then
+    /// unchanged.
+    pub fn record(&mut self, manifest: &Manifest) -> std::io::Result<()> {
+        self.check(manifest)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut next = self.accepted.clone();
+        next.insert(
+            manifest.name.clone(),
+            AcceptedVersion {
+                version: manifest.version,
+                sha256: manifest.sha256.clone(),
+            },
+        );
+        self.persist(&next)?;
+        self.accepted = next;
+        Ok(())
+    }
+
+    fn persist(&self, modules: &BTreeMap<String, AcceptedVersion>) -> std::io::Result<()> {
+        let named = |e: std::io::Error, what: &str, path: &Path| {
+            std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+        };
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| named(e, "cannot create the state directory", &self.dir))?;
+        let file = StoreFile {
+            format: STORE_FORMAT.to_string(),
+            modules: modules.clone(),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&file).expect("the store serializes");
+        bytes.push(b'\n');
+        let tmp = self.dir.join(format!(".{VERSIONS_FILE}.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        };
+        write().map_err(|e| named(e, "cannot write", &tmp))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| named(e, "cannot replace", &self.path))?;
+        sync_dir(&self.dir).map_err(|e| named(e, "cannot sync the directory", &self.dir))
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<BTreeMap<String, AcceptedVersion>, String> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let file: StoreFile = serde_path_to_error::deserialize(de)
+        .map_err(|e| format!("at `{}`: {}", e.path(), e.inner()))?;
+    if file.format != STORE_FORMAT {
+        return Err(format!(
+            "format {:?}, expected {STORE_FORMAT:?}",
+            file.format
+        ));
+    }
+    Ok(file.modules)
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        // Directories cannot be opened as files there; the rename is as durable as it gets.
+        let _ = dir;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(version: u64, component: &[u8]) -> Manifest {
+        Manifest::describe(
+            "process-perf",
+            version,
+            component,
+            "2025-01-01T00:00:00Z".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn lower_versions_are_refused_and_equal_ones_only_with_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = VersionStore::open(dir.path()).unwrap();
+        assert!(store.check(&manifest(1, b"one")).is_ok(), "empty store");
+        store.record(&manifest(5, b"five")).unwrap();
+
+        assert_eq!(
+            store.check(&manifest(4, b"four")),
+            Err(RollbackError::Older {
+                name: "process-perf".into(),
+                offered: 4,
+                accepted: 5
+            })
+        );
+        let err = store.check(&manifest(5, b"other five")).unwrap_err();
+        assert!(
+            matches!(err, RollbackError::SameVersionOtherBytes { version: 5, .. }),
+            "{err}"
+        );
+        assert!(store.check(&manifest(5, b"five")).is_ok(), "re-load");
+        assert!(store.check(&manifest(6, b"six")).is_ok());
+
+        let mut other = manifest(1, b"x");
+        other.name = "other".into();
+        assert!(store.check(&other).is_ok(), "versions are per module");
+
+        let err = store.record(&manifest(4, b"four")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(store.accepted("process-perf").unwrap().version, 5);
+    }
+
+    #[test]
+    fn records_survive_a_restart_and_replace_the_file_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut store = VersionStore::open(&state).unwrap();
+        store.record(&manifest(2, b"two")).unwrap();
+        store.record(&manifest(3, b"three")).unwrap();
+        store.record(&manifest(3, b"three")).unwrap();
+
+        let names: Vec<_> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [VERSIONS_FILE], "no temporary file left behind");
+
+        let reopened = VersionStore::open(&state).unwrap();
+        assert_eq!(
+            reopened.accepted("process-perf"),
+            Some(&AcceptedVersion {
+                version: 3,
+                sha256: super::super::sha256_hex(b"three"),
+            })
+        );
+        assert!(matches!(
+            reopened.check(&manifest(2, b"two")),
+            Err(RollbackError::Older { .. })
+        ));
+        assert!(reopened.check(&manifest(3, b"three")).is_ok());
+    }
+
+    #[test]
+    fn a_corrupt_store_is_an_error_naming_the_file_never_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(VERSIONS_FILE);
+        for text in [
+            "{ not json",
+            r#"{"format": "collector-versions/1", "modules": {"m": {"version": -1, "sha256": ""}}}"#,
+            r#"{"format": "something-else", "modules": {}}"#,
+            "",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = VersionStore::open(dir.path()).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{text}: {err}");
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "untouched");
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! `collector module`: making and checking signed guest bundles (keygen, sign, verify,
+//! inspect), for the people who approve modules and for checking a bundle before it
+//! ships.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, anyhow, bail};
+use chrono::{DateTime, SubsecRound as _, Utc};
+use clap::{Args, Subcommand};
+use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
+
+use crate::bundle::{self, Bundle, MAX_BUNDLE_LEN, Manifest, SecretKey, TrustStore, VersionStore};
+use crate::engine::Sandbox;
+use crate::grant::DEFAULT_GRANT;
+use crate::guest::{GuestModule, check_header};
+
+/// Make and check signed guest bundles.
+///
+/// A bundle is one file holding a guest component, a manifest (name, version, hash,
+/// grants, limits, expiry) and Ed25519 signatures over that manifest. Agents given
+/// trusted public keys run only bundles signed by enough of those keys.
+///
+/// Typical use: `keygen` once per signer, `sign` each release, `verify` with the public
+/// keys the agents trust before shipping, `inspect` to see what a bundle holds.
+#[derive(Debug, Args)]
+pub struct ModuleArgs {
+    #[command(subcommand)]
+    command: ModuleCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModuleCommand {
+    Keygen(KeygenArgs),
+    Sign(SignArgs),
+    Verify(VerifyArgs),
+    Inspect(InspectArgs),
+}
+
+/// Create a signing key pair: KEY (secret, readable by its owner only) and KEY.pub.
+///
+/// Prints the key id, the short name under which signatures and errors refer to the key.
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Where to write the secret key; the public key goes to the same path plus `.pub`.
+    #[arg(long, value_name = "KEY")]
+    out: PathBuf,
+
+    /// Replace KEY and KEY.pub if they exist (the old key is lost).
+    #[arg(long)]
+    force: bool,
+}
+
+/// Sign a guest component into a bundle.
+///
+/// The component is checked first (it must be a component this host would load), then
+/// a manifest describing it is written and signed with every --key.
+#[derive(Debug, Args)]
+#[command(disable_version_flag = true)]
+struct SignArgs {
+    /// A secret key file from `collector module keygen`. Repeat to sign with several keys,
+    /// for agents that require more than one signature (--threshold of verify).
+    #[arg(long = "key", value_name = "KEY", required = true)]
+    keys: Vec<PathBuf>,
+
+    /// The module's name: letters, digits, `.`, `_` and `-`. Agents keep the highest
+    /// version they accepted per name.
+    #[arg(long, value_name = "NAME")]
+    name: String,
+
+    /// The module's version. Agents refuse a lower version than one they accepted, and
+    /// the same version with a different component.
+    #[arg(long, value_name = "N")]
+    version: u64,
+
+    /// Make the bundle expire this long after now (for instance `90days`); agents refuse
+    /// it afterwards. Without it the bundle never expires.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    expires_in: Option<Duration>,
+
+    /// A subject pattern the module may publish to (NATS wildcards `*` and `>`; `{pc_id}`
+    /// stands for the agent's machine id). Repeat for several.
+    #[arg(long = "grant", value_name = "SUBJECT", default_value = DEFAULT_GRANT)]
+    grants: Vec<String>,
+
+    /// Memory cap of the module's instance, in MiB. Without it the agent's setting applies.
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+
+    /// Time budget of each call into the module, in whole milliseconds (for instance
+    /// `500ms`). Without it the agent's setting applies.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    call_timeout: Option<Duration>,
+
+    /// The guest component (.wasm) to sign.
+    #[arg(value_name = "GUEST.wasm")]
+    guest: PathBuf,
+
+    /// Where to write the bundle (replaced atomically if it exists).
+    #[arg(long, value_name = "BUNDLE")]
+    out: PathBuf,
+}
+
+/// Check a bundle as an agent would: exits 0 only if it is valid.
+///
+/// Prints the signers and a summary of the manifest; on failure, the reason.
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// A trusted public key file (KEY.pub). Repeat for several.
+    #[arg(long = "trust", value_name = "KEY.pub", required = true)]
+    trust: Vec<PathBuf>,
+
+    /// How many distinct trusted keys must have signed the bundle.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    threshold: usize,
+
+    /// Also refuse a rollback against the versions an agent with this state directory
+    /// has accepted (read only: nothing is recorded).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// The bundle to check.
+    #[arg(value_name = "BUNDLE")]
+    bundle: PathBuf,
+}
+
+/// Show what a bundle holds, without checking its signatures: the manifest, the
+/// signatures' key ids, whether the component matches the manifest, and the
+/// component's imports.
+///
+/// Exits non-zero when the bundle is damaged (component not matching its manifest,
+/// invalid manifest or component).
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// The bundle to inspect.
+    #[arg(value_name = "BUNDLE")]
+    bundle: PathBuf,
+}
+
+pub fn run(args: ModuleArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        ModuleCommand::Keygen(args) => keygen(args),
+        ModuleCommand::Sign(args) => sign(args),
+        ModuleCommand::Verify(args) => verify(args),
+        ModuleCommand::Inspect(args) => inspect(args),
+    }
+    .map(|()| ExitCode::SUCCESS)
+}
+
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    let key = SecretKey::generate()?;
+    let public = key.write_pair(&args.out, args.force).map_err(|e| match e {
+        bundle::KeyError::Exists { .. } => anyhow!("{e}; pass --force to replace the key pair"),
+        other => anyhow!(other),
+    })?;
+    println!("key id {}", key.id());
+    println!(
+        "secret key: {} (keep it private; sign with --key)",
+        args.out.display()
+    );
+    println!(
+        "public key: {} (give it to agents and to verify with --trust)",
+        public.display()
+    );
+    Ok(())
+}
+
+fn sign(args: SignArgs) -> anyhow::Result<()> {
+    let keys = args
+        .keys
+        .iter()
+        .map(|p| SecretKey::read(p).context("--key"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let guest = &args.guest;
+    let component = bundle::read_bounded(guest, MAX_BUNDLE_LEN)
+        .with_context(|| format!("guest {}", guest.display()))?;
+    // Signing vouches for the module: refuse what no agent would load.
+    let sandbox = Sandbox::new()?;
+    GuestModule::from_bytes(&sandbox, &args.name, &component).with_context(|| {
+        format!(
+            "guest {}: not a component this host would load, so it is not signed",
+            guest.display()
+        )
+    })?;
+
+    let issued_at = now().trunc_subsecs(0);
+    let mut manifest = Manifest::describe(&args.name, args.version, &component, issued_at);
+    manifest.grants.publish = args.grants;
+    manifest.limits.memory_mib = args.memory_mib;
+    if let Some(timeout) = args.call_timeout {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        if ms == 0 || Duration::from_millis(ms) != timeout {
+            bail!(
+                "--call-timeout {}: expected a whole number of milliseconds, at least 1ms",
+                humantime::format_duration(timeout)
+            );
+        }
+        manifest.limits.call_timeout_ms = Some(ms);
+    }
+    if let Some(d) = args.expires_in {
+        let expires = chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| issued_at.checked_add_signed(d))
+            .filter(|e| *e > issued_at)
+            .ok_or_else(|| {
+                anyhow!(
+                    "--expires-in {}: expected a positive duration of at most a few \
+                     centuries",
+                    humantime::format_duration(d)
+                )
+            })?;
+        manifest.expires_at = Some(expires.trunc_subsecs(0));
+    }
+
+    let key_refs: Vec<&SecretKey> = keys.iter().collect();
+    let bytes = bundle::sign(&manifest, &component, &key_refs).map_err(|e| match e {
+        bundle::SignError::DuplicateKey(_) => anyhow!("--key: {e}"),
+        bundle::SignError::Manifest(_) => anyhow!("{e} (check --name and --grant)"),
+        other => anyhow!(other),
+    })?;
+    // What was just written must verify with its own keys; anything else is a bug here.
+    let own = TrustStore::new(keys.iter().map(SecretKey::public_key), keys.len())?;
+    let out = args.out.display().to_string();
+    let verified = bundle::verify(&out, &bytes, &own, issued_at, None)?;
+    write_atomically(&args.out, &bytes).with_context(|| format!("--out {out}"))?;
+
+    println!("signed {out}");
+    print!("{}", summary(&verified.manifest, &verified.signers, None));
+    Ok(())
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let trust = TrustStore::from_files(&args.trust, args.threshold).context("--trust")?;
+    let versions = args
+        .state_dir
+        .as_deref()
+        .map(VersionStore::open)
+        .transpose()
+        .context("--state-dir")?;
+    let verified = bundle::verify_file(&args.bundle, &trust, now(), versions.as_ref())?;
+    println!("valid: {}", args.bundle.display());
+    print!(
+        "{}",
+        summary(
+            &verified.manifest,
+            &verified.signers,
+            Some(trust.threshold())
+        )
+    );
+    Ok(())
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let path = args.bundle.display().to_string();
+    let bytes = bundle::read_bounded(&args.bundle, MAX_BUNDLE_LEN)
+        .with_context(|| format!("bundle {path}"))?;
+    let parts = Bundle::parse(&bytes).with_context(|| format!("bundle {path}"))?;
+    let mut problems: Vec<String> = Vec::new();
+    let mut out = String::new();
+
+    let _ = writeln!(out, "bundle: {path} ({} bytes)", bytes.len());
+    let _ = writeln!(out, "manifest ({} bytes):", parts.manifest.len());
+    // The stored bytes are what was signed, so they are shown as they are when they are
+    // already readable; compact or damaged ones are pretty-printed or shown lossily.
+    let text = match (
+        std::str::from_utf8(parts.manifest),
+        serde_json::from_slice::<serde_json::Value>(parts.manifest),
+    ) {
+        (Ok(text), Ok(_)) if text.trim().contains('\n') => text.trim_end().to_string(),
+        (_, Ok(value)) => serde_json::to_string_pretty(&value).expect("JSON values serialize"),
+        (_, Err(_)) => String::from_utf8_lossy(parts.manifest).into_owned(),
+    };
+    for line in printable(&text).lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    let manifest = Manifest::parse(parts.manifest)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+
+    let _ = writeln!(
+        out,
+        "signatures: {} (not checked here; `collector module verify --trust KEY.pub` checks them)",
+        parts.signatures.len()
+    );
+    for (i, s) in parts.signatures.iter().enumerate() {
+        let _ = writeln!(out, "  {}. key id {}", i + 1, s.key_id);
+    }
+
+    let _ = writeln!(
+        out,
+        "component: {} bytes, sha256 {}",
+        parts.component.len(),
+        bundle::sha256_hex(parts.component)
+    );
+    if let Some(manifest) = &manifest {
+        match bundle::check_component(manifest, parts.component) {
+            Ok(()) => {
+                let _ = writeln!(out, "  matches the manifest's length and sha256");
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  DOES NOT MATCH THE MANIFEST: {e}");
+                problems.push(e.to_string());
+            }
+        }
+    }
+    match component_imports(parts.component, manifest.as_ref()) {
+        Ok(text) => out.push_str(&text),
+        Err(e) => {
+            let _ = writeln!(out, "  cannot be read as a component: {e:#}");
+            problems.push(format!("component: {e:#}"));
+        }
+    }
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("cannot write to standard output")?;
+
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("bundle {path}: {}", problems.join("; "))
+    }
+}
+
+/// The component's imports, with the functions of each imported interface, and whether
+/// this host would load it.
+fn component_imports(bytes: &[u8], manifest: Option<&Manifest>) -> anyhow::Result<String> {
+    check_header(bytes)?;
+    let sandbox = Sandbox::new()?;
+    let engine = sandbox.engine();
+    let component = Component::from_binary(engine, bytes).map_err(|e| anyhow!("{e:#}"))?;
+    let mut out = String::from("imports:\n");
+    for (name, item) in component.component_type().imports(engine) {
+        let detail = match &item.ty {
+            ComponentItem::ComponentInstance(instance) => {
+                let funcs: Vec<&str> = instance
+                    .exports(engine)
+                    .filter(|(_, e)| matches!(e.ty, ComponentItem::ComponentFunc(_)))
+                    .map(|(n, _)| n)
+                    .collect();
+                if funcs.is_empty() {
+                    "types only".to_string()
+                } else {
+                    funcs.join(", ")
+                }
+            }
+            ComponentItem::ComponentFunc(_) => "function".to_string(),
+            _ => "other item".to_string(),
+        };
+        let _ = writeln!(out, "  {name}: {detail}");
+    }
+    let name = manifest.map_or("bundle", |m| m.name.as_str());
+    match GuestModule::from_component(&sandbox, name, &component) {
+        Ok(_) => out.push_str("this host would load the component\n"),
+        Err(e) => {
+            let _ = writeln!(out, "this host would refuse the component: {e}");
+        }
+    }
+    Ok(out)
+}
+
+/// The lines describing an accepted or freshly signed bundle.
+fn summary(manifest: &Manifest, signers: &[bundle::KeyId], threshold: Option<usize>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "  module:    {} version {}",
+        manifest.name, manifest.version
+    );
+    let _ = writeln!(
+        out,
+        "  component: {} bytes, sha256 {}",
+        manifest.length, manifest.sha256
+    );
+    let _ = writeln!(out, "  wit:       {}", manifest.wit);
+    let grants = if manifest.grants.publish.is_empty() {
+        "none (it may not publish)".to_string()
+    } else {
+        manifest.grants.publish.join(", ")
+    };
+    let _ = writeln!(out, "  publish:   {grants}");
+    let mut limits = Vec::new();
+    if let Some(mib) = manifest.limits.memory_mib {
+        limits.push(format!("memory {mib} MiB"));
+    }
+    if let Some(ms) = manifest.limits.call_timeout_ms {
+        limits.push(format!("call timeout {ms} ms"));
+    }
+    let limits = if limits.is_empty() {
+        "none set (the agent's apply)".to_string()
+    } else {
+        limits.join(", ")
+    };
+    let _ = writeln!(out, "  limits:    {limits}");
+    let _ = writeln!(out, "  issued:    {}", rfc3339(manifest.issued_at));
+    let expires = manifest
+        .expires_at
+        .map_or_else(|| "never".to_string(), rfc3339);
+    let _ = writeln!(out, "  expires:   {expires}");
+    let ids: Vec<String> = signers.iter().map(ToString::to_string).collect();
+    let of = threshold.map_or_else(String::new, |k| format!(" ({k} required)"));
+    let _ = writeln!(out, "  signed by: {}{of}", ids.join(", "));
+    out
+}
+
+/// Writes `bytes` next to `path` then renames it into place, so an agent watching `path`
+/// never sees half a bundle.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("cannot write {}: {e}", path.display())
+    })
+}
+
+/// `text` with control characters other than newlines escaped: JSON strings may hold C1
+/// controls raw, and an unverified bundle must not be able to drive the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+fn now() -> DateTime<Utc> {
+    DateTime::<Utc>::from(SystemTime::now())
+}
