@@ -289,6 +289,11 @@ impl Supervisor {
         }
     }
 
+    /// Whether the guest has been given a configuration.
+    pub fn is_configured(&self) -> bool {
+        self.config_json.is_some()
+    }
+
     /// Whether an instance is currently alive.
     pub fn is_live(&self) -> bool {
         matches!(self.slot, Slot::Live(_))
@@ -357,13 +362,15 @@ impl Supervisor {
     /// it trapped (the next call starts a fresh instance).
     pub fn tick(&mut self, now: TickTime) -> Result<(), TickError> {
         let result = self.call("tick", |b, s| b.collector_api_guest().call_tick(s, now))?;
-        HostStats::bump(&self.services().stats.ticks, 1);
-        if let Err(message) = result {
-            tracing::warn!(guest = self.module.name(), error = %message, "tick reported an error");
-            return Err(TickError::Guest(message));
-        }
+        let stats = self.stats();
+        HostStats::bump(&stats.ticks, 1);
+        // The WIT promises the interval is asked after every tick, failed or not.
         self.refresh_interval()?;
-        Ok(())
+        result.map_err(|message| {
+            HostStats::bump(&stats.tick_errors, 1);
+            tracing::warn!(guest = self.module.name(), error = %message, "tick reported an error");
+            TickError::Guest(message)
+        })
     }
 
     /// Asks the guest for state to hand to a successor.

@@ -16,6 +16,8 @@ pub enum SinkError {
     Nats(String),
     #[error("NATS publish timed out after {0:?}")]
     Timeout(Duration),
+    #[error("sink unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A destination for guest publishes. Called from the guest's thread, synchronously.

@@ -157,20 +157,22 @@ fn test(extra: &[String]) -> Result<()> {
             "warnings",
         ]),
     )?;
-    run_step(
-        "linting the guest for wasm32-wasip2",
-        cargo().args([
-            "clippy",
-            "--quiet",
-            "--package",
-            "guest-process-perf",
-            "--target",
-            GUEST_TARGET,
-            "--",
-            "-D",
-            "warnings",
-        ]),
-    )?;
+    for package in ["guest-process-perf", "guest-top-memory"] {
+        run_step(
+            &format!("linting {package} for {GUEST_TARGET}"),
+            cargo().args([
+                "clippy",
+                "--quiet",
+                "--package",
+                package,
+                "--target",
+                GUEST_TARGET,
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
+    }
     let guest = build_guest()?;
     let nats = ensure_nats_server()?;
     run_step(
@@ -182,6 +184,23 @@ fn test(extra: &[String]) -> Result<()> {
             .env("COLLECTOR_NATS_SERVER", &nats),
     )?;
     run_scenarios(&guest, "guest-process-perf/scenarios")?;
+    // The example guest is built exactly as docs/writing-a-guest.md tells its readers.
+    run_step(
+        "building the example guest guest-top-memory",
+        cargo().args([
+            "build",
+            "--quiet",
+            "--package",
+            "guest-top-memory",
+            "--target",
+            GUEST_TARGET,
+            "--release",
+        ]),
+    )?;
+    run_scenarios(
+        &root().join("target/wasm32-wasip2/release/guest_top_memory.wasm"),
+        "docs/examples/guest-top-memory/scenarios",
+    )?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }

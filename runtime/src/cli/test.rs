@@ -41,7 +41,10 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             Ok(s) => s,
             Err(e) => {
                 failed += 1;
-                println!("FAIL {}\n    malformed scenario: {e}", file.display());
+                println!("FAIL {}\n  malformed scenario:", file.display());
+                for line in e.to_string().lines() {
+                    println!("    {line}");
+                }
                 continue;
             }
         };

@@ -52,6 +52,8 @@ pub struct HostStats {
     pub log_lines: AtomicU64,
     /// Ticks run to completion.
     pub ticks: AtomicU64,
+    /// Ticks whose guest returned an error (counted in `ticks` too).
+    pub tick_errors: AtomicU64,
     /// Calls into the guest that trapped (including timeouts).
     pub traps: AtomicU64,
     /// Instances created.

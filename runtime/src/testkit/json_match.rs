@@ -112,17 +112,25 @@ fn compare(
                     compare(ev, av, o, format!("{path}[{i}]"), out);
                 }
             } else {
-                let mut used = vec![false; a.len()];
-                for (i, ev) in e.iter().enumerate() {
-                    let found =
-                        (0..a.len()).find(|&j| !used[j] && mismatches(ev, &a[j], o).is_empty());
-                    match found {
-                        Some(j) => used[j] = true,
-                        None => out.push(Mismatch {
+                // A maximum matching, so a loose pattern cannot steal the only element a
+                // stricter one could match.
+                let fits: Vec<Vec<bool>> = e
+                    .iter()
+                    .map(|ev| {
+                        a.iter()
+                            .map(|av| mismatches(ev, av, o).is_empty())
+                            .collect()
+                    })
+                    .collect();
+                let mut owner: Vec<Option<usize>> = vec![None; a.len()];
+                for i in 0..e.len() {
+                    let mut seen = vec![false; a.len()];
+                    if !assign(i, &fits, &mut seen, &mut owner) {
+                        out.push(Mismatch {
                             path: format!("{path}[{i}]"),
-                            expected: short(ev),
+                            expected: short(&e[i]),
                             actual: "no matching element (arrays compared in any order)".into(),
-                        }),
+                        });
                     }
                 }
             }
@@ -139,6 +147,21 @@ fn compare(
         (e, a) if e == a => {}
         (e, a) => differ(short(e), short(a)),
     }
+}
+
+/// Finds an actual element for expected element `i`, moving earlier assignments along
+/// augmenting paths when needed (Kuhn's algorithm).
+fn assign(i: usize, fits: &[Vec<bool>], seen: &mut [bool], owner: &mut [Option<usize>]) -> bool {
+    for j in 0..owner.len() {
+        if fits[i][j] && !seen[j] {
+            seen[j] = true;
+            if owner[j].is_none_or(|k| assign(k, fits, seen, owner)) {
+                owner[j] = Some(i);
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// A value as compact JSON, cut to a readable length.
@@ -203,6 +226,16 @@ mod tests {
         assert!(
             e[0].starts_with("at (root): expected 1 elements, got 2 elements"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn unordered_matching_finds_an_assignment_when_one_exists() {
+        let actual = json!([{"pid": 2}, {"pid": 1}]);
+        assert!(check(json!([{"pid": ANY}, {"pid": 2}]), actual.clone(), false).is_empty());
+        assert_eq!(
+            check(json!([{"pid": 2}, {"pid": 2}]), actual, false).len(),
+            1
         );
     }
 

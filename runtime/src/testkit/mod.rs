@@ -335,6 +335,10 @@ impl MockHost {
     ///
     /// When the guest reports an error or traps.
     pub fn tick(&mut self) -> Result<(), TickError> {
+        // As in the agent, a guest is always configured before its first tick.
+        if !self.supervisor.is_configured() {
+            self.configure(&ConfigScope::default())?;
+        }
         let c = self.clock.get();
         let now = TickTime {
             wall: Datetime {
@@ -349,7 +353,8 @@ impl MockHost {
         result
     }
 
-    /// Advances virtual time by `span`, ticking whenever the agent's ticker would.
+    /// Advances virtual time by `span`, ticking whenever the agent's ticker would (the
+    /// first tick of a fresh host is due at once).
     /// Returns the number of ticks and the errors they reported.
     pub fn run_for(&mut self, span: Duration) -> (u64, Vec<TickError>) {
         let end = self.monotonic() + span;

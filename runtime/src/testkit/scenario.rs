@@ -135,7 +135,7 @@ impl Number {
 #[serde(deny_unknown_fields)]
 struct ExpectPublishSpec {
     subject: Option<String>,
-    json: Option<toml::Table>,
+    json: Option<toml::Value>,
     #[serde(default)]
     ordered: bool,
     tolerance: Option<f64>,
@@ -603,7 +603,7 @@ fn expect_count(what: &str, want: u64, got: u64) -> Result<(), String> {
     if want == got {
         Ok(())
     } else {
-        Err(format!("expected {want} {what} so far, counted {got}"))
+        Err(format!("{what} so far: expected {want}, counted {got}"))
     }
 }
 
