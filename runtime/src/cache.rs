@@ -9,7 +9,6 @@
 //! whose MAC does not verify is recompiled and overwritten, never loaded.
 
 use std::hash::Hasher;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -142,17 +141,9 @@ impl CompileCache {
     }
 }
 
-/// Writes a file readable by its owner only, through a temporary file and a rename.
+/// Writes a file readable by its owner only.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::fsutil::write_atomic(path, bytes, Some(0o600))
 }
 
 /// Feeds `Hash` output into SHA-256, for a hash that is stable across processes.

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod config_file;
 pub mod engine;
+pub mod fsutil;
 pub mod grant;
 pub mod guest;
 pub mod host;

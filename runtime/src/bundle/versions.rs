@@ -3,8 +3,6 @@
 //! even after a restart.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -182,26 +180,22 @@ impl VersionStore {
     }
 
     fn persist(&self, modules: &BTreeMap<String, AcceptedVersion>) -> std::io::Result<()> {
-        let named = |e: std::io::Error, what: &str, path: &Path| {
-            std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-        };
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| named(e, "cannot create the state directory", &self.dir))?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot create the state directory {}: {e}",
+                    self.dir.display()
+                ),
+            )
+        })?;
         let file = StoreFile {
             format: STORE_FORMAT.to_string(),
             modules: modules.clone(),
         };
         let mut bytes = serde_json::to_vec_pretty(&file).expect("the store serializes");
         bytes.push(b'\n');
-        let tmp = self.dir.join(format!(".{VERSIONS_FILE}.tmp"));
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()
-        };
-        write().map_err(|e| named(e, "cannot write", &tmp))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| named(e, "cannot replace", &self.path))?;
-        sync_dir(&self.dir).map_err(|e| named(e, "cannot sync the directory", &self.dir))
+        crate::fsutil::write_atomic(&self.path, &bytes, None)
     }
 }
 
@@ -216,20 +210,6 @@ fn parse(bytes: &[u8]) -> Result<BTreeMap<String, AcceptedVersion>, String> {
         ));
     }
     Ok(file.modules)
-}
-
-/// Makes a rename in `dir` durable.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        File::open(dir)?.sync_all()
-    }
-    #[cfg(not(unix))]
-    {
-        // Directories cannot be opened as files there; the rename is as durable as it gets.
-        let _ = dir;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
