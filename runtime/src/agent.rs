@@ -113,7 +113,9 @@ struct Fallback {
 /// A swapped-in module that has not yet proven itself.
 struct Probation {
     ticks_left: u32,
-    fallback: Fallback,
+    /// `None` for a first module: there is nothing to return to, so a trap only
+    /// restarts its count.
+    fallback: Option<Fallback>,
     on_healthy: Option<HealthyHook>,
     on_rolled_back: Option<RollbackHook>,
 }
@@ -162,6 +164,18 @@ impl Agent {
     /// Names the running module in logs (default: the module's name).
     pub fn set_label(&mut self, label: String) {
         self.label = label;
+    }
+
+    /// Puts the first module on probation too: `on_healthy` runs once it has completed
+    /// the health ticks in a row (a trap restarts the count; there is nothing to roll
+    /// back to).
+    pub fn on_first_healthy(&mut self, on_healthy: HealthyHook) {
+        self.probation = Some(Probation {
+            ticks_left: self.options.health_ticks.max(1),
+            fallback: None,
+            on_healthy: Some(on_healthy),
+            on_rolled_back: None,
+        });
     }
 
     /// Runs until [`AgentHandle::shutdown`], starting with `config`. The first tick is
@@ -227,7 +241,15 @@ impl Agent {
         let old_grant = std::mem::replace(&mut services.grant, grant);
         let old_limits = std::mem::replace(&mut services.limits, limits);
         let old_label = std::mem::replace(&mut self.label, label);
-        // On probation already: the healthy module to return to stays the older one.
+        let replaced = Fallback {
+            module: old_module,
+            grant: old_grant,
+            limits: old_limits,
+            label: old_label.clone(),
+            state: state.clone(),
+        };
+        // On probation already: the healthy module to return to stays the older one (a
+        // first module on probation is still the best there is to return to).
         let fallback = match self.probation.take() {
             Some(p) => {
                 if let Some(hook) = p.on_rolled_back {
@@ -236,15 +258,9 @@ impl Agent {
                         self.label
                     ));
                 }
-                p.fallback
+                Some(p.fallback.unwrap_or(replaced))
             }
-            None => Fallback {
-                module: old_module,
-                grant: old_grant,
-                limits: old_limits,
-                label: old_label.clone(),
-                state: state.clone(),
-            },
+            None => Some(replaced),
         };
         tracing::info!(from = %old_label, to = %self.label, state_bytes = state.as_ref().map_or(0, Vec::len), "swapping modules at a tick boundary");
         self.probation = Some(Probation {
@@ -274,6 +290,9 @@ impl Agent {
             return;
         };
         match result {
+            Err(TickError::Fault(_)) if probation.fallback.is_none() => {
+                probation.ticks_left = self.options.health_ticks.max(1);
+            }
             Err(TickError::Fault(fault)) => self.roll_back(&fault.to_string()),
             // A guest-reported error is the guest's business, not a crash.
             Ok(()) | Err(TickError::Guest(_)) => {
@@ -298,13 +317,17 @@ impl Agent {
         let Some(p) = self.probation.take() else {
             return;
         };
-        let Fallback {
+        let Some(Fallback {
             module,
             grant,
             limits,
             label,
             state,
-        } = p.fallback;
+        }) = p.fallback
+        else {
+            tracing::error!(module = %self.label, reason, "no healthy module to roll back to; it keeps running");
+            return;
+        };
         tracing::error!(module = %self.label, back_to = %label, reason, "rolling back to the last healthy module");
         if let Some(hook) = p.on_rolled_back {
             hook(reason);

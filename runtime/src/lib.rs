@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod cache;
 pub mod cli;
 pub mod config_file;
+pub mod deploy;
 pub mod engine;
 pub mod fsutil;
 pub mod grant;

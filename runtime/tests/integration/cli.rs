@@ -49,22 +49,43 @@ fn a_missing_or_non_component_guest_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.wasm");
     run_fails_with(
-        &["run", "--guest", missing.to_str().unwrap()],
+        &[
+            "run",
+            "--insecure-allow-unsigned",
+            "--guest",
+            missing.to_str().unwrap(),
+        ],
         &["nope.wasm", "No such file"],
     );
 
     let text = dir.path().join("notes.wasm");
     std::fs::write(&text, "hello").unwrap();
     run_fails_with(
-        &["run", "--guest", text.to_str().unwrap()],
+        &[
+            "run",
+            "--insecure-allow-unsigned",
+            "--guest",
+            text.to_str().unwrap(),
+        ],
         &["notes.wasm", "not a WebAssembly file"],
     );
 
     let core = dir.path().join("core.wasm");
     std::fs::write(&core, wat::parse_str("(module)").unwrap()).unwrap();
     run_fails_with(
-        &["run", "--guest", core.to_str().unwrap()],
+        &[
+            "run",
+            "--insecure-allow-unsigned",
+            "--guest",
+            core.to_str().unwrap(),
+        ],
         &["core.wasm", "core WebAssembly module, not a component"],
+    );
+
+    let guest = guest_wasm();
+    run_fails_with(
+        &["run", "--guest", guest.to_str().unwrap()],
+        &["not a signed bundle", "--insecure-allow-unsigned"],
     );
 }
 
@@ -77,6 +98,7 @@ fn a_bad_config_at_start_names_the_file_and_field() {
     run_fails_with(
         &[
             "run",
+            "--insecure-allow-unsigned",
             "--guest",
             guest.to_str().unwrap(),
             "--config",
@@ -98,6 +120,7 @@ impl Running {
         let mut child = collector()
             .args([
                 "run",
+                "--insecure-allow-unsigned",
                 "--pc-id",
                 PC_ID,
                 "--min-interval",

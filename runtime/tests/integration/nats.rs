@@ -28,7 +28,14 @@ fn a_subscriber_receives_process_perf_messages() {
     rt.block_on(client.flush()).unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_collector"))
-        .args(["run", "--pc-id", PC_ID, "--min-interval", "10ms"])
+        .args([
+            "run",
+            "--insecure-allow-unsigned",
+            "--pc-id",
+            PC_ID,
+            "--min-interval",
+            "10ms",
+        ])
         .arg("--guest")
         .arg(guest_wasm())
         .arg("--config")

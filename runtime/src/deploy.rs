@@ -1,0 +1,532 @@
+//! Which module the agent runs, and where it comes from: signed bundles checked against
+//! the trust store (unsigned components only when explicitly allowed), the last-known-good
+//! module kept in the state directory, and a watched directory that new bundles are
+//! dropped into. Everything here happens off the tick path; the agent only receives
+//! modules that are verified, compiled and linked.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{AgentHandle, HealthyHook, ModuleSpec, RollbackHook};
+use crate::bundle::{self, MAGIC, MAX_BUNDLE_LEN, Manifest, TrustStore, VersionStore};
+use crate::engine::Sandbox;
+use crate::fsutil::write_atomic;
+use crate::grant::Grant;
+use crate::guest::GuestModule;
+use crate::host::Limits;
+
+/// File of the state directory holding the last-known-good bundle.
+pub const LKG_FILE: &str = "last-known-good.bundle";
+/// File of the state directory recording the last-known-good module and rolled-back ones.
+pub const AGENT_STATE_FILE: &str = "agent-state.json";
+const AGENT_STATE_FORMAT: &str = "collector-agent-state/1";
+
+/// What the agent accepts to run.
+pub struct Policy {
+    /// Keys and threshold for bundles; `None` when no `--trust` was given.
+    pub trust: Option<TrustStore>,
+    /// Whether bare (unsigned) components may run (`--insecure-allow-unsigned`).
+    pub allow_unsigned: bool,
+    /// Grant for unsigned components (bundles carry their own).
+    pub unsigned_grants: Vec<String>,
+    /// The agent's own limits: ceilings for what a manifest asks.
+    pub ceilings: Limits,
+    pub pc_id: String,
+}
+
+/// A module's identity, as far as deployment is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleId {
+    pub name: String,
+    pub version: u64,
+    /// SHA-256 of the component bytes.
+    pub sha256: String,
+}
+
+impl std::fmt::Display for ModuleId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} v{}", self.name, self.version)
+    }
+}
+
+/// A module that passed every check, ready to run.
+pub struct Accepted {
+    pub id: ModuleId,
+    pub module: Arc<GuestModule>,
+    pub grant: Grant,
+    pub limits: Limits,
+    /// The manifest, for signed bundles.
+    pub manifest: Option<Manifest>,
+    /// The bundle file's bytes, kept to become the last-known-good.
+    pub bundle: Option<Vec<u8>>,
+}
+
+/// Why a file was not accepted. The message names the file, and the module and version
+/// when the manifest could be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{subject}: {reason}")]
+pub struct Refused {
+    pub subject: String,
+    pub reason: String,
+}
+
+/// A module recorded as rolled back, so it is not tried again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedModule {
+    #[serde(flatten)]
+    pub id: ModuleId,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct AgentStateFile {
+    format: String,
+    last_known_good: Option<ModuleId>,
+    #[serde(default)]
+    failed: Vec<FailedModule>,
+}
+
+/// The state directory: accepted versions (anti-rollback), the last-known-good bundle,
+/// and the modules that were rolled back.
+pub struct StateDir {
+    dir: PathBuf,
+    versions: VersionStore,
+    state: AgentStateFile,
+}
+
+impl StateDir {
+    /// Opens (or creates) a state directory.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be created, or a state file is unreadable or corrupt (never reset
+    /// silently: that would lift anti-rollback).
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the state directory {}: {e}", dir.display())
+        })?;
+        let versions = VersionStore::open(dir)?;
+        let path = dir.join(AGENT_STATE_FILE);
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let state: AgentStateFile = serde_json::from_slice(&bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} is corrupt ({e}); fix or remove it (removing forgets the last-known-good module)",
+                        path.display()
+                    )
+                })?;
+                anyhow::ensure!(
+                    state.format == AGENT_STATE_FORMAT,
+                    "{}: unknown format {:?}, expected {AGENT_STATE_FORMAT:?}",
+                    path.display(),
+                    state.format
+                );
+                state
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentStateFile {
+                format: AGENT_STATE_FORMAT.into(),
+                ..Default::default()
+            },
+            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            versions,
+            state,
+        })
+    }
+
+    /// Where the compile cache lives.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.join("cache")
+    }
+
+    /// The last-known-good module, if any.
+    pub fn last_known_good(&self) -> Option<&ModuleId> {
+        self.state.last_known_good.as_ref()
+    }
+
+    /// Whether `sha256` was rolled back before, and why.
+    pub fn failed(&self, sha256: &str) -> Option<&FailedModule> {
+        self.state.failed.iter().find(|f| f.id.sha256 == sha256)
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(&self.state).expect("state serializes");
+        bytes.push(b'\n');
+        write_atomic(&self.dir.join(AGENT_STATE_FILE), &bytes, None)
+    }
+
+    /// Makes `bundle` the last-known-good module.
+    fn set_last_known_good(&mut self, id: &ModuleId, bundle: &[u8]) -> std::io::Result<()> {
+        write_atomic(&self.dir.join(LKG_FILE), bundle, None)?;
+        self.state.last_known_good = Some(id.clone());
+        self.save()
+    }
+
+    fn record_failure(&mut self, id: &ModuleId, reason: &str) -> std::io::Result<()> {
+        if self.failed(&id.sha256).is_none() {
+            self.state.failed.push(FailedModule {
+                id: id.clone(),
+                reason: reason.to_string(),
+                at: Utc::now(),
+            });
+        }
+        self.save()
+    }
+}
+
+/// Loads and checks modules for one agent.
+pub struct Deployer {
+    sandbox: Arc<Sandbox>,
+    policy: Policy,
+    state: Option<Arc<Mutex<StateDir>>>,
+}
+
+impl Deployer {
+    pub fn new(sandbox: Arc<Sandbox>, policy: Policy, state: Option<StateDir>) -> Arc<Self> {
+        Arc::new(Self {
+            sandbox,
+            policy,
+            state: state.map(|s| Arc::new(Mutex::new(s))),
+        })
+    }
+
+    /// Loads a bundle or (when allowed) an unsigned component from `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`Refused`] with the reason; nothing is recorded.
+    pub fn load_file(&self, path: &Path) -> Result<Accepted, Refused> {
+        let bytes = bundle::read_bounded(path, MAX_BUNDLE_LEN).map_err(|e| Refused {
+            subject: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let file_stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.load_bytes(&path.display().to_string(), &file_stem, bytes, true)
+    }
+
+    fn load_bytes(
+        &self,
+        subject: &str,
+        unsigned_name: &str,
+        bytes: Vec<u8>,
+        anti_rollback: bool,
+    ) -> Result<Accepted, Refused> {
+        if bytes.starts_with(MAGIC) {
+            self.load_bundle(subject, bytes, anti_rollback)
+        } else {
+            self.load_unsigned(subject, unsigned_name, &bytes)
+        }
+    }
+
+    fn load_bundle(
+        &self,
+        subject: &str,
+        bytes: Vec<u8>,
+        anti_rollback: bool,
+    ) -> Result<Accepted, Refused> {
+        let refuse = |reason: String| Refused {
+            subject: describe(subject, &bytes),
+            reason,
+        };
+        let Some(trust) = &self.policy.trust else {
+            return Err(refuse(
+                "a signed bundle, but no --trust key was given to check it against".into(),
+            ));
+        };
+        let state = self.state.as_ref().map(|s| s.lock().expect("state lock"));
+        let versions = state
+            .as_ref()
+            .filter(|_| anti_rollback)
+            .map(|s| &s.versions);
+        let verified = bundle::verify(subject, &bytes, trust, Utc::now(), versions)
+            .map_err(|e| refuse(e.refusal.to_string()))?;
+        let manifest = verified.manifest;
+        let id = ModuleId {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            sha256: manifest.sha256.clone(),
+        };
+        if let Some(failed) = state.as_ref().and_then(|s| s.failed(&id.sha256)) {
+            return Err(refuse(format!(
+                "this module was rolled back on {} ({}); publish a new version",
+                failed.at.format("%Y-%m-%d %H:%M:%S UTC"),
+                failed.reason
+            )));
+        }
+        drop(state);
+        let grant = manifest
+            .grant(&self.policy.pc_id)
+            .map_err(|e| refuse(format!("manifest grant: {e}")))?;
+        let module = GuestModule::from_bytes(&self.sandbox, &manifest.name, &verified.component)
+            .map_err(|e| refuse(e.to_string()))?;
+        let ceilings = &self.policy.ceilings;
+        let limits = Limits {
+            memory_bytes: manifest
+                .limits
+                .memory_mib
+                .map_or(ceilings.memory_bytes, |m| {
+                    usize::try_from(m.saturating_mul(1 << 20))
+                        .unwrap_or(usize::MAX)
+                        .min(ceilings.memory_bytes)
+                }),
+            call_budget: manifest
+                .limits
+                .call_timeout()
+                .map_or(ceilings.call_budget, |t| t.min(ceilings.call_budget)),
+            ..ceilings.clone()
+        };
+        Ok(Accepted {
+            id,
+            module: Arc::new(module),
+            grant,
+            limits,
+            manifest: Some(manifest),
+            bundle: Some(bytes),
+        })
+    }
+
+    fn load_unsigned(&self, subject: &str, name: &str, bytes: &[u8]) -> Result<Accepted, Refused> {
+        let refuse = |reason: String| Refused {
+            subject: subject.to_string(),
+            reason,
+        };
+        if !self.policy.allow_unsigned {
+            return Err(refuse(
+                "not a signed bundle; sign it with `collector module sign`, or run it for \
+                 development with --insecure-allow-unsigned"
+                    .into(),
+            ));
+        }
+        tracing::warn!(
+            file = subject,
+            "RUNNING AN UNSIGNED MODULE (--insecure-allow-unsigned): nobody vouched for this code; never use this flag in production"
+        );
+        let module = GuestModule::from_bytes(&self.sandbox, name, bytes)
+            .map_err(|e| refuse(e.to_string()))?;
+        let grant = Grant::new(&self.policy.unsigned_grants, &self.policy.pc_id)
+            .map_err(|e| refuse(format!("--grant: {e}")))?;
+        Ok(Accepted {
+            id: ModuleId {
+                name: name.to_string(),
+                version: 0,
+                sha256: bundle::sha256_hex(bytes),
+            },
+            module: Arc::new(module),
+            grant,
+            limits: self.policy.ceilings.clone(),
+            manifest: None,
+            bundle: None,
+        })
+    }
+
+    /// Loads the last-known-good bundle of the state directory. Its signature is checked
+    /// again (the trust store may have changed); anti-rollback is not, since it is older
+    /// than a module that was rolled back, by design.
+    ///
+    /// # Errors
+    ///
+    /// When there is none, or it no longer passes the checks.
+    pub fn load_last_known_good(&self) -> Result<Option<Accepted>, Refused> {
+        let Some(state) = &self.state else {
+            return Ok(None);
+        };
+        let (path, expected) = {
+            let s = state.lock().expect("state lock");
+            let Some(id) = s.last_known_good().cloned() else {
+                return Ok(None);
+            };
+            (s.dir.join(LKG_FILE), id)
+        };
+        let bytes = bundle::read_bounded(&path, MAX_BUNDLE_LEN).map_err(|e| Refused {
+            subject: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let accepted = self.load_bytes(&path.display().to_string(), "", bytes, false)?;
+        if accepted.id != expected {
+            return Err(Refused {
+                subject: path.display().to_string(),
+                reason: format!("holds {} but the state records {expected}", accepted.id),
+            });
+        }
+        Ok(Some(accepted))
+    }
+
+    /// Records that `accepted` is about to run: its version becomes the lowest this agent
+    /// will take for its name (anti-rollback).
+    ///
+    /// # Errors
+    ///
+    /// When the state directory cannot be written.
+    pub fn record_accepted(&self, accepted: &Accepted) -> std::io::Result<()> {
+        if let (Some(state), Some(manifest)) = (&self.state, &accepted.manifest) {
+            state
+                .lock()
+                .expect("state lock")
+                .versions
+                .record(manifest)?;
+        }
+        Ok(())
+    }
+
+    /// Hook that makes `accepted` the last-known-good once it is healthy.
+    pub fn healthy_hook(self: &Arc<Self>, accepted: &Accepted) -> Option<HealthyHook> {
+        let state = self.state.clone()?;
+        let bundle = accepted.bundle.clone()?;
+        let id = accepted.id.clone();
+        Some(Box::new(move || {
+            match state
+                .lock()
+                .expect("state lock")
+                .set_last_known_good(&id, &bundle)
+            {
+                Ok(()) => tracing::info!(module = %id, "saved as the last-known-good module"),
+                Err(e) => {
+                    tracing::error!(module = %id, error = %e, "cannot save the last-known-good module")
+                }
+            }
+        }))
+    }
+
+    /// Hook that records a rolled-back module so it is never tried again.
+    pub fn rollback_hook(self: &Arc<Self>, accepted: &Accepted) -> Option<RollbackHook> {
+        let state = self.state.clone()?;
+        let id = accepted.id.clone();
+        Some(Box::new(move |reason: &str| {
+            if let Err(e) = state
+                .lock()
+                .expect("state lock")
+                .record_failure(&id, reason)
+            {
+                tracing::error!(module = %id, error = %e, "cannot record the rollback");
+            }
+        }))
+    }
+
+    /// Turns an accepted module into what the agent swaps in, with its hooks.
+    pub fn spec(self: &Arc<Self>, accepted: Accepted) -> ModuleSpec {
+        ModuleSpec {
+            on_healthy: self.healthy_hook(&accepted),
+            on_rolled_back: self.rollback_hook(&accepted),
+            label: accepted.id.to_string(),
+            module: accepted.module,
+            grant: accepted.grant,
+            limits: accepted.limits,
+        }
+    }
+
+    /// The newest acceptable bundle among `files` for `name` (any name when `None`),
+    /// newer than `above`. Refusals are logged with the file, module and version.
+    pub fn best_of(
+        &self,
+        files: &[PathBuf],
+        name: Option<&str>,
+        above: Option<&ModuleId>,
+    ) -> Option<Accepted> {
+        let mut best: Option<Accepted> = None;
+        for path in files {
+            match self.load_file(path) {
+                Ok(a) if name.is_some_and(|n| n != a.id.name) => {
+                    tracing::info!(file = %path.display(), module = %a.id, "bundle for another module; ignored");
+                }
+                Ok(a) if above.is_some_and(|cur| a.id.version <= cur.version) => {}
+                Ok(a) if best.as_ref().is_none_or(|b| a.id.version > b.id.version) => {
+                    best = Some(a)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("module refused: {e}"),
+            }
+        }
+        best
+    }
+}
+
+/// Names a bundle by its manifest when it can be read, for log lines.
+fn describe(subject: &str, bytes: &[u8]) -> String {
+    bundle::Bundle::parse(bytes)
+        .ok()
+        .and_then(|b| Manifest::parse(b.manifest).ok())
+        .map_or_else(
+            || subject.to_string(),
+            |m| format!("{subject} ({} v{})", m.name, m.version),
+        )
+}
+
+/// Regular files of `dir`, in name order.
+pub fn bundle_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && !is_hidden(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Files being written by hand are often dot-files or editor temporaries.
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.') || n.ends_with('~') || n.ends_with(".tmp"))
+}
+
+/// Watches `dir` every `poll` for a newer bundle of the running module and hands it to
+/// the agent. Verification and compilation happen on this thread, never on the tick path.
+/// Stops when the agent is gone.
+pub fn watch(
+    deployer: Arc<Deployer>,
+    dir: PathBuf,
+    running: ModuleId,
+    agent: AgentHandle,
+    poll: Duration,
+) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("modules-watch".into())
+        .spawn(move || {
+            let mut current = running;
+            // Files already looked at, by size and modification time: a refused bundle
+            // is reported once, not at every poll.
+            let mut seen: HashMap<PathBuf, (u64, Option<SystemTime>)> = HashMap::new();
+            loop {
+                if !agent.is_running() {
+                    return;
+                }
+                let changed: Vec<PathBuf> = bundle_files(&dir)
+                    .into_iter()
+                    .filter(|path| {
+                        let stamp = std::fs::metadata(path)
+                            .map(|m| (m.len(), m.modified().ok()))
+                            .unwrap_or_default();
+                        seen.insert(path.clone(), stamp) != Some(stamp)
+                    })
+                    .collect();
+                if let Some(next) = deployer.best_of(&changed, Some(&current.name), Some(&current)) {
+                    match deployer.record_accepted(&next) {
+                        Ok(()) => {
+                            tracing::info!(from = %current, to = %next.id, "new module accepted; swapping at the next tick boundary");
+                            current = next.id.clone();
+                            agent.swap(deployer.spec(next));
+                        }
+                        Err(e) => tracing::error!(module = %next.id, error = %e, "cannot record the accepted version; not swapping"),
+                    }
+                }
+                std::thread::sleep(poll);
+            }
+        })
+        .expect("spawn the modules watcher thread")
+}
