@@ -160,9 +160,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         state,
     );
     let (first, is_last_known_good) = first_module(&args, &deployer)?;
-    deployer
-        .record_accepted(&first)
-        .context("cannot record the accepted version in --state-dir")?;
+    // The last-known-good was recorded when it was first accepted, and may be older than
+    // a module accepted since (and rolled back): recording it again would be refused.
+    if !is_last_known_good {
+        deployer
+            .record_accepted(&first)
+            .context("cannot record the accepted version in --state-dir")?;
+    }
     tracing::info!(module = %first.id, pc_id, grant = %first.grant, "module loaded");
 
     // A runtime for the NATS client only; the agent loop runs on this thread.

@@ -1,13 +1,8 @@
 //! The `collector` binary as a user meets it: help, bad input, and a config file edited
 //! while the agent runs.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::process::Command;
 use std::time::Duration;
-
-use collector_shared::ProcessPerf;
 
 use crate::common::*;
 
@@ -108,90 +103,21 @@ fn a_bad_config_at_start_names_the_file_and_field() {
     );
 }
 
-/// The agent process with its output read line by line on background threads.
-struct Running {
-    child: Child,
-    stdout: Receiver<String>,
-    stderr: Receiver<String>,
-}
-
-impl Running {
-    fn start(guest: &Path, config: &Path) -> Self {
-        let mut child = collector()
-            .args([
-                "run",
-                "--insecure-allow-unsigned",
-                "--pc-id",
-                PC_ID,
-                "--min-interval",
-                "10ms",
-                "--config-poll",
-                "50ms",
-            ])
-            .arg("--guest")
-            .arg(guest)
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = lines(child.stdout.take().unwrap());
-        let stderr = lines(child.stderr.take().unwrap());
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn next_message(rx: &Receiver<String>) -> ProcessPerf {
-    let line = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("a ProcessPerf line on stdout");
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
-}
-
-fn stderr_line_containing(rx: &Receiver<String>, needle: &str) -> String {
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    }
-}
-
 #[test]
 fn config_file_edits_apply_while_running_and_bad_edits_keep_the_last_good_config() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("agent.json");
     std::fs::write(&cfg, r#"{"host_perf_interval": "100ms"}"#).unwrap();
-    let agent = Running::start(&guest_wasm(), &cfg);
-    stderr_line_containing(&agent.stderr, "agent started");
+    let agent = AgentProcess::start(&[
+        "--insecure-allow-unsigned".as_ref(),
+        "--config-poll".as_ref(),
+        "50ms".as_ref(),
+        "--guest".as_ref(),
+        guest_wasm().as_os_str(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ]);
+    agent.stderr_line_containing("agent started");
     assert!(
         agent
             .stdout
@@ -205,7 +131,7 @@ fn config_file_edits_apply_while_running_and_bad_edits_keep_the_last_good_config
         r#"{"host_perf_interval": "100ms", "process_perf_enabled": true, "process_perf_top_n": 3}"#,
     )
     .unwrap();
-    let msg = next_message(&agent.stdout);
+    let msg = agent.next_message();
     assert_eq!(msg.pc_id, PC_ID);
     assert!(msg.processes.len() <= 3);
 
@@ -214,12 +140,12 @@ fn config_file_edits_apply_while_running_and_bad_edits_keep_the_last_good_config
         r#"{"process_perf_enabled": true, "process_perf_top_n": -3}"#,
     )
     .unwrap();
-    let line = stderr_line_containing(&agent.stderr, "keeping the last good configuration");
+    let line = agent.stderr_line_containing("keeping the last good configuration");
     assert!(line.contains("agent.json"), "{line}");
     assert!(line.contains("process_perf_top_n"), "{line}");
     // Drain what was published before the bad edit, then check the loop goes on.
     while agent.stdout.try_recv().is_ok() {}
-    let msg = next_message(&agent.stdout);
+    let msg = agent.next_message();
     assert!(msg.processes.len() <= 3, "still the last good top_n");
 }
 

@@ -1,12 +1,15 @@
 //! Shared helpers: locating the built guest, building supervisors, broken WAT guests,
 //! and starting a throwaway nats-server.
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use collector_runtime::bundle::{self, Bundle, Manifest, SecretKey};
 use collector_runtime::engine::Sandbox;
 use collector_runtime::guest::{GuestModule, Supervisor};
 use collector_runtime::host::{Datetime, Limits, Services, TickTime};
@@ -218,4 +221,139 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `collector run` process with its output read line by line on background threads,
+/// killed on drop. `args` come after `run --pc-id pc-test --min-interval 10ms`.
+pub struct AgentProcess {
+    child: Child,
+    pub stdout: Receiver<String>,
+    pub stderr: Receiver<String>,
+}
+
+impl AgentProcess {
+    pub fn start(args: &[&std::ffi::OsStr]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_collector"))
+            .args(["run", "--pc-id", PC_ID, "--min-interval", "10ms"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The next ProcessPerf line on stdout (within 10 s).
+    pub fn next_message(&self) -> ProcessPerf {
+        let line = self
+            .stdout
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no ProcessPerf line on stdout ({e}); log:\n{}",
+                    self.drain_log()
+                )
+            });
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    /// What is left of the log, for failure messages.
+    fn drain_log(&self) -> String {
+        let mut out = Vec::new();
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(200)) {
+            out.push(line);
+        }
+        out.join("\n")
+    }
+
+    /// Skips stdout lines already printed, then waits for a fresh one.
+    pub fn fresh_message(&self) -> ProcessPerf {
+        while self.stdout.try_recv().is_ok() {}
+        self.next_message()
+    }
+
+    /// The next log line containing `needle` (within 10 s).
+    pub fn stderr_line_containing(&self, needle: &str) -> String {
+        loop {
+            let line = self
+                .stderr
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("no log line containing {needle:?} ({e})"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Stops the agent and waits for it.
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A deterministic signing key.
+pub fn key(n: u8) -> SecretKey {
+    SecretKey::from_seed(&[n; 32])
+}
+
+/// Writes `key`'s public half to `dir/name.pub`.
+pub fn write_public(dir: &Path, name: &str, key: &SecretKey) -> PathBuf {
+    let path = dir.join(format!("{name}.pub"));
+    std::fs::write(&path, key.public_key().to_line()).unwrap();
+    path
+}
+
+/// A bundle holding exactly these parts, with no consistency check: for crafting bad
+/// bundles as an attacker would.
+pub fn craft(manifest: &[u8], signers: &[&SecretKey], component: &[u8]) -> Vec<u8> {
+    Bundle {
+        manifest,
+        signatures: signers.iter().map(|k| k.sign(manifest)).collect(),
+        component,
+    }
+    .encode()
+    .unwrap()
+}
+
+/// A valid bundle of `component`.
+pub fn signed(name: &str, version: u64, component: &[u8], signers: &[&SecretKey]) -> Vec<u8> {
+    let manifest = Manifest::describe(name, version, component, chrono::Utc::now());
+    bundle::sign(&manifest, component, signers).unwrap()
+}
+
+/// Puts a file into a watched directory the way a deployment tool should: written
+/// beside it under a hidden name, then renamed, so the watcher never sees half a file.
+pub fn drop_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let tmp = dir.join(format!(".{name}.partial"));
+    std::fs::write(&tmp, bytes).unwrap();
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path).unwrap();
+    path
 }

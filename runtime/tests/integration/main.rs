@@ -4,6 +4,7 @@
 
 mod common;
 
+mod adversarial;
 mod agent;
 mod broken_guests;
 mod bundle_cli;
@@ -11,5 +12,6 @@ mod cache;
 mod cli;
 mod differential;
 mod guest;
+mod last_known_good;
 mod nats;
 mod swap;

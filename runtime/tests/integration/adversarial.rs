@@ -1,0 +1,201 @@
+//! The adversarial suite: a running agent is offered bundles an attacker (or an accident)
+//! could produce. Each one is refused with its reason logged, and the running module
+//! keeps publishing. The last case is a valid bundle whose guest publishes outside its
+//! grant: it runs, and every such publish is refused and logged.
+
+use chrono::{Duration as ChronoDuration, Utc};
+use collector_runtime::bundle::{Bundle, Manifest, sign};
+
+use crate::common::*;
+
+/// A component that imports `import` (an instance) on top of the guest world.
+fn importing(import: &str) -> Vec<u8> {
+    let wat = wat_guest("(i32.const 0)").replacen(
+        "(component",
+        &format!("(component\n  (import \"{import}\" (instance))"),
+        1,
+    );
+    wat::parse_str(wat).unwrap()
+}
+
+#[test]
+fn every_bad_bundle_is_refused_and_the_running_module_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, k2, stranger) = (key(1), key(2), key(9));
+    let pub1 = write_public(dir.path(), "k1", &k1);
+    let pub2 = write_public(dir.path(), "k2", &k2);
+    let modules = dir.path().join("modules");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&modules).unwrap();
+    let cfg = dir.path().join("agent.json");
+    std::fs::write(
+        &cfg,
+        r#"{"process_perf_enabled": true, "host_perf_interval": "100ms", "process_perf_top_n": 2}"#,
+    )
+    .unwrap();
+
+    let guest = std::fs::read(guest_wasm()).unwrap();
+    drop_file(
+        &modules,
+        "v2.bundle",
+        &signed("process-perf", 2, &guest, &[&k1, &k2]),
+    );
+    let agent = AgentProcess::start(&[
+        "--trust".as_ref(),
+        pub1.as_os_str(),
+        "--trust".as_ref(),
+        pub2.as_os_str(),
+        "--threshold".as_ref(),
+        "2".as_ref(),
+        "--modules".as_ref(),
+        modules.as_os_str(),
+        "--modules-poll".as_ref(),
+        "50ms".as_ref(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ]);
+    agent.stderr_line_containing("process-perf v2");
+    agent.next_message();
+
+    let v3 = |component: &[u8]| Manifest::describe("process-perf", 3, component, Utc::now());
+    let json = |m: &Manifest| m.to_json();
+    let good_v3 = signed("process-perf", 3, &guest, &[&k1, &k2]);
+
+    let mut flipped = good_v3.clone();
+    let last = flipped.len() - 10;
+    flipped[last] ^= 0x01;
+
+    let mut custom = guest.clone();
+    // A custom section (id 0) named "x" with a 3-byte payload, appended.
+    custom.extend_from_slice(&[0, 5, 1, b'x', 1, 2, 3]);
+    let custom_section = craft(&json(&v3(&guest)), &[&k1, &k2], &custom);
+
+    let other = wat::parse_str(wat_guest("(i32.const 0)")).unwrap();
+    let other_bundle = signed("process-perf", 3, &other, &[&k1, &k2]);
+    let copied_signatures = {
+        let manifest = json(&v3(&guest));
+        let theirs = Bundle::parse(&other_bundle).unwrap();
+        Bundle {
+            manifest: &manifest,
+            signatures: theirs.signatures.clone(),
+            component: &guest,
+        }
+        .encode()
+        .unwrap()
+    };
+    let same_key_twice = {
+        let manifest = json(&v3(&guest));
+        let mut twice = vec![k1.sign(&manifest), k1.sign(&manifest)];
+        twice[1].key_id = k2.id();
+        Bundle {
+            manifest: &manifest,
+            signatures: twice,
+            component: &guest,
+        }
+        .encode()
+        .unwrap()
+    };
+    let expired = {
+        let mut m = v3(&guest);
+        m.issued_at = Utc::now() - ChronoDuration::hours(2);
+        m.expires_at = Some(Utc::now() - ChronoDuration::hours(1));
+        craft(&json(&m), &[&k1, &k2], &guest)
+    };
+    let lower = signed("process-perf", 1, &guest, &[&k1, &k2]);
+    let same_version_other_bytes = signed("process-perf", 2, &other, &[&k1, &k2]);
+    let longer = {
+        let mut m = v3(&guest);
+        m.length += 100;
+        craft(&json(&m), &[&k1, &k2], &guest)
+    };
+    let huge_length = {
+        let mut b = b"CBUNDLE1".to_vec();
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        b.extend_from_slice(b"{}");
+        b
+    };
+    let core = wat::parse_str("(module)").unwrap();
+    let core_module = sign(&v3(&core), &core, &[&k1, &k2])
+        .map_or_else(|_| craft(&json(&v3(&core)), &[&k1, &k2], &core), |b| b);
+    let fs = importing("wasi:filesystem/preopens@0.2.0");
+    let filesystem = craft(&json(&v3(&fs)), &[&k1, &k2], &fs);
+    let net = importing("wasi:sockets/tcp-create-socket@0.2.0");
+    let sockets = craft(&json(&v3(&net)), &[&k1, &k2], &net);
+    let other_wit = {
+        let mut m = v3(&guest);
+        m.wit = "someone:else@1.0.0".into();
+        craft(&json(&m), &[&k1, &k2], &guest)
+    };
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("flipped.bundle", flipped, "altered after signing"),
+        (
+            "custom-section.bundle",
+            custom_section,
+            "bytes were added or removed",
+        ),
+        (
+            "unknown-key.bundle",
+            signed("process-perf", 3, &guest, &[&k1, &stranger]),
+            "which is not trusted",
+        ),
+        (
+            "copied-signatures.bundle",
+            copied_signatures,
+            "copied from another bundle",
+        ),
+        (
+            "threshold.bundle",
+            signed("process-perf", 3, &guest, &[&k1]),
+            "2 required",
+        ),
+        ("same-key-twice.bundle", same_key_twice, "counts once"),
+        ("expired.bundle", expired, "expired"),
+        ("lower-version.bundle", lower, "anti-rollback"),
+        (
+            "same-version-other-bytes.bundle",
+            same_version_other_bytes,
+            "already accepted with a different component",
+        ),
+        ("longer.bundle", longer, "bytes were added or removed"),
+        ("huge-length.bundle", huge_length, "more than the maximum"),
+        ("core-module.bundle", core_module, "core WebAssembly module"),
+        ("filesystem.bundle", filesystem, "wasi:filesystem"),
+        ("sockets.bundle", sockets, "wasi:sockets"),
+        ("other-wit.bundle", other_wit, "someone:else@1.0.0"),
+    ];
+    for (file, bytes, reason) in cases {
+        drop_file(&modules, file, &bytes);
+        let line = agent.stderr_line_containing(file);
+        assert!(line.contains("module refused"), "{file}: {line}");
+        assert!(
+            line.contains(reason),
+            "{file}: the reason should mention {reason:?}: {line}"
+        );
+        let msg = agent.fresh_message();
+        assert_eq!(
+            msg.pc_id, PC_ID,
+            "{file}: the running module keeps publishing"
+        );
+    }
+
+    // Valid and signed, but granted another subject than the one it publishes to.
+    let mut narrow = v3(&guest);
+    narrow.grants.publish = vec!["host_perf.{pc_id}".into()];
+    drop_file(
+        &modules,
+        "narrow-grant.bundle",
+        &sign(&narrow, &guest, &[&k1, &k2]).unwrap(),
+    );
+    agent.stderr_line_containing("process-perf v3");
+    let line = agent.stderr_line_containing("publish refused");
+    assert!(line.contains("not granted"), "{line}");
+    assert!(line.contains(&format!("process_perf.{PC_ID}")), "{line}");
+    let line = agent.stderr_line_containing("publish refused");
+    assert!(
+        line.contains("not granted"),
+        "the module keeps running: {line}"
+    );
+}
