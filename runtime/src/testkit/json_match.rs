@@ -123,12 +123,12 @@ fn compare(
                     })
                     .collect();
                 let mut owner: Vec<Option<usize>> = vec![None; a.len()];
-                for i in 0..e.len() {
+                for (i, ev) in e.iter().enumerate() {
                     let mut seen = vec![false; a.len()];
                     if !assign(i, &fits, &mut seen, &mut owner) {
                         out.push(Mismatch {
                             path: format!("{path}[{i}]"),
-                            expected: short(&e[i]),
+                            expected: short(ev),
                             actual: "no matching element (arrays compared in any order)".into(),
                         });
                     }
