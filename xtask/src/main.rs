@@ -3,6 +3,7 @@
 //! builds the guest component and runs the checks CI relies on.
 
 use std::env;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -117,17 +118,63 @@ fn build_guest() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// `collector <args>` through cargo (the dev build, shared with `cargo xtask test`).
+fn collector(args: &[&OsStr]) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "--package", "collector", "--"])
+        .args(args);
+    cmd
+}
+
+/// Builds the guest, signs it with a development key (made on first use, in
+/// target/dev-keys) and runs the agent on it with the example config: the same flow a
+/// security team uses, with a key that never leaves this checkout.
 fn run(extra: &[String]) -> Result<()> {
     let guest = build_guest()?;
+    let keys = root().join("target/dev-keys");
+    let key = keys.join("dev");
+    if !key.exists() {
+        std::fs::create_dir_all(&keys)?;
+        run_step(
+            "making a development signing key in target/dev-keys",
+            &mut collector(&[
+                "module".as_ref(),
+                "keygen".as_ref(),
+                "--out".as_ref(),
+                key.as_os_str(),
+            ]),
+        )?;
+    }
+    let bundle = root().join("target/guests/process-perf.bundle");
+    run_step(
+        "signing the guest with the development key",
+        collector(&[
+            "module".as_ref(),
+            "sign".as_ref(),
+            "--key".as_ref(),
+            key.as_os_str(),
+            "--name".as_ref(),
+            "process-perf".as_ref(),
+            "--version".as_ref(),
+            "1".as_ref(),
+            guest.as_os_str(),
+            "--out".as_ref(),
+            bundle.as_os_str(),
+        ])
+        .stdout(std::process::Stdio::null()),
+    )?;
     let config = root().join("runtime/config/process-perf-2s.json");
-    // The dev profile (dependencies optimized) shares its build with `cargo xtask test`.
-    let mut cmd = cargo();
-    cmd.args(["run", "--quiet", "--package", "collector", "--", "run"])
-        .arg("--guest")
-        .arg(&guest)
-        .arg("--config")
-        .arg(&config)
-        .args(extra);
+    let public = keys.join("dev.pub");
+    let mut cmd = collector(&[
+        "run".as_ref(),
+        "--trust".as_ref(),
+        public.as_os_str(),
+        "--guest".as_ref(),
+        bundle.as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]);
+    cmd.args(extra);
     eprintln!(
         "xtask: starting the agent with {} (Ctrl-C to stop)",
         config.display()
@@ -207,12 +254,10 @@ fn test(extra: &[String]) -> Result<()> {
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
 fn run_scenarios(guest: &Path, dir: &str) -> Result<()> {
+    let dir_path = root().join(dir);
     run_step(
         &format!("running the scenarios in {dir}"),
-        cargo()
-            .args(["run", "--quiet", "--package", "collector", "--", "test"])
-            .arg(guest)
-            .arg(root().join(dir)),
+        &mut collector(&["test".as_ref(), guest.as_os_str(), dir_path.as_os_str()]),
     )
 }
 
