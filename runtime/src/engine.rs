@@ -2,8 +2,7 @@
 //! background thread that advances its epoch (the clock behind per-call time budgets).
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -78,6 +77,11 @@ impl Sandbox {
     pub(crate) fn linker(&self) -> &Linker<HostState> {
         &self.linker
     }
+
+    /// Guest calls must hold an [`InCall`] from this gate so that epochs advance.
+    pub(crate) fn call_gate(&self) -> CallGate {
+        self._ticker.gate.clone()
+    }
 }
 
 /// Number of epoch ticks that cover `budget` (at least one).
@@ -86,26 +90,72 @@ pub(crate) fn ticks_for(budget: Duration) -> u64 {
     u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
 }
 
+/// Advances the engine's epoch every [`EPOCH_PERIOD`], but only while some guest call
+/// is in progress: between ticks an idle agent has no thread waking up at all.
 struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    gate: CallGate,
     thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct GateState {
+    active: usize,
+    stop: bool,
+}
+
+/// Counts guest calls in progress, waking the epoch ticker when the first one starts.
+#[derive(Clone, Default)]
+pub(crate) struct CallGate(Arc<(Mutex<GateState>, Condvar)>);
+
+/// Held for the duration of a guest call.
+pub(crate) struct InCall(CallGate);
+
+impl CallGate {
+    /// Marks a guest call as started until the returned guard is dropped.
+    pub(crate) fn enter(&self) -> InCall {
+        let (lock, wake) = &*self.0;
+        let mut state = lock.lock().expect("call gate lock");
+        state.active += 1;
+        if state.active == 1 {
+            wake.notify_one();
+        }
+        InCall(self.clone())
+    }
+}
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        let (lock, _) = &*(self.0).0;
+        lock.lock().expect("call gate lock").active -= 1;
+    }
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let gate = CallGate::default();
+        let shared = gate.clone();
         let thread = std::thread::Builder::new()
             .name("epoch-ticker".into())
             .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
+                let (lock, wake) = &*shared.0;
+                let mut state = lock.lock().expect("call gate lock");
+                loop {
+                    if state.stop {
+                        return;
+                    }
+                    if state.active == 0 {
+                        state = wake.wait(state).expect("call gate lock");
+                        continue;
+                    }
+                    drop(state);
                     std::thread::sleep(EPOCH_PERIOD);
                     engine.increment_epoch();
+                    state = lock.lock().expect("call gate lock");
                 }
             })
             .expect("spawn the epoch ticker thread");
         Self {
-            stop,
+            gate,
             thread: Some(thread),
         }
     }
@@ -113,7 +163,9 @@ impl EpochTicker {
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let (lock, wake) = &*self.gate.0;
+        lock.lock().expect("call gate lock").stop = true;
+        wake.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -12,7 +12,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::engine::{Sandbox, ticks_for};
+use crate::engine::{CallGate, Sandbox, ticks_for};
 use crate::host::{Collector, CollectorPre, HostState, HostStats, Services, TickTime, wasi};
 
 /// The WIT package guests are built against (`collector:api`), without version.
@@ -57,6 +57,7 @@ pub struct GuestModule {
     name: Arc<str>,
     pre: CollectorPre<HostState>,
     imports: Vec<String>,
+    calls: CallGate,
 }
 
 impl GuestModule {
@@ -120,6 +121,7 @@ impl GuestModule {
             name: name.into(),
             pre,
             imports,
+            calls: sandbox.call_gate(),
         })
     }
 
@@ -457,7 +459,10 @@ impl Supervisor {
         });
         store.data_mut().begin_call();
         store.set_epoch_deadline(ticks_for(store.data().services.limits.call_budget));
-        match self.module.pre.instantiate(&mut store) {
+        let in_call = self.module.calls.enter();
+        let instance = self.module.pre.instantiate(&mut store);
+        drop(in_call);
+        match instance {
             Ok(bindings) => {
                 self.slot = Slot::Live(Box::new(Live { store, bindings }));
                 Ok(())
@@ -479,11 +484,15 @@ impl Supervisor {
         call: &'static str,
         f: impl FnOnce(&Collector, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, GuestFault> {
+        let gate = self.module.calls.clone();
         let live = self.live()?;
         let budget = live.store.data().services.limits.call_budget;
         live.store.data_mut().begin_call();
         live.store.set_epoch_deadline(ticks_for(budget));
-        let result = f(&live.bindings, &mut live.store);
+        let result = {
+            let _in_call = gate.enter();
+            f(&live.bindings, &mut live.store)
+        };
         let dropped = live.store.data().call.dropped_log_lines;
         if dropped > 0 {
             tracing::warn!(
