@@ -3,7 +3,6 @@
 //! disk rates and their baseline (S7–S10), the message (S12, S14) and error handling (S13).
 //! Everything the loop needs from the outside world goes through [`Host`].
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -56,8 +55,10 @@ struct Baseline {
 pub struct ProcessPerfLoop {
     config: EffectiveConfig,
     interval: Duration,
-    /// Disk counters of the PIDs in the last published top-N (S10).
-    baseline: HashMap<u32, Baseline>,
+    /// Disk counters of the PIDs in the last published top-N (S10), sorted by PID. A
+    /// sorted vector rather than a hash map: it holds top-N entries only, and keeps the
+    /// component small and free of the random-seed import a `HashMap` brings.
+    baseline: Vec<(u32, Baseline)>,
     /// Monotonic time of the previous active tick; `None` after a reset.
     last_tick: Option<Duration>,
     /// Set while inactive and on cadence changes: the next active tick publishes no
@@ -72,7 +73,7 @@ impl Default for ProcessPerfLoop {
         Self {
             interval: config.host_perf_duration(),
             config,
-            baseline: HashMap::new(),
+            baseline: Vec::new(),
             last_tick: None,
             needs_reset: true,
             pc_id: None,
@@ -131,7 +132,7 @@ impl ProcessPerfLoop {
             // S1/S11: the gate check is all the work an inactive tick does.
             if !self.baseline.is_empty() {
                 host.log(Level::Debug, "inactive: clearing the PID baseline");
-                self.baseline = HashMap::new();
+                self.baseline = Vec::new();
             }
             self.last_tick = None;
             self.needs_reset = true;
@@ -156,7 +157,7 @@ impl ProcessPerfLoop {
         let names = host.names(&top_pids);
 
         let rates_known = !self.needs_reset && elapsed >= MIN_RATE_WINDOW;
-        let mut next_baseline = HashMap::with_capacity(top.len());
+        let mut next_baseline = Vec::with_capacity(top.len());
         let processes = top
             .iter()
             .zip(names)
@@ -166,8 +167,11 @@ impl ProcessPerfLoop {
                     read: sample.disk_read_bytes[i],
                     written: sample.disk_written_bytes[i],
                 };
-                let prev = rates_known.then(|| self.baseline.get(&pid)).flatten();
-                next_baseline.insert(pid, now_io);
+                let prev = rates_known
+                    .then(|| self.baseline.binary_search_by_key(&pid, |(p, _)| *p).ok())
+                    .flatten()
+                    .map(|i| self.baseline[i].1);
+                next_baseline.push((pid, now_io));
                 ProcessSnapshot {
                     pid,
                     name,
@@ -180,6 +184,7 @@ impl ProcessPerfLoop {
                 }
             })
             .collect();
+        next_baseline.sort_unstable_by_key(|(pid, _)| *pid);
         self.baseline = next_baseline;
         self.needs_reset = false;
 
@@ -202,8 +207,7 @@ impl ProcessPerfLoop {
 
     /// Serializes the rate baseline for a successor module.
     pub fn save_state(&self) -> Vec<u8> {
-        let mut baseline: Vec<_> = self.baseline.iter().map(|(p, b)| (*p, *b)).collect();
-        baseline.sort_by_key(|(pid, _)| *pid);
+        let baseline = self.baseline.clone();
         let state = SavedState {
             format: STATE_FORMAT.into(),
             interval_ns: duration_ns(self.interval),
@@ -231,7 +235,10 @@ impl ProcessPerfLoop {
         self.interval = Duration::from_nanos(state.interval_ns);
         self.last_tick = state.last_tick_ns.map(Duration::from_nanos);
         self.needs_reset = state.needs_reset;
-        self.baseline = state.baseline.into_iter().collect();
+        let mut baseline = state.baseline;
+        baseline.sort_unstable_by_key(|(pid, _)| *pid);
+        baseline.dedup_by_key(|(pid, _)| *pid);
+        self.baseline = baseline;
         Ok(())
     }
 }

@@ -1,0 +1,635 @@
+//! What the sandbox costs the endpoint, measured side by side with native baselines on the
+//! same inputs in the same run: `cargo xtask bench` writes the table to BENCHMARKS.md.
+//!
+//! Under `cargo bench` (which passes `--bench`) every measurement runs in full; under
+//! `cargo test --benches` it runs in smoke mode, a handful of iterations that only prove
+//! the harness still works. Ratios, not absolute times, are the point: the machine is
+//! noisy, so guest and native runs are interleaved and medians are reported.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use collector_runtime::bundle::{self, Manifest, SecretKey, TrustStore};
+use collector_runtime::engine::Sandbox;
+use collector_runtime::guest::{GuestModule, Supervisor};
+use collector_runtime::host::{Datetime, HostStats, Services, TickTime};
+use collector_runtime::reference::ReferenceLoop;
+use collector_runtime::sink::{Sink, SinkError};
+use collector_runtime::source::{ProcessSource, ProcessTable, StaticSource, SysinfoSource};
+use collector_shared::EffectiveConfig;
+
+const PC_ID: &str = "bench-pc";
+const SIZES: [usize; 3] = [100, 1_000, 10_000];
+
+/// Counts what it is given and drops it, so both sides pay the same for "publishing".
+#[derive(Default)]
+struct NullSink(AtomicU64);
+
+impl Sink for NullSink {
+    fn publish(&self, _subject: &str, payload: &[u8]) -> Result<(), SinkError> {
+        self.0.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// How much work each measurement does.
+struct Effort {
+    rounds: usize,
+    per_round: usize,
+    sysinfo_ticks: usize,
+    swaps: usize,
+    idle_ticks: usize,
+    idle_wait: Duration,
+    rss_ticks: usize,
+}
+
+impl Effort {
+    fn full() -> Self {
+        Self {
+            rounds: 15,
+            per_round: 40,
+            sysinfo_ticks: 120,
+            swaps: 10,
+            idle_ticks: 2_000,
+            idle_wait: Duration::from_secs(2),
+            rss_ticks: 30,
+        }
+    }
+
+    fn smoke() -> Self {
+        Self {
+            rounds: 2,
+            per_round: 2,
+            sysinfo_ticks: 2,
+            swaps: 1,
+            idle_ticks: 5,
+            idle_wait: Duration::from_millis(50),
+            rss_ticks: 2,
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let guest = guest_path();
+    if let Some(i) = args.iter().position(|a| a == "--rss-child") {
+        let n = args[i + 1].parse().expect("--rss-child N");
+        let ticks = args[i + 2].parse().expect("--rss-child N TICKS");
+        let cache = args.get(i + 3).map(PathBuf::from);
+        rss_child(&guest, n, ticks, cache.as_deref());
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--profile-guest-tick") {
+        // For `perf record`: nothing but guest ticks at N processes for S seconds.
+        let n = args[i + 1].parse().expect("--profile-guest-tick N SECONDS");
+        let secs: u64 = args[i + 2].parse().expect("--profile-guest-tick N SECONDS");
+        let sandbox = Sandbox::new().expect("engine");
+        let module = Arc::new(GuestModule::from_file(&sandbox, &guest).expect("guest"));
+        let mut sup = supervisor(&module, Box::new(synthetic(n)));
+        let (start, mut mono, mut ticks) = (Instant::now(), Duration::ZERO, 0u64);
+        while start.elapsed() < Duration::from_secs(secs) {
+            mono += Duration::from_secs(60);
+            sup.tick(clock(mono).0).expect("tick");
+            ticks += 1;
+        }
+        println!(
+            "{:.2} µs per tick",
+            start.elapsed().as_secs_f64() * 1e6 / ticks as f64
+        );
+        return;
+    }
+    let full = args.iter().any(|a| a == "--bench");
+    let effort = if full {
+        Effort::full()
+    } else {
+        Effort::smoke()
+    };
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .map(|i| PathBuf::from(&args[i + 1]));
+
+    let mut rows = Vec::new();
+    let sandbox = Sandbox::new().expect("engine");
+    let bytes = std::fs::read(&guest).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build it with `cargo xtask build-guest` (cargo xtask bench does)",
+            guest.display()
+        )
+    });
+    let module =
+        Arc::new(GuestModule::from_bytes(&sandbox, "process-perf", &bytes).expect("guest"));
+
+    for n in SIZES {
+        eprintln!("bench: guest tick vs native reference, {n} processes");
+        rows.push(tick_vs_native(&module, n, &effort));
+    }
+    eprintln!("bench: whole tick with real sysinfo");
+    rows.push(real_sysinfo(&module, &effort));
+    eprintln!("bench: hot swap latency");
+    rows.extend(swap_latency(&module, &bytes, &effort));
+    eprintln!("bench: idle cost");
+    rows.extend(idle_cost(&module, &effort));
+    eprintln!("bench: peak RSS");
+    rows.extend(peak_rss(&guest, &effort));
+
+    let report = render(&rows, &bytes, full);
+    println!("{report}");
+    if let Some(out) = out {
+        std::fs::write(&out, &report).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+        eprintln!("bench: wrote {}", out.display());
+    }
+    let missed = rows.iter().filter(|r| !r.met).count();
+    eprintln!(
+        "bench: {} measurements, {} targets met, {missed} missed",
+        rows.len(),
+        rows.len() - missed
+    );
+}
+
+fn guest_path() -> PathBuf {
+    std::env::var_os("COLLECTOR_GUEST_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guests/process-perf.wasm")
+        })
+}
+
+/// One line of the report.
+struct Row {
+    what: String,
+    sandboxed: String,
+    baseline: String,
+    result: String,
+    target: String,
+    met: bool,
+}
+
+fn enabled() -> EffectiveConfig {
+    EffectiveConfig {
+        process_perf_enabled: true,
+        ..EffectiveConfig::default()
+    }
+}
+
+fn clock(mono: Duration) -> (TickTime, DateTime<Utc>) {
+    let wall = DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+        + chrono::Duration::from_std(mono).unwrap();
+    let time = TickTime {
+        wall: Datetime {
+            seconds: wall.timestamp(),
+            nanoseconds: wall.timestamp_subsec_nanos(),
+        },
+        monotonic: mono.as_nanos() as u64,
+    };
+    (time, wall)
+}
+
+/// A deterministic synthetic process table: spread-out CPU readings with ties and some
+/// idle processes, realistic memory and I/O counters.
+fn synthetic(n: usize) -> StaticSource {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let pids: Vec<u32> = (0..n as u32).map(|i| 100 + i * 3).collect();
+    let cpu = (0..n)
+        .map(|_| match next() % 10 {
+            0..=3 => 0.0,
+            4 => 1.5,
+            _ => (next() % 40_000) as f32 / 100.0,
+        })
+        .collect();
+    StaticSource {
+        table: ProcessTable {
+            cpu_pct: cpu,
+            rss_bytes: (0..n).map(|_| next() % (4 << 30)).collect(),
+            disk_read_bytes: (0..n).map(|_| next() % (1 << 40)).collect(),
+            disk_written_bytes: (0..n).map(|_| next() % (1 << 40)).collect(),
+            pids: pids.clone(),
+        },
+        names: pids
+            .iter()
+            .map(|p| (*p, format!("process-{p}")))
+            .collect::<HashMap<_, _>>(),
+    }
+}
+
+fn supervisor(module: &Arc<GuestModule>, source: Box<dyn ProcessSource>) -> Supervisor {
+    let mut sup = Supervisor::new(
+        module.clone(),
+        Services::new(source, Arc::new(NullSink::default()), PC_ID),
+    );
+    sup.configure(&enabled()).expect("configure");
+    sup
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn micros(d: f64) -> String {
+    if d >= 1000.0 {
+        format!("{:.2} ms", d / 1000.0)
+    } else {
+        format!("{d:.1} µs")
+    }
+}
+
+fn ratio_row(what: String, guest_us: f64, native_us: f64, limit: f64) -> Row {
+    let ratio = guest_us / native_us;
+    Row {
+        what,
+        sandboxed: micros(guest_us),
+        baseline: micros(native_us),
+        result: format!("{ratio:.3}x"),
+        target: format!("≤ {limit}x"),
+        met: ratio <= limit,
+    }
+}
+
+/// 1. One tick of the guest (boundary crossing and publish included) against the native
+///    reference implementation, on the same synthetic table.
+fn tick_vs_native(module: &Arc<GuestModule>, n: usize, e: &Effort) -> Row {
+    let mut guest = supervisor(module, Box::new(synthetic(n)));
+    let mut native = ReferenceLoop::new(PC_ID, enabled());
+    let mut source = synthetic(n);
+    let sink = NullSink::default();
+    let mut mono = Duration::ZERO;
+    let (mut guest_rounds, mut native_rounds) = (Vec::new(), Vec::new());
+    for round in 0..=e.rounds {
+        let start = Instant::now();
+        for _ in 0..e.per_round {
+            mono += Duration::from_secs(60);
+            guest.tick(clock(mono).0).expect("guest tick");
+        }
+        let g = start.elapsed().as_secs_f64() * 1e6 / e.per_round as f64;
+        let start = Instant::now();
+        for _ in 0..e.per_round {
+            mono += Duration::from_secs(60);
+            if let Some((subject, payload)) = native.tick(clock(mono).1, mono, &mut source) {
+                sink.publish(&subject, &payload).expect("null sink");
+            }
+        }
+        let nat = start.elapsed().as_secs_f64() * 1e6 / e.per_round as f64;
+        // Round 0 warms caches and the allocator on both sides.
+        if round > 0 {
+            guest_rounds.push(g);
+            native_rounds.push(nat);
+        }
+    }
+    let limit = if n >= 10_000 { 1.3 } else { 1.2 };
+    ratio_row(
+        format!("guest tick vs native logic, {n} processes"),
+        median(guest_rounds),
+        median(native_rounds),
+        limit,
+    )
+}
+
+/// 2. A whole tick on this machine's real processes: the runtime with the guest against
+///    the seed-equivalent native loop, each with its own sysinfo `System` and the same
+///    refresh kinds. Ticks alternate so both see the same machine.
+fn real_sysinfo(module: &Arc<GuestModule>, e: &Effort) -> Row {
+    let mut guest = supervisor(module, Box::new(SysinfoSource::new().expect("sysinfo")));
+    let mut native = ReferenceLoop::new(PC_ID, enabled());
+    let mut source = SysinfoSource::new().expect("sysinfo");
+    let sink = NullSink::default();
+    let origin = Instant::now();
+    let (mut g, mut nat) = (Vec::new(), Vec::new());
+    for i in 0..e.sysinfo_ticks + 2 {
+        let mono = origin.elapsed();
+        let start = Instant::now();
+        guest.tick(clock(mono).0).expect("guest tick");
+        let gt = start.elapsed().as_secs_f64() * 1e6;
+        let start = Instant::now();
+        if let Some((subject, payload)) = native.tick(clock(mono).1, mono, &mut source) {
+            sink.publish(&subject, &payload).expect("null sink");
+        }
+        let nt = start.elapsed().as_secs_f64() * 1e6;
+        // The first two refreshes of each `System` build its process list.
+        if i >= 2 {
+            g.push(gt);
+            nat.push(nt);
+        }
+    }
+    let processes = source
+        .sample(Default::default())
+        .map(|t| t.len())
+        .unwrap_or(0);
+    ratio_row(
+        format!("whole tick, real sysinfo ({processes} processes on this machine)"),
+        median(g),
+        median(nat),
+        1.02,
+    )
+}
+
+/// 3. From a signed bundle being available to the first tick of the new module: verify,
+///    compile (or load from the compile cache), instantiate with the predecessor's
+///    state, configure, tick.
+fn swap_latency(module: &Arc<GuestModule>, bytes: &[u8], e: &Effort) -> Vec<Row> {
+    let key = SecretKey::from_seed(&[42; 32]);
+    let manifest = Manifest::describe("process-perf", 2, bytes, Utc::now());
+    let signed = bundle::sign(&manifest, bytes, &[&key]).expect("sign");
+    let trust = TrustStore::new([key.public_key()], 1).expect("trust");
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    let cached = Sandbox::with_cache(cache_dir.path()).expect("cache");
+    GuestModule::from_bytes(&cached, "warm-up", bytes).expect("fill the cache");
+    let plain = Sandbox::new().expect("engine");
+
+    let measure = |sandbox: &Arc<Sandbox>| {
+        let mut sup = supervisor(module, Box::new(synthetic(1_000)));
+        let mut mono = Duration::from_secs(60);
+        sup.tick(clock(mono).0).expect("tick");
+        let mut times = Vec::new();
+        for _ in 0..e.swaps {
+            mono += Duration::from_secs(60);
+            let start = Instant::now();
+            let verified =
+                bundle::verify("bench", &signed, &trust, Utc::now(), None).expect("verify");
+            let next = GuestModule::from_bytes(sandbox, "process-perf", &verified.component)
+                .expect("load");
+            let state = sup.save_state().expect("save");
+            sup.swap_module(Arc::new(next));
+            sup.start(state.as_deref()).expect("start");
+            sup.tick(clock(mono).0).expect("first tick");
+            times.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+        median(times)
+    };
+    let from_wasm = measure(&plain);
+    let from_cache = measure(&cached);
+    let size = format!("{} KB component", bytes.len() / 1000);
+    vec![
+        Row {
+            what: format!("hot swap to first tick, compiling the .wasm ({size})"),
+            sandboxed: micros(from_wasm),
+            baseline: "—".into(),
+            result: micros(from_wasm),
+            target: "≤ 100 ms (component < 200 KB)".into(),
+            met: from_wasm <= 100_000.0,
+        },
+        Row {
+            what: "hot swap to first tick, from the compile cache".into(),
+            sandboxed: micros(from_cache),
+            baseline: "—".into(),
+            result: micros(from_cache),
+            target: "≤ 2 ms".into(),
+            met: from_cache <= 2_000.0,
+        },
+    ]
+}
+
+fn thread_cpu() -> Duration {
+    cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn process_cpu() -> Duration {
+    cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn cpu_clock(id: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// 4. A gated-off loop (process_perf disabled): CPU per idle tick, host calls made, and
+///    what the agent burns between ticks.
+fn idle_cost(module: &Arc<GuestModule>, e: &Effort) -> Vec<Row> {
+    let mut sup = Supervisor::new(
+        module.clone(),
+        Services::new(
+            Box::new(synthetic(10_000)),
+            Arc::new(NullSink::default()),
+            PC_ID,
+        ),
+    );
+    sup.configure(&EffectiveConfig::default())
+        .expect("configure");
+    let mut mono = Duration::ZERO;
+    sup.tick(clock(mono).0).expect("warm-up tick");
+    let stats = sup.stats();
+    let calls_before = host_calls(&stats);
+    let start = thread_cpu();
+    for _ in 0..e.idle_ticks {
+        mono += Duration::from_secs(60);
+        sup.tick(clock(mono).0).expect("idle tick");
+    }
+    let per_tick = (thread_cpu() - start).as_secs_f64() * 1e6 / e.idle_ticks as f64;
+    let calls = host_calls(&stats) - calls_before;
+
+    let before = process_cpu();
+    std::thread::sleep(e.idle_wait);
+    let between = (process_cpu() - before).as_secs_f64() * 1e6 / e.idle_wait.as_secs_f64();
+    vec![
+        Row {
+            what: "idle tick (gated off): CPU time per tick".into(),
+            sandboxed: micros(per_tick),
+            baseline: "—".into(),
+            result: micros(per_tick),
+            target: "≤ 20 µs".into(),
+            met: per_tick <= 20.0,
+        },
+        Row {
+            what: format!(
+                "idle ticks: host calls (samples, names, publishes) in {}",
+                e.idle_ticks
+            ),
+            sandboxed: calls.to_string(),
+            baseline: "—".into(),
+            result: format!("{calls} calls, no process enumeration"),
+            target: "0 enumerations".into(),
+            met: HostStats::get(&stats.samples) == 0 && calls == 0,
+        },
+        Row {
+            what: "idle agent between ticks: CPU of the whole process".into(),
+            sandboxed: format!("{} per second", micros(between)),
+            baseline: "—".into(),
+            result: format!("{} per second", micros(between)),
+            target: "no periodic work".into(),
+            met: between <= 1_000.0,
+        },
+    ]
+}
+
+fn host_calls(stats: &HostStats) -> u64 {
+    HostStats::get(&stats.samples)
+        + HostStats::get(&stats.name_calls)
+        + HostStats::get(&stats.published)
+}
+
+/// 5. Peak RSS of an agent process running the guest over N synthetic processes, on a
+///    first start (compiling the guest) and on a restart (from the compile cache).
+fn peak_rss(guest: &Path, e: &Effort) -> Vec<Row> {
+    let exe = std::env::current_exe().expect("current exe");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let run = |n: usize, cache: Option<&Path>| -> f64 {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--rss-child", &n.to_string(), &e.rss_ticks.to_string()])
+            .env("COLLECTOR_GUEST_WASM", guest);
+        if let Some(c) = cache {
+            cmd.arg(c);
+        }
+        let out = cmd.output().expect("spawn the RSS child");
+        assert!(
+            out.status.success(),
+            "RSS child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .strip_prefix("maxrss_kb=")
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("unexpected RSS child output: {text}"))
+            / 1024.0
+    };
+    // Fill the cache once so that the restart measurements deserialize.
+    run(100, Some(cache.path()));
+    SIZES
+        .iter()
+        .flat_map(|&n| {
+            let first = run(n, None);
+            let restart = run(n, Some(cache.path()));
+            let limit = if n >= 10_000 { Some(25.0) } else { None };
+            [
+                ("first start, compiling", first),
+                ("restart, compile cache", restart),
+            ]
+            .into_iter()
+            .map(move |(how, mb)| Row {
+                what: format!("agent peak RSS, {n} processes ({how})"),
+                sandboxed: format!("{mb:.1} MB"),
+                baseline: "—".into(),
+                result: format!("{mb:.1} MB"),
+                target: limit.map_or("—".into(), |l| format!("≤ {l} MB")),
+                met: limit.is_none_or(|l| mb <= l),
+            })
+        })
+        .collect()
+}
+
+fn rss_child(guest: &Path, n: usize, ticks: usize, cache: Option<&Path>) {
+    let sandbox = match cache {
+        Some(dir) => Sandbox::with_cache(dir).expect("cache"),
+        None => Sandbox::new().expect("engine"),
+    };
+    let bytes = std::fs::read(guest).expect("guest");
+    let module =
+        Arc::new(GuestModule::from_bytes(&sandbox, "process-perf", &bytes).expect("guest"));
+    drop(bytes);
+    let mut sup = supervisor(&module, Box::new(synthetic(n)));
+    let mut mono = Duration::ZERO;
+    for _ in 0..ticks {
+        mono += Duration::from_secs(60);
+        sup.tick(clock(mono).0).expect("tick");
+    }
+    let mut usage: libc::rusage = unsafe {
+        // SAFETY: rusage is plain old data; all-zero is a valid value.
+        std::mem::zeroed()
+    };
+    // SAFETY: `usage` is a valid, writable rusage for the duration of the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    assert_eq!(rc, 0, "getrusage");
+    println!("maxrss_kb={}", usage.ru_maxrss);
+}
+
+fn render(rows: &[Row], guest: &[u8], full: bool) -> String {
+    let mut out = String::new();
+    out.push_str("# Benchmarks\n\n");
+    out.push_str(
+        "What moving the collector's logic into a WebAssembly sandbox costs the endpoint, \
+         measured by `cargo xtask bench` (the harness is `runtime/benches/sandbox.rs`). \
+         Sandboxed and native runs are interleaved in the same process on the same inputs, \
+         and medians are reported: compare ratios, not absolute times, across machines.\n\n",
+    );
+    if !full {
+        out.push_str("**Smoke run: a few iterations only; these numbers mean nothing.**\n\n");
+    }
+    out.push_str("## Machine\n\n");
+    for line in machine(guest) {
+        out.push_str(&format!("- {line}\n"));
+    }
+    out.push_str("\n## Results\n\n");
+    out.push_str("| measurement | sandboxed | native baseline | result | target | verdict |\n");
+    out.push_str("|---|---|---|---|---|---|\n");
+    for r in rows {
+        let verdict = if r.met { "met" } else { "**MISSED**" };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {verdict} |\n",
+            r.what, r.sandboxed, r.baseline, r.result, r.target
+        ));
+    }
+    out.push_str(
+        "\n## Reproduce\n\n```sh\ncargo xtask bench    # builds the guest and the release harness, \
+         rewrites this file\n```\n\n`cargo xtask test` runs the same harness in smoke mode.\n",
+    );
+    out
+}
+
+fn machine(guest: &[u8]) -> Vec<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or("unknown".into(), |kb| {
+            format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0)
+        });
+    let command = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let wasmtime =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock"))
+            .ok()
+            .and_then(|lock| {
+                let i = lock.find("name = \"wasmtime\"\n")?;
+                lock[i..].lines().nth(1).map(|l| {
+                    l.trim_start_matches("version = ")
+                        .trim_matches('"')
+                        .to_string()
+                })
+            })
+            .unwrap_or_default();
+    vec![
+        format!("CPU: {model}, {cores} cores available"),
+        format!("memory: {mem}"),
+        format!("OS: {}", command("uname", &["-sr"])),
+        format!("toolchain: {}", command("rustc", &["--version"])),
+        format!("wasmtime {wasmtime}, Cranelift, epoch interruption on"),
+        format!("guest: process-perf, {} bytes", guest.len()),
+        format!("measured: {}", Utc::now().format("%Y-%m-%d %H:%M UTC")),
+    ]
+}
