@@ -64,7 +64,8 @@ pub struct ProcessPerfLoop {
     /// Set while inactive and on cadence changes: the next active tick publishes no
     /// rates and starts a fresh baseline (S9).
     needs_reset: bool,
-    pc_id: Option<String>,
+    /// The publish subject and this machine's id, asked of the host once.
+    identity: Option<(String, String)>,
 }
 
 impl Default for ProcessPerfLoop {
@@ -76,7 +77,7 @@ impl Default for ProcessPerfLoop {
             baseline: Vec::new(),
             last_tick: None,
             needs_reset: true,
-            pc_id: None,
+            identity: None,
         }
     }
 }
@@ -188,16 +189,21 @@ impl ProcessPerfLoop {
         self.baseline = next_baseline;
         self.needs_reset = false;
 
-        let pc_id = self.pc_id.get_or_insert_with(|| host.pc_id()).clone();
+        let identity = self.identity.get_or_insert_with(|| {
+            let pc_id = host.pc_id();
+            (subject::process_perf(&pc_id), pc_id)
+        });
         let message = ProcessPerf {
-            pc_id,
+            pc_id: identity.1.clone(),
             at: now,
             processes,
         };
+        // Sized for the usual message, so the buffer is not regrown (and copied) mid-way.
+        let mut payload = Vec::with_capacity(128 + 192 * message.processes.len());
         // S13: neither failure stops the loop.
-        match serde_json::to_vec(&message) {
-            Ok(payload) => {
-                if let Err(e) = host.publish(&subject::process_perf(&message.pc_id), &payload) {
+        match serde_json::to_writer(&mut payload, &message) {
+            Ok(()) => {
+                if let Err(e) = host.publish(&identity.0, &payload) {
                     host.log(Level::Warn, &format!("publish process_perf: {e}"));
                 }
             }

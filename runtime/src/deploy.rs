@@ -21,8 +21,9 @@ use crate::grant::Grant;
 use crate::guest::GuestModule;
 use crate::host::Limits;
 
-/// File of the state directory holding the last-known-good bundle.
-pub const LKG_FILE: &str = "last-known-good.bundle";
+/// Directory of the state directory holding last-known-good bundles, one file per
+/// module version (so that the file the state points to is never overwritten).
+pub const LKG_DIR: &str = "last-known-good";
 /// File of the state directory recording the last-known-good module and rolled-back ones.
 pub const AGENT_STATE_FILE: &str = "agent-state.json";
 const AGENT_STATE_FORMAT: &str = "collector-agent-state/1";
@@ -153,9 +154,15 @@ impl StateDir {
         self.state.last_known_good.as_ref()
     }
 
-    /// Whether `sha256` was rolled back before, and why.
-    pub fn failed(&self, sha256: &str) -> Option<&FailedModule> {
-        self.state.failed.iter().find(|f| f.id.sha256 == sha256)
+    /// Whether this exact module (name, version and bytes) was rolled back, and why.
+    pub fn failed(&self, id: &ModuleId) -> Option<&FailedModule> {
+        self.state.failed.iter().find(|f| f.id == *id)
+    }
+
+    fn lkg_path(&self, id: &ModuleId) -> PathBuf {
+        self.dir
+            .join(LKG_DIR)
+            .join(format!("{}-v{}.bundle", id.name, id.version))
     }
 
     fn save(&self) -> std::io::Result<()> {
@@ -165,14 +172,22 @@ impl StateDir {
     }
 
     /// Makes `bundle` the last-known-good module.
+    /// Makes `bundle` the last-known-good module. The bundle is written under its own
+    /// name before the state points to it, and the previous one is removed only after:
+    /// a crash at any point leaves a state whose bundle exists.
     fn set_last_known_good(&mut self, id: &ModuleId, bundle: &[u8]) -> std::io::Result<()> {
-        write_atomic(&self.dir.join(LKG_FILE), bundle, None)?;
-        self.state.last_known_good = Some(id.clone());
-        self.save()
+        std::fs::create_dir_all(self.dir.join(LKG_DIR))?;
+        write_atomic(&self.lkg_path(id), bundle, None)?;
+        let previous = self.state.last_known_good.replace(id.clone());
+        self.save()?;
+        if let Some(old) = previous.filter(|old| old != id) {
+            let _ = std::fs::remove_file(self.lkg_path(&old));
+        }
+        Ok(())
     }
 
     fn record_failure(&mut self, id: &ModuleId, reason: &str) -> std::io::Result<()> {
-        if self.failed(&id.sha256).is_none() {
+        if self.failed(id).is_none() {
             self.state.failed.push(FailedModule {
                 id: id.clone(),
                 reason: reason.to_string(),
@@ -258,9 +273,9 @@ impl Deployer {
             version: manifest.version,
             sha256: manifest.sha256.clone(),
         };
-        if let Some(failed) = state.as_ref().and_then(|s| s.failed(&id.sha256)) {
+        if let Some(failed) = state.as_ref().and_then(|s| s.failed(&id)) {
             return Err(refuse(format!(
-                "this module was rolled back on {} ({}); publish a new version",
+                "this version was rolled back on {} ({}); publish a new version",
                 failed.at.format("%Y-%m-%d %H:%M:%S UTC"),
                 failed.reason
             )));
@@ -347,7 +362,7 @@ impl Deployer {
             let Some(id) = s.last_known_good().cloned() else {
                 return Ok(None);
             };
-            (s.dir.join(LKG_FILE), id)
+            (s.lkg_path(&id), id)
         };
         let bytes = bundle::read_bounded(&path, MAX_BUNDLE_LEN).map_err(|e| Refused {
             subject: path.display().to_string(),
@@ -436,6 +451,10 @@ impl Deployer {
     ) -> Option<Accepted> {
         let mut best: Option<Accepted> = None;
         for path in files {
+            if !starts_with_magic(path) {
+                tracing::warn!(file = %path.display(), "not a signed bundle; a modules directory takes bundles only (see `collector module sign`)");
+                continue;
+            }
             match self.load_file(path) {
                 Ok(a) if name.is_some_and(|n| n != a.id.name) => {
                     tracing::info!(file = %path.display(), module = %a.id, "bundle for another module; ignored");
@@ -450,6 +469,15 @@ impl Deployer {
         }
         best
     }
+}
+
+/// Whether the file begins like a bundle (reads 8 bytes only).
+fn starts_with_magic(path: &Path) -> bool {
+    use std::io::Read as _;
+    let mut head = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head == *MAGIC)
 }
 
 /// Names a bundle by its manifest when it can be read, for log lines.
@@ -529,4 +557,68 @@ pub fn watch(
             }
         })
         .expect("spawn the modules watcher thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(version: u64, sha: &str) -> ModuleId {
+        ModuleId {
+            name: "process-perf".into(),
+            version,
+            sha256: sha.into(),
+        }
+    }
+
+    #[test]
+    fn a_rolled_back_version_does_not_taint_other_versions_of_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = StateDir::open(dir.path()).unwrap();
+        state.set_last_known_good(&id(2, "aa"), b"v2").unwrap();
+        // v3 re-signs the same component (other limits) and is rolled back.
+        state
+            .record_failure(&id(3, "aa"), "failed to start")
+            .unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert!(state.failed(&id(3, "aa")).is_some());
+        assert!(
+            state.failed(&id(2, "aa")).is_none(),
+            "the last-known-good stays usable"
+        );
+        assert_eq!(state.last_known_good(), Some(&id(2, "aa")));
+    }
+
+    #[test]
+    fn the_last_known_good_file_is_replaced_only_after_the_state_points_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = StateDir::open(dir.path()).unwrap();
+        state.set_last_known_good(&id(1, "aa"), b"one").unwrap();
+        state.set_last_known_good(&id(2, "bb"), b"two").unwrap();
+        let lkg = dir.path().join(LKG_DIR);
+        let mut files: Vec<_> = std::fs::read_dir(&lkg)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["process-perf-v2.bundle"]);
+        assert_eq!(
+            std::fs::read(lkg.join("process-perf-v2.bundle")).unwrap(),
+            b"two"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(AGENT_STATE_FILE), "{not json").unwrap();
+        let err = StateDir::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains(AGENT_STATE_FILE) && err.contains("corrupt"),
+            "{err}"
+        );
+    }
 }

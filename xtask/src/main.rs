@@ -16,6 +16,7 @@ commands:
   build-guest   build the default guest component into target/guests/process-perf.wasm
   run           build the guest and run the agent with an example config (JSON lines on stdout)
   test          check formatting and lints, build the guest, and run every test of the workspace
+  bench         measure what the sandbox costs against native baselines; writes BENCHMARKS.md
   help          show this text
 
 `test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         Some("build-guest") => build_guest().map(|p| println!("{}", p.display())),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -146,6 +148,11 @@ fn run(extra: &[String]) -> Result<()> {
         )?;
     }
     let bundle = root().join("target/guests/process-perf.bundle");
+    // Versions only grow (anti-rollback): the build time is one that always does.
+    let version = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs())
+        .to_string();
     run_step(
         "signing the guest with the development key",
         collector(&[
@@ -156,7 +163,7 @@ fn run(extra: &[String]) -> Result<()> {
             "--name".as_ref(),
             "process-perf".as_ref(),
             "--version".as_ref(),
-            "1".as_ref(),
+            version.as_ref(),
             guest.as_os_str(),
             "--out".as_ref(),
             bundle.as_os_str(),
@@ -230,6 +237,20 @@ fn test(extra: &[String]) -> Result<()> {
             .env("COLLECTOR_GUEST_WASM", &guest)
             .env("COLLECTOR_NATS_SERVER", &nats),
     )?;
+    run_step(
+        "running the benchmark harness in smoke mode",
+        cargo()
+            .args([
+                "test",
+                "--quiet",
+                "--package",
+                "collector",
+                "--bench",
+                "sandbox",
+            ])
+            .env("COLLECTOR_GUEST_WASM", &guest)
+            .stdout(std::process::Stdio::null()),
+    )?;
     run_scenarios(&guest, "guest-process-perf/scenarios")?;
     // The example guest is built exactly as docs/writing-a-guest.md tells its readers.
     run_step(
@@ -250,6 +271,28 @@ fn test(extra: &[String]) -> Result<()> {
     )?;
     eprintln!("xtask: all checks passed");
     Ok(())
+}
+
+/// Runs every benchmark in full (release build) and writes BENCHMARKS.md.
+fn bench(extra: &[String]) -> Result<()> {
+    let guest = build_guest()?;
+    let out = root().join("BENCHMARKS.md");
+    run_step(
+        "running the benchmarks (the release build takes minutes the first time)",
+        cargo()
+            .args([
+                "bench",
+                "--package",
+                "collector",
+                "--bench",
+                "sandbox",
+                "--",
+            ])
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .env("COLLECTOR_GUEST_WASM", &guest),
+    )
 }
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
