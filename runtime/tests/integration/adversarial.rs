@@ -20,19 +20,15 @@ fn importing(import: &str) -> Vec<u8> {
 
 #[test]
 fn every_bad_bundle_is_refused_and_the_running_module_keeps_running() {
-    let dir = tempfile::tempdir().unwrap();
+    let Deployment {
+        dir,
+        modules,
+        state,
+        config: cfg,
+    } = Deployment::new();
     let (k1, k2, stranger) = (key(1), key(2), key(9));
     let pub1 = write_public(dir.path(), "k1", &k1);
     let pub2 = write_public(dir.path(), "k2", &k2);
-    let modules = dir.path().join("modules");
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&modules).unwrap();
-    let cfg = dir.path().join("agent.json");
-    std::fs::write(
-        &cfg,
-        r#"{"process_perf_enabled": true, "host_perf_interval": "100ms", "process_perf_top_n": 2}"#,
-    )
-    .unwrap();
 
     let guest = std::fs::read(guest_wasm()).unwrap();
     drop_file(

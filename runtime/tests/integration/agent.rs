@@ -1,36 +1,18 @@
 //! The agent loop in real time: gating, expiry, re-enabling, cadence changes, and a
 //! configuration source that goes away.
 
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use chrono::Utc;
-use collector_runtime::agent::{Agent, AgentHandle, AgentOptions};
-use collector_runtime::host::{HostStats, Services};
+use collector_runtime::host::HostStats;
 use collector_runtime::sink::MemorySink;
 use collector_shared::{EffectiveConfig, ProcessPerf};
 
 use crate::common::*;
 
-fn start(
-    config: EffectiveConfig,
-) -> (
-    AgentHandle,
-    MemorySink,
-    JoinHandle<Services>,
-    std::sync::Arc<HostStats>,
-) {
+fn start(config: EffectiveConfig) -> (ThreadAgent, MemorySink) {
     let (sup, sink) = real_supervisor();
-    let stats = sup.stats();
-    let (agent, handle) = Agent::new(
-        sup,
-        AgentOptions {
-            min_interval: Duration::from_millis(10),
-            ..AgentOptions::default()
-        },
-    );
-    let thread = std::thread::spawn(move || agent.run(config));
-    (handle, sink, thread, stats)
+    (ThreadAgent::spawn(sup, 3, config), sink)
 }
 
 fn has_rates(m: &ProcessPerf) -> bool {
@@ -50,12 +32,12 @@ fn disabled_or_expired_publishes_nothing_and_enumerates_nothing() {
         ..enabled("50ms", 5)
     };
     for config in [disabled, expired] {
-        let (handle, sink, thread, stats) = start(config);
+        let (agent, sink) = start(config);
+        let stats = agent.stats.clone();
         assert!(wait_for(Duration::from_secs(5), || HostStats::get(
             &stats.ticks
         ) >= 4));
-        handle.shutdown();
-        thread.join().unwrap();
+        agent.stop();
         assert_eq!(sink.len(), 0);
         assert_eq!(
             HostStats::get(&stats.samples),
@@ -72,7 +54,8 @@ fn expiry_passing_stops_output_and_re_enabling_starts_without_rates() {
         process_perf_expires_at: Some(expires),
         ..enabled("50ms", 1_000_000)
     };
-    let (handle, sink, thread, stats) = start(config);
+    let (agent, sink) = start(config);
+    let (handle, stats) = (agent.handle.clone(), agent.stats.clone());
     assert!(wait_for(Duration::from_secs(5), || Utc::now()
         > expires + chrono::Duration::milliseconds(300)));
     let before = decode_all(sink.take());
@@ -97,13 +80,13 @@ fn expiry_passing_stops_output_and_re_enabling_starts_without_rates() {
         "S9: the baseline was reset while inactive"
     );
     assert!(has_rates(&after[1]));
-    handle.shutdown();
-    thread.join().unwrap();
+    agent.stop();
 }
 
 #[test]
 fn cadence_change_reschedules_the_ticker_and_resets_the_baseline() {
-    let (handle, sink, thread, _stats) = start(enabled("30s", 1_000_000));
+    let (agent, sink) = start(enabled("30s", 1_000_000));
+    let handle = agent.handle.clone();
     assert!(
         wait_for(Duration::from_secs(5), || sink.len() == 1),
         "first tick is immediate"
@@ -127,13 +110,13 @@ fn cadence_change_reschedules_the_ticker_and_resets_the_baseline() {
         "ticks ~100 ms apart, got {gap} ms"
     );
     assert!(after[0].at > first[0].at);
-    handle.shutdown();
-    thread.join().unwrap();
+    agent.stop();
 }
 
 #[test]
 fn a_closed_config_source_neither_stops_nor_spins_the_loop() {
-    let (handle, sink, thread, stats) = start(enabled("100ms", 3));
+    let (agent, sink) = start(enabled("100ms", 3));
+    let (handle, stats) = (agent.handle.clone(), agent.stats.clone());
     // The configuration source delivers once, then goes away.
     let source = handle.clone();
     std::thread::spawn(move || source.configure(enabled("100ms", 2)))
@@ -152,6 +135,5 @@ fn a_closed_config_source_neither_stops_nor_spins_the_loop() {
         2,
         "the last config is in force"
     );
-    handle.shutdown();
-    thread.join().unwrap();
+    agent.stop();
 }

@@ -5,7 +5,6 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use collector_runtime::agent::{Agent, AgentOptions};
 use collector_runtime::guest::{GuestFault, Supervisor, TickError};
 use collector_runtime::host::{HostStats, Limits};
 use collector_runtime::sink::MemorySink;
@@ -107,19 +106,11 @@ fn a_guest_that_never_returns_is_stopped_at_its_budget() {
 #[test]
 fn the_agent_keeps_running_a_guest_that_always_traps() {
     let sup = supervisor("always-traps", "unreachable", Limits::default());
-    let stats = sup.stats();
-    let (agent, handle) = Agent::new(
-        sup,
-        AgentOptions {
-            min_interval: Duration::from_millis(10),
-            ..AgentOptions::default()
-        },
-    );
-    let thread = std::thread::spawn(move || agent.run(enabled("100ms", 5)));
+    let agent = ThreadAgent::spawn(sup, 3, enabled("100ms", 5));
+    let stats = agent.stats.clone();
     assert!(wait_for(Duration::from_secs(10), || HostStats::get(
         &stats.traps
     ) >= 3));
-    handle.shutdown();
-    thread.join().expect("the agent did not panic");
+    agent.stop();
     assert!(HostStats::get(&stats.instantiations) >= 3);
 }

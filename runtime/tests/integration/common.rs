@@ -9,10 +9,11 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use collector_runtime::agent::{Agent, AgentHandle, AgentOptions};
 use collector_runtime::bundle::{self, Bundle, Manifest, SecretKey};
 use collector_runtime::engine::Sandbox;
 use collector_runtime::guest::{GuestModule, Supervisor};
-use collector_runtime::host::{Datetime, Limits, Services, TickTime};
+use collector_runtime::host::{Datetime, HostStats, Limits, Services, TickTime};
 use collector_runtime::sink::MemorySink;
 use collector_runtime::source::{ProcessSource, SysinfoSource};
 use collector_shared::{EffectiveConfig, ProcessPerf};
@@ -356,4 +357,65 @@ pub fn drop_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::rename(&tmp, &path).unwrap();
     path
+}
+
+/// An agent running on its own thread, ticking as often as every 10 ms.
+pub struct ThreadAgent {
+    pub handle: AgentHandle,
+    pub stats: Arc<HostStats>,
+    thread: std::thread::JoinHandle<Services>,
+}
+
+impl ThreadAgent {
+    pub fn spawn(sup: Supervisor, health_ticks: u32, config: EffectiveConfig) -> Self {
+        let stats = sup.stats();
+        let (agent, handle) = Agent::new(
+            sup,
+            AgentOptions {
+                min_interval: Duration::from_millis(10),
+                health_ticks,
+            },
+        );
+        let thread = std::thread::spawn(move || agent.run(config));
+        Self {
+            handle,
+            stats,
+            thread,
+        }
+    }
+
+    /// Stops the agent; fails the test if the agent panicked.
+    pub fn stop(self) {
+        self.handle.shutdown();
+        self.thread.join().expect("the agent did not panic");
+    }
+}
+
+/// A temporary deployment: a modules directory, a state directory and a config file
+/// that turns process_perf on at 100 ms, top 2.
+pub struct Deployment {
+    pub dir: tempfile::TempDir,
+    pub modules: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Deployment {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let modules = dir.path().join("modules");
+        std::fs::create_dir_all(&modules).unwrap();
+        let config = dir.path().join("agent.json");
+        std::fs::write(
+            &config,
+            r#"{"process_perf_enabled": true, "host_perf_interval": "100ms", "process_perf_top_n": 2}"#,
+        )
+        .unwrap();
+        Self {
+            state: dir.path().join("state"),
+            modules,
+            config,
+            dir,
+        }
+    }
 }

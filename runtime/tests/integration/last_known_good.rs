@@ -9,18 +9,14 @@ use crate::common::*;
 
 #[test]
 fn rollback_then_restart_comes_back_on_the_last_known_good() {
-    let dir = tempfile::tempdir().unwrap();
+    let Deployment {
+        dir,
+        modules,
+        state,
+        config: cfg,
+    } = Deployment::new();
     let k = key(3);
     let trust = write_public(dir.path(), "team", &k);
-    let modules = dir.path().join("modules");
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&modules).unwrap();
-    let cfg = dir.path().join("agent.json");
-    std::fs::write(
-        &cfg,
-        r#"{"process_perf_enabled": true, "host_perf_interval": "100ms", "process_perf_top_n": 2}"#,
-    )
-    .unwrap();
     let common: Vec<&OsStr> = vec![
         "--trust".as_ref(),
         trust.as_os_str(),

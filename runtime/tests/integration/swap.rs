@@ -3,13 +3,12 @@
 //! first ticks, or cannot start, is rolled back to the last healthy module.
 
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use collector_runtime::agent::{Agent, AgentHandle, AgentOptions, ModuleSpec};
+use collector_runtime::agent::ModuleSpec;
 use collector_runtime::grant::{DEFAULT_GRANT, Grant};
 use collector_runtime::guest::GuestModule;
-use collector_runtime::host::{HostStats, Limits, Services};
+use collector_runtime::host::{HostStats, Limits};
 use collector_runtime::sink::MemorySink;
 use collector_shared::ProcessPerf;
 
@@ -42,25 +41,10 @@ fn spec(module: Arc<GuestModule>, label: &str, outcome: &Outcome) -> ModuleSpec 
     }
 }
 
-fn start(
-    health_ticks: u32,
-) -> (
-    AgentHandle,
-    MemorySink,
-    JoinHandle<Services>,
-    Arc<HostStats>,
-) {
+fn start(health_ticks: u32) -> (ThreadAgent, MemorySink) {
     let (sup, sink) = real_supervisor();
-    let stats = sup.stats();
-    let (agent, handle) = Agent::new(
-        sup,
-        AgentOptions {
-            min_interval: Duration::from_millis(10),
-            health_ticks,
-        },
-    );
-    let thread = std::thread::spawn(move || agent.run(enabled("200ms", 1_000_000)));
-    (handle, sink, thread, stats)
+    let agent = ThreadAgent::spawn(sup, health_ticks, enabled("200ms", 1_000_000));
+    (agent, sink)
 }
 
 fn has_rates(m: &ProcessPerf) -> bool {
@@ -78,14 +62,14 @@ fn gaps(msgs: &[ProcessPerf]) -> Vec<i64> {
 
 #[test]
 fn a_swap_keeps_the_cadence_and_carries_the_baseline_over() {
-    let (handle, sink, thread, stats) = start(2);
+    let (agent, sink) = start(2);
+    let (handle, stats) = (agent.handle.clone(), agent.stats.clone());
     assert!(wait_for(Duration::from_secs(10), || sink.len() >= 3));
     let outcome = Outcome::default();
     let swapped_at_tick = HostStats::get(&stats.ticks);
     handle.swap(spec(process_perf_module(), "process-perf v2", &outcome));
     assert!(wait_for(Duration::from_secs(10), || sink.len() >= 8));
-    handle.shutdown();
-    thread.join().unwrap();
+    agent.stop();
 
     let msgs = decode_all(sink.take());
     let after_swap = &msgs[swapped_at_tick as usize];
@@ -106,7 +90,8 @@ fn a_swap_keeps_the_cadence_and_carries_the_baseline_over() {
 
 #[test]
 fn a_successor_that_traps_on_its_second_tick_is_rolled_back_with_the_old_state() {
-    let (handle, sink, thread, stats) = start(3);
+    let (agent, sink) = start(3);
+    let (handle, stats) = (agent.handle.clone(), agent.stats.clone());
     assert!(wait_for(Duration::from_secs(10), || sink.len() >= 2));
     let outcome = Outcome::default();
     let trap_on_second =
@@ -124,8 +109,7 @@ fn a_successor_that_traps_on_its_second_tick_is_rolled_back_with_the_old_state()
         wait_for(Duration::from_secs(10), || sink.len() >= 2),
         "the old module publishes again"
     );
-    handle.shutdown();
-    thread.join().unwrap();
+    agent.stop();
 
     let events = outcome.events();
     assert_eq!(events.len(), 1, "{events:?}");
@@ -143,7 +127,8 @@ fn a_successor_that_traps_on_its_second_tick_is_rolled_back_with_the_old_state()
 
 #[test]
 fn a_successor_that_cannot_start_is_rolled_back_at_once() {
-    let (handle, sink, thread, _stats) = start(3);
+    let (agent, sink) = start(3);
+    let (handle, _stats) = (agent.handle.clone(), agent.stats.clone());
     assert!(wait_for(Duration::from_secs(10), || !sink.is_empty()));
     let outcome = Outcome::default();
     handle.swap(spec(
@@ -159,8 +144,7 @@ fn a_successor_that_cannot_start_is_rolled_back_at_once() {
         wait_for(Duration::from_secs(10), || !sink.is_empty()),
         "the old module keeps publishing"
     );
-    handle.shutdown();
-    thread.join().unwrap();
+    agent.stop();
     let events = outcome.events();
     assert!(events[0].contains("failed to start"), "{events:?}");
     assert!(events[0].contains("configure"), "{events:?}");
