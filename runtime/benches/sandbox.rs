@@ -20,7 +20,9 @@ use collector_runtime::guest::{GuestModule, Supervisor};
 use collector_runtime::host::{Datetime, HostStats, Services, TickTime};
 use collector_runtime::reference::ReferenceLoop;
 use collector_runtime::sink::{Sink, SinkError};
-use collector_runtime::source::{ProcessSource, ProcessTable, StaticSource, SysinfoSource};
+use collector_runtime::source::{
+    ProcessSource, ProcessTable, StaticSource, SysinfoSource, TimeBoxed,
+};
 use collector_shared::EffectiveConfig;
 
 const PC_ID: &str = "bench-pc";
@@ -332,7 +334,12 @@ fn tick_vs_native(module: &Arc<GuestModule>, n: usize, e: &Effort) -> Row {
 ///    the seed-equivalent native loop, each with its own sysinfo `System` and the same
 ///    refresh kinds. Ticks alternate so both see the same machine.
 fn real_sysinfo(module: &Arc<GuestModule>, e: &Effort) -> Row {
-    let mut guest = supervisor(module, Box::new(SysinfoSource::new().expect("sysinfo")));
+    // As `collector run` sets it up: enumeration on a worker thread, under a timeout.
+    let agent_source = TimeBoxed::new(
+        Box::new(SysinfoSource::new().expect("sysinfo")),
+        Duration::from_secs(5),
+    );
+    let mut guest = supervisor(module, Box::new(agent_source));
     let mut native = ReferenceLoop::new(PC_ID, enabled());
     let mut source = SysinfoSource::new().expect("sysinfo");
     let sink = NullSink::default();

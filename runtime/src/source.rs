@@ -2,6 +2,9 @@
 //! implementation over sysinfo. Tests, the mock host and benchmarks script their own.
 
 use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
@@ -150,6 +153,83 @@ impl ProcessSource for SysinfoSource {
     }
 }
 
+/// Runs another source's enumerations on a worker thread and gives up waiting after a
+/// timeout, so that a stuck enumeration (a hung `/proc` read, a huge process table) costs
+/// the guest an error instead of stalling the agent. A timed-out enumeration keeps running
+/// on the worker; until it finishes, further samples are refused rather than queued. Name
+/// look-ups are quick reads of the last sample and happen on the caller's thread.
+pub struct TimeBoxed {
+    inner: Arc<Mutex<Box<dyn ProcessSource>>>,
+    requests: mpsc::Sender<Fields>,
+    replies: mpsc::Receiver<Result<ProcessTable, String>>,
+    timeout: Duration,
+    /// A sample timed out and its reply has not been drained yet.
+    pending: bool,
+}
+
+impl TimeBoxed {
+    /// Moves `inner`'s enumerations to a worker thread.
+    pub fn new(inner: Box<dyn ProcessSource>, timeout: Duration) -> Self {
+        let inner = Arc::new(Mutex::new(inner));
+        let (requests, work) = mpsc::channel::<Fields>();
+        let (done, replies) = mpsc::channel();
+        let worker_source = inner.clone();
+        std::thread::Builder::new()
+            .name("process-source".into())
+            .spawn(move || {
+                for fields in work {
+                    let table = worker_source.lock().map_or_else(
+                        |_| Err("the process source failed earlier".to_string()),
+                        |mut s| s.sample(fields),
+                    );
+                    if done.send(table).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn the process source thread");
+        Self {
+            inner,
+            requests,
+            replies,
+            timeout,
+            pending: false,
+        }
+    }
+}
+
+impl ProcessSource for TimeBoxed {
+    fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
+        if self.pending {
+            if self.replies.try_recv().is_err() {
+                return Err(format!(
+                    "a process enumeration that exceeded {:?} is still running",
+                    self.timeout
+                ));
+            }
+            self.pending = false;
+        }
+        self.requests
+            .send(fields)
+            .map_err(|_| "the process source thread has stopped".to_string())?;
+        self.replies.recv_timeout(self.timeout).unwrap_or_else(|_| {
+            self.pending = true;
+            Err(format!(
+                "process enumeration took longer than {:?}",
+                self.timeout
+            ))
+        })
+    }
+
+    fn names(&mut self, pids: &[u32]) -> Vec<String> {
+        match self.inner.try_lock() {
+            Ok(mut source) => source.names(pids),
+            // Best effort: while an enumeration runs, names are unknown (empty).
+            Err(_) => vec![String::new(); pids.len()],
+        }
+    }
+}
+
 /// A scripted process table: what tests, the mock host and benchmarks feed a guest.
 #[derive(Debug, Clone, Default)]
 pub struct StaticSource {
@@ -187,6 +267,54 @@ mod tests {
         let names = source.names(&[me, u32::MAX]);
         assert!(!names[0].is_empty());
         assert_eq!(names[1], "");
+    }
+
+    /// Sleeps through every sample, as a stuck enumeration would.
+    struct Stuck(std::time::Duration);
+
+    impl ProcessSource for Stuck {
+        fn sample(&mut self, _fields: Fields) -> Result<ProcessTable, String> {
+            std::thread::sleep(self.0);
+            Ok(ProcessTable::default())
+        }
+        fn names(&mut self, pids: &[u32]) -> Vec<String> {
+            pids.iter().map(|p| p.to_string()).collect()
+        }
+    }
+
+    #[test]
+    fn a_stuck_enumeration_becomes_an_error_and_the_source_recovers() {
+        use std::time::Instant;
+        let mut source = TimeBoxed::new(
+            Box::new(Stuck(Duration::from_millis(300))),
+            Duration::from_millis(50),
+        );
+        let start = Instant::now();
+        let err = source.sample(Fields::ALL).unwrap_err();
+        assert!(err.contains("took longer than"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_millis(250),
+            "the caller did not wait it out"
+        );
+        let err = source.sample(Fields::ALL).unwrap_err();
+        assert!(err.contains("still running"), "{err}");
+        assert_eq!(
+            source.names(&[7]),
+            vec![String::new()],
+            "best effort while busy"
+        );
+        std::thread::sleep(Duration::from_millis(400));
+        // The late reply is drained; the next request goes through (and times out again).
+        assert!(
+            source
+                .sample(Fields::ALL)
+                .unwrap_err()
+                .contains("took longer than")
+        );
+
+        let mut quick = TimeBoxed::new(Box::new(StaticSource::default()), Duration::from_secs(5));
+        assert!(quick.sample(Fields::ALL).unwrap().is_empty());
+        assert_eq!(quick.names(&[1]), vec![String::new()]);
     }
 
     #[test]

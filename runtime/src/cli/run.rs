@@ -17,7 +17,7 @@ use crate::grant::DEFAULT_GRANT;
 use crate::guest::Supervisor;
 use crate::host::{HostStats, Limits, Services};
 use crate::sink::{NatsSink, Sink, StdoutSink};
-use crate::source::SysinfoSource;
+use crate::source::{SysinfoSource, TimeBoxed};
 
 /// Run a guest module against this machine's real processes.
 ///
@@ -106,6 +106,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     min_interval: Duration,
 
+    /// Longest a process enumeration may take; past it the guest gets an error for that
+    /// tick and the agent carries on (the enumeration finishes in the background).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    enumeration_timeout: Duration,
+
     /// How often the --config file is checked for changes.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     config_poll: Duration,
@@ -184,7 +189,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Arc::new(StdoutSink),
     };
 
-    let mut services = Services::new(Box::new(SysinfoSource::new()?), sink, &pc_id);
+    let source = TimeBoxed::new(Box::new(SysinfoSource::new()?), args.enumeration_timeout);
+    let mut services = Services::new(Box::new(source), sink, &pc_id);
     services.grant = first.grant.clone();
     services.limits = first.limits.clone();
     let first_id = first.id.clone();
