@@ -108,6 +108,9 @@ struct Fallback {
     label: String,
     /// Its state when it was swapped out, handed back on rollback.
     state: Option<Vec<u8>>,
+    /// Set when it was itself still on probation (a first module): restored, it goes back
+    /// on probation and this hook runs once it is healthy.
+    on_healthy: Option<HealthyHook>,
 }
 
 /// A swapped-in module that has not yet proven itself.
@@ -247,25 +250,40 @@ impl Agent {
             limits: old_limits,
             label: old_label.clone(),
             state: state.clone(),
+            on_healthy: None,
         };
-        // On probation already: the healthy module to return to stays the older one (a
-        // first module on probation is still the best there is to return to).
         let fallback = match self.probation.take() {
-            Some(p) => {
-                if let Some(hook) = p.on_rolled_back {
+            // A swapped-in module still on probation is dropped; the healthy module to
+            // return to stays the older one.
+            Some(Probation {
+                fallback: Some(older),
+                on_rolled_back,
+                ..
+            }) => {
+                if let Some(hook) = on_rolled_back {
                     hook(&format!(
                         "replaced by {} before it proved healthy",
                         self.label
                     ));
                 }
-                Some(p.fallback.unwrap_or(replaced))
+                older
             }
-            None => Some(replaced),
+            // A first module still on probation: the best there is to return to, and it
+            // keeps its chance to become the last-known-good.
+            Some(Probation {
+                fallback: None,
+                on_healthy,
+                ..
+            }) => Fallback {
+                on_healthy,
+                ..replaced
+            },
+            None => replaced,
         };
         tracing::info!(from = %old_label, to = %self.label, state_bytes = state.as_ref().map_or(0, Vec::len), "swapping modules at a tick boundary");
         self.probation = Some(Probation {
             ticks_left: self.options.health_ticks,
-            fallback,
+            fallback: Some(fallback),
             on_healthy,
             on_rolled_back,
         });
@@ -323,12 +341,13 @@ impl Agent {
             limits,
             label,
             state,
+            on_healthy,
         }) = p.fallback
         else {
             tracing::error!(module = %self.label, reason, "no healthy module to roll back to; it keeps running");
             return;
         };
-        tracing::error!(module = %self.label, back_to = %label, reason, "rolling back to the last healthy module");
+        tracing::error!(module = %self.label, back_to = %label, reason, "rolling back to the previous module");
         if let Some(hook) = p.on_rolled_back {
             hook(reason);
         }
@@ -337,9 +356,13 @@ impl Agent {
         services.grant = grant;
         services.limits = limits;
         self.label = label;
+        if let Some(hook) = on_healthy {
+            // It never completed its own probation: it gets another go.
+            self.on_first_healthy(hook);
+        }
         if let Err(fault) = self.supervisor.start(state.as_deref()) {
-            // The previous module ran healthy; it gets the usual fresh-instance retries.
-            tracing::error!(module = %self.label, error = %fault, "the last healthy module failed to restart; retrying on the next tick");
+            // It gets the usual fresh-instance retries on the next ticks.
+            tracing::error!(module = %self.label, error = %fault, "the previous module failed to restart; retrying on the next tick");
         }
     }
 

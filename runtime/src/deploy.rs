@@ -534,15 +534,19 @@ pub fn watch(
                 if !agent.is_running() {
                     return;
                 }
-                let changed: Vec<PathBuf> = bundle_files(&dir)
-                    .into_iter()
-                    .filter(|path| {
-                        let stamp = std::fs::metadata(path)
-                            .map(|m| (m.len(), m.modified().ok()))
-                            .unwrap_or_default();
-                        seen.insert(path.clone(), stamp) != Some(stamp)
-                    })
-                    .collect();
+                // Rebuilt at every poll, so deleted files are forgotten.
+                let mut now_seen = HashMap::new();
+                let mut changed = Vec::new();
+                for path in bundle_files(&dir) {
+                    let stamp = std::fs::metadata(&path)
+                        .map(|m| (m.len(), m.modified().ok()))
+                        .unwrap_or_default();
+                    if seen.get(&path) != Some(&stamp) {
+                        changed.push(path.clone());
+                    }
+                    now_seen.insert(path, stamp);
+                }
+                seen = now_seen;
                 if let Some(next) = deployer.best_of(&changed, Some(&current.name), Some(&current)) {
                     match deployer.record_accepted(&next) {
                         Ok(()) => {
@@ -550,7 +554,10 @@ pub fn watch(
                             current = next.id.clone();
                             agent.swap(deployer.spec(next));
                         }
-                        Err(e) => tracing::error!(module = %next.id, error = %e, "cannot record the accepted version; not swapping"),
+                        Err(e) => {
+                            tracing::error!(module = %next.id, error = %e, "cannot record the accepted version; not swapping (retrying at the next poll)");
+                            seen.clear();
+                        }
                     }
                 }
                 std::thread::sleep(poll);

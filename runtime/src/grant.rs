@@ -16,7 +16,7 @@ pub const DEFAULT_GRANT: &str = "*.{pc_id}";
 #[error("invalid subject pattern {pattern:?}: {reason}")]
 pub struct PatternError {
     pub pattern: String,
-    pub reason: &'static str,
+    pub reason: String,
 }
 
 /// A set of subject patterns with `{pc_id}` already bound.
@@ -25,27 +25,70 @@ pub struct Grant {
     patterns: Vec<Vec<String>>,
 }
 
+/// Checks that `pc_id` can stand in a subject: one token, no wildcard, no space.
+///
+/// # Errors
+///
+/// A message saying what is wrong with it.
+pub fn check_pc_id(pc_id: &str) -> Result<(), String> {
+    if pc_id.is_empty() {
+        return Err("it is empty".into());
+    }
+    if let Some(c) = pc_id
+        .chars()
+        .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "it contains {c:?}; it must be a single NATS subject token (letters, digits, `-`, `_`...)"
+        ));
+    }
+    Ok(())
+}
+
 impl Grant {
+    /// A grant that allows nothing.
+    pub fn none() -> Self {
+        Self {
+            patterns: Vec::new(),
+        }
+    }
+
     /// Binds `{pc_id}` in each pattern and checks its syntax.
     ///
     /// # Errors
     ///
     /// The first pattern that is not a valid NATS subject pattern.
     pub fn new<S: AsRef<str>>(patterns: &[S], pc_id: &str) -> Result<Self, PatternError> {
+        if let Err(reason) = check_pc_id(pc_id)
+            && patterns
+                .iter()
+                .any(|p| p.as_ref().contains(PC_ID_PLACEHOLDER))
+        {
+            return Err(PatternError {
+                pattern: patterns
+                    .iter()
+                    .find(|p| p.as_ref().contains(PC_ID_PLACEHOLDER))
+                    .map(|p| p.as_ref().to_string())
+                    .unwrap_or_default(),
+                reason: format!("the machine id cannot fill {{pc_id}}: {reason}"),
+            });
+        }
         let patterns = patterns
             .iter()
             .map(|p| {
                 let pattern = p.as_ref().replace(PC_ID_PLACEHOLDER, pc_id);
                 let tokens = tokens(&pattern).ok_or_else(|| PatternError {
                     pattern: p.as_ref().to_string(),
-                    reason: "expected dot-separated tokens without spaces, such as process_perf.{pc_id}",
+                    reason:
+                        "expected dot-separated tokens without spaces, such as process_perf.{pc_id}"
+                            .into(),
                 })?;
                 if let Some(i) = tokens.iter().position(|t| t == ">")
                     && i + 1 != tokens.len()
                 {
                     return Err(PatternError {
                         pattern: p.as_ref().to_string(),
-                        reason: "`>` may only be the last token",
+                        reason: "`>` may only be the last token".into(),
                     });
                 }
                 Ok(tokens)
@@ -116,6 +159,16 @@ mod tests {
         assert!(!g.allows("a.*.c"), "publishing to a wildcard is refused");
         assert!(!g.allows("a..c"));
         assert!(!g.allows("a.b c.c"));
+    }
+
+    #[test]
+    fn a_pc_id_that_is_not_one_token_cannot_widen_a_grant() {
+        for bad in ["", "a.b", ">", "*", "a b"] {
+            assert!(check_pc_id(bad).is_err(), "{bad:?}");
+            assert!(Grant::new(&[DEFAULT_GRANT], bad).is_err(), "{bad:?}");
+        }
+        assert!(check_pc_id("pc-01_x").is_ok());
+        assert!(!Grant::none().allows("process_perf.x"));
     }
 
     #[test]

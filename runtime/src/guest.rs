@@ -13,6 +13,7 @@ use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::engine::{CallGate, Sandbox, ticks_for};
+use crate::host::log::GuestLogger;
 use crate::host::{Collector, CollectorPre, HostState, HostStats, Services, TickTime, wasi};
 
 /// The WIT package guests are built against (`collector:api`), without version.
@@ -58,6 +59,9 @@ pub struct GuestModule {
     pre: CollectorPre<HostState>,
     imports: Vec<String>,
     calls: CallGate,
+    /// Keeps the engine's epoch thread alive for as long as the module can run, so a
+    /// caller that drops its sandbox does not lose the time budget.
+    _sandbox: Arc<Sandbox>,
 }
 
 impl GuestModule {
@@ -66,7 +70,7 @@ impl GuestModule {
     /// # Errors
     ///
     /// See [`GuestModule::from_bytes`]; also when the file cannot be read.
-    pub fn from_file(sandbox: &Sandbox, path: &Path) -> Result<Self, LoadError> {
+    pub fn from_file(sandbox: &Arc<Sandbox>, path: &Path) -> Result<Self, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.display().to_string(),
             source,
@@ -84,7 +88,7 @@ impl GuestModule {
     ///
     /// When the bytes are not a component, import anything the host does not offer
     /// (filesystem, sockets...), or do not export the `collector` world.
-    pub fn from_bytes(sandbox: &Sandbox, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
+    pub fn from_bytes(sandbox: &Arc<Sandbox>, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
         check_header(bytes)?;
         let component = match sandbox.cache() {
             Some(cache) => {
@@ -106,7 +110,7 @@ impl GuestModule {
     ///
     /// As [`GuestModule::from_bytes`], minus the parsing errors.
     pub fn from_component(
-        sandbox: &Sandbox,
+        sandbox: &Arc<Sandbox>,
         name: &str,
         component: &Component,
     ) -> Result<Self, LoadError> {
@@ -122,6 +126,7 @@ impl GuestModule {
             pre,
             imports,
             calls: sandbox.call_gate(),
+            _sandbox: sandbox.clone(),
         })
     }
 
@@ -165,9 +170,10 @@ fn check_imports(sandbox: &Sandbox, component: &Component) -> Result<Vec<String>
             let reason = match unversioned.split('/').next().unwrap_or_default() {
                 "wasi:filesystem" => "guests get no filesystem access".to_string(),
                 "wasi:sockets" | "wasi:http" => "guests get no network access".to_string(),
+                "wasi:clocks" => "guests read no clock: time comes with each `tick`".to_string(),
                 _ => format!(
                     "a guest may import only {WIT_PACKAGE}/{{{}}} and the WASI interfaces \
-                     io, cli, clocks and random",
+                     io, cli and random",
                     API_IMPORTS.join(",")
                 ),
             };
@@ -438,14 +444,19 @@ impl Supervisor {
     /// Creates an instance and puts it in the slot; on failure the slot is idle again.
     fn instantiate(&mut self, services: Services) -> Result<(), GuestFault> {
         let name = self.module.name.clone();
-        let ctx = wasi::context(&name, services.log_book.clone(), |b| {
+        let logger = Arc::new(GuestLogger::new(
+            name.clone(),
+            services.log_book.clone(),
+            services.stats.clone(),
+        ));
+        let ctx = wasi::context(&logger, |b| {
             if let Some(customize) = &self.wasi {
                 customize(b);
             }
         });
         HostStats::bump(&services.stats.instantiations, 1);
         let engine = self.module.pre.engine();
-        let mut store = Store::new(engine, HostState::new(services, name, ctx));
+        let mut store = Store::new(engine, HostState::new(services, name, logger, ctx));
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(|ctx| {
             let state = ctx.data();
@@ -493,7 +504,7 @@ impl Supervisor {
             let _in_call = gate.enter();
             f(&live.bindings, &mut live.store)
         };
-        let dropped = live.store.data().call.dropped_log_lines;
+        let dropped = live.store.data().logger.dropped();
         if dropped > 0 {
             tracing::warn!(
                 guest = self.module.name(),

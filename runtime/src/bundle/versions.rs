@@ -19,12 +19,21 @@ const STORE_FORMAT: &str = "collector-versions/1";
 /// The store holds a line per module; anything near this size is not a store.
 const MAX_STORE_LEN: u64 = 4 * 1024 * 1024;
 
-/// The version of a module last accepted, and the hash of its component.
+/// The version of a module last accepted, and the hashes of its component and manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcceptedVersion {
     pub version: u64,
     pub sha256: String,
+    /// SHA-256 of the manifest's canonical JSON: the same version may not come back with
+    /// other grants, limits or expiry either. Absent in stores written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
+}
+
+/// The hash that pins what a manifest says (its canonical JSON).
+fn manifest_digest(manifest: &Manifest) -> String {
+    super::sha256_hex(&manifest.to_json())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -70,6 +79,11 @@ pub enum RollbackError {
         offered_sha256: String,
         accepted_sha256: String,
     },
+    #[error(
+        "module `{name}` version {version} was already accepted with a different manifest \
+         (other grants, limits or expiry); a changed manifest needs a higher version"
+    )]
+    SameVersionOtherManifest { name: String, version: u64 },
 }
 
 /// The highest accepted version per module name, persisted in a state directory.
@@ -150,6 +164,17 @@ impl VersionStore {
                 accepted_sha256: accepted.sha256.clone(),
             });
         }
+        if manifest.version == accepted.version
+            && accepted
+                .manifest_sha256
+                .as_ref()
+                .is_some_and(|d| *d != manifest_digest(manifest))
+        {
+            return Err(RollbackError::SameVersionOtherManifest {
+                name: manifest.name.clone(),
+                version: manifest.version,
+            });
+        }
         Ok(())
     }
 
@@ -172,6 +197,7 @@ impl VersionStore {
             AcceptedVersion {
                 version: manifest.version,
                 sha256: manifest.sha256.clone(),
+                manifest_sha256: Some(manifest_digest(manifest)),
             },
         );
         self.persist(&next)?;
@@ -258,6 +284,44 @@ mod tests {
     }
 
     #[test]
+    fn the_same_version_may_not_come_back_with_another_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = VersionStore::open(dir.path()).unwrap();
+        store.record(&manifest(4, b"four")).unwrap();
+        let mut wider = manifest(4, b"four");
+        wider.grants.publish = vec![">".into()];
+        assert!(matches!(
+            store.check(&wider),
+            Err(RollbackError::SameVersionOtherManifest { version: 4, .. })
+        ));
+        assert!(
+            store.check(&manifest(4, b"four")).is_ok(),
+            "the same manifest is fine"
+        );
+        wider.version = 5;
+        assert!(
+            store.check(&wider).is_ok(),
+            "a higher version may change it"
+        );
+    }
+
+    #[test]
+    fn stores_written_before_manifest_hashes_still_open_and_check_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(VERSIONS_FILE),
+            format!(
+                r#"{{"format":"collector-versions/1","modules":{{"process-perf":{{"version":4,"sha256":"{}"}}}}}}"#,
+                super::super::sha256_hex(b"four")
+            ),
+        )
+        .unwrap();
+        let store = VersionStore::open(dir.path()).unwrap();
+        assert!(store.check(&manifest(4, b"four")).is_ok());
+        assert!(store.check(&manifest(4, b"other")).is_err());
+    }
+
+    #[test]
     fn records_survive_a_restart_and_replace_the_file_atomically() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
@@ -278,6 +342,7 @@ mod tests {
             Some(&AcceptedVersion {
                 version: 3,
                 sha256: super::super::sha256_hex(b"three"),
+                manifest_sha256: Some(manifest_digest(&manifest(3, b"three"))),
             })
         );
         assert!(matches!(

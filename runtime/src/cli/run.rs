@@ -92,9 +92,9 @@ pub struct RunArgs {
     #[arg(long = "grant", value_name = "SUBJECT", default_value = DEFAULT_GRANT)]
     grants: Vec<String>,
 
-    /// Memory cap of the guest instance, in MiB (a bundle may ask for less).
-    #[arg(long, value_name = "MIB", default_value_t = 64)]
-    max_memory_mib: usize,
+    /// Memory cap of the guest instance, in MiB, from 1 to 4096 (a bundle may ask for less).
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_memory_mib: u32,
 
     /// Time budget of each call into the guest (guest code only; host work such as
     /// process enumeration does not count). A guest over budget is stopped and restarted.
@@ -122,8 +122,20 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let pc_id = match &args.pc_id {
-        Some(id) => id.clone(),
-        None => sysinfo::System::host_name().context("cannot read the host name; pass --pc-id")?,
+        Some(id) => {
+            crate::grant::check_pc_id(id).map_err(|e| anyhow::anyhow!("--pc-id {id:?}: {e}"))?;
+            id.clone()
+        }
+        None => {
+            let host =
+                sysinfo::System::host_name().context("cannot read the host name; pass --pc-id")?;
+            crate::grant::check_pc_id(&host).map_err(|e| {
+                anyhow::anyhow!(
+                    "the host name {host:?} cannot be the machine id ({e}); pass --pc-id"
+                )
+            })?;
+            host
+        }
     };
     let (config, config_text) = match &args.config {
         Some(path) => {
@@ -149,7 +161,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     crate::grant::Grant::new(&args.grants, &pc_id).context("--grant")?;
     let ceilings = Limits {
-        memory_bytes: args.max_memory_mib << 20,
+        memory_bytes: (args.max_memory_mib as usize) << 20,
         call_budget: args.call_timeout,
         ..Limits::default()
     };

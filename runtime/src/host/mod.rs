@@ -3,7 +3,7 @@
 //! capability-free WASI) to guests. One file per WIT interface implementation.
 
 mod identity;
-mod log;
+pub(crate) mod log;
 mod processes;
 mod publish;
 pub(crate) mod wasi;
@@ -71,6 +71,9 @@ impl HostStats {
     }
 }
 
+/// Largest table a guest may have (indirect-call tables of real guests hold hundreds).
+pub const MAX_TABLE_ELEMENTS: usize = 20_000;
+
 /// Bounds on what a guest may ask of the host.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -130,7 +133,9 @@ impl Services {
             processes,
             sink,
             pc_id: pc_id.to_string(),
-            grant: Grant::new(&[DEFAULT_GRANT], pc_id).expect("the default grant is valid"),
+            // An id that is not a valid subject token gets a grant that allows nothing
+            // (the CLI refuses such an id before it gets here).
+            grant: Grant::new(&[DEFAULT_GRANT], pc_id).unwrap_or_else(|_| Grant::none()),
             limits: Limits::default(),
             stats: Arc::new(HostStats::default()),
             log_book: None,
@@ -145,8 +150,6 @@ pub(crate) struct CallState {
     /// Time spent inside host functions during this call.
     pub in_host: Duration,
     pub publishes: u32,
-    pub log_lines: u32,
-    pub dropped_log_lines: u32,
 }
 
 impl CallState {
@@ -155,8 +158,6 @@ impl CallState {
             started: Instant::now(),
             in_host: Duration::ZERO,
             publishes: 0,
-            log_lines: 0,
-            dropped_log_lines: 0,
         }
     }
 
@@ -170,6 +171,7 @@ impl CallState {
 pub struct HostState {
     pub(crate) services: Services,
     pub(crate) guest_name: Arc<str>,
+    pub(crate) logger: Arc<log::GuestLogger>,
     pub(crate) call: CallState,
     wasi: WasiCtx,
     table: ResourceTable,
@@ -177,16 +179,25 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(services: Services, guest_name: Arc<str>, wasi: WasiCtx) -> Self {
+    pub(crate) fn new(
+        services: Services,
+        guest_name: Arc<str>,
+        logger: Arc<log::GuestLogger>,
+        wasi: WasiCtx,
+    ) -> Self {
+        // One linear memory (so the cap is the guest's total), and tables small enough that
+        // `table.grow` cannot be used to take memory around the cap.
         let limits = wasmtime::StoreLimitsBuilder::new()
             .memory_size(services.limits.memory_bytes)
+            .memories(1)
             .instances(16)
-            .tables(64)
-            .memories(4)
+            .tables(16)
+            .table_elements(MAX_TABLE_ELEMENTS)
             .build();
         Self {
             services,
             guest_name,
+            logger,
             call: CallState::new(),
             wasi,
             table: ResourceTable::new(),
@@ -197,6 +208,8 @@ impl HostState {
     /// Starts the accounting of a new call into the guest.
     pub(crate) fn begin_call(&mut self) {
         self.call = CallState::new();
+        self.logger
+            .begin_call(self.services.limits.max_log_lines_per_call);
     }
 
     /// Runs `f` as host work: its time does not count against the guest's budget.

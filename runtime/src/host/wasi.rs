@@ -1,8 +1,11 @@
 //! WASI for guests, without capabilities: the standard library of a `wasm32-wasip2` guest
-//! imports some of WASI (I/O streams, CLI environment, clocks, random), so the host must
-//! link those. It links nothing else: no filesystem, no sockets, no HTTP; no arguments,
-//! no environment variables, no preopened directories. Guest stdout and stderr become
-//! log lines tagged with the module's name.
+//! imports some of WASI (I/O streams, CLI environment, random), so the host must link
+//! those. It links nothing else: no filesystem, no sockets, no HTTP; no arguments, no
+//! environment variables, no preopened directories. No clocks either: a guest gets time
+//! from `tick`, and a clock's timers would let it block in `wasi:io/poll` beyond the
+//! reach of its time budget (which interrupts guest code, not host calls). Guest stdout
+//! and stderr become log lines tagged with the module's name, under the same per-call line
+//! budget and length cap as the `log` import.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -11,13 +14,14 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use wasmtime::component::{HasData, Linker, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream, WasiCli, WasiCliView as _};
-use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView as _};
 use wasmtime_wasi::p2::bindings::{self as wasi, sync as wasi_sync};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiView};
 
-use super::{HostState, Level, LogBook, LogLine};
+use super::HostState;
+use super::Level;
+use super::log::{GuestLogger, MAX_LINE_BYTES};
 
 /// WASI interfaces a guest may import (by `namespace:package/interface` prefix). Anything
 /// else from the `wasi` namespace is refused before instantiation.
@@ -35,8 +39,6 @@ pub const ALLOWED_WASI: &[&str] = &[
     "wasi:cli/terminal-stdin",
     "wasi:cli/terminal-stdout",
     "wasi:cli/terminal-stderr",
-    "wasi:clocks/wall-clock",
-    "wasi:clocks/monotonic-clock",
     "wasi:random/random",
     "wasi:random/insecure",
     "wasi:random/insecure-seed",
@@ -67,83 +69,75 @@ pub(crate) fn add_to_linker(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wasi::cli::terminal_stdin::add_to_linker::<T, WasiCli>(l, T::cli)?;
     wasi::cli::terminal_stdout::add_to_linker::<T, WasiCli>(l, T::cli)?;
     wasi::cli::terminal_stderr::add_to_linker::<T, WasiCli>(l, T::cli)?;
-    wasi::clocks::wall_clock::add_to_linker::<T, WasiClocks>(l, T::clocks)?;
-    wasi::clocks::monotonic_clock::add_to_linker::<T, WasiClocks>(l, T::clocks)?;
     wasi::random::random::add_to_linker::<T, WasiRandom>(l, |t| t.ctx().ctx.random())?;
     wasi::random::insecure::add_to_linker::<T, WasiRandom>(l, |t| t.ctx().ctx.random())?;
     wasi::random::insecure_seed::add_to_linker::<T, WasiRandom>(l, |t| t.ctx().ctx.random())?;
     Ok(())
 }
 
-/// A WASI context with no capabilities whose stdout and stderr go to the log (and to
-/// `book` when set). `customize` may replace clocks and randomness (the mock host makes
-/// them virtual).
+/// A WASI context with no capabilities whose stdout and stderr go to `logger`.
+/// `customize` may replace the randomness (the mock host makes it deterministic).
 pub(crate) fn context(
-    guest: &Arc<str>,
-    book: Option<LogBook>,
+    logger: &Arc<GuestLogger>,
     customize: impl FnOnce(&mut WasiCtxBuilder),
 ) -> WasiCtx {
     let mut builder = WasiCtxBuilder::new();
     builder
-        .stdout(LogStream::new(guest.clone(), "stdout", book.clone()))
-        .stderr(LogStream::new(guest.clone(), "stderr", book));
+        .stdout(LogStream::new(logger.clone(), "stdout", Level::Info))
+        .stderr(LogStream::new(logger.clone(), "stderr", Level::Warn));
     customize(&mut builder);
     builder.build()
 }
 
-/// Longest partial line buffered before it is logged anyway.
-const MAX_PENDING: usize = 4096;
+/// Largest write a guest may make at once (what `check-write` permits), and the longest
+/// partial line buffered before it is logged anyway.
+const MAX_PENDING: usize = MAX_LINE_BYTES;
 
-/// A guest output stream that turns each line into a log event.
+/// A guest output stream that turns each line into a log line.
 #[derive(Clone)]
 struct LogStream {
-    guest: Arc<str>,
+    logger: Arc<GuestLogger>,
     stream: &'static str,
+    level: Level,
     pending: Arc<Mutex<Vec<u8>>>,
-    book: Option<LogBook>,
 }
 
 impl LogStream {
-    fn new(guest: Arc<str>, stream: &'static str, book: Option<LogBook>) -> Self {
+    fn new(logger: Arc<GuestLogger>, stream: &'static str, level: Level) -> Self {
         Self {
-            guest,
+            logger,
             stream,
+            level,
             pending: Arc::default(),
-            book,
         }
     }
 
+    /// Logs every complete line in one pass; keeps the unterminated rest (cut at
+    /// [`MAX_PENDING`]) for the next write.
     fn take(&self, bytes: &[u8]) {
         let mut pending = self.pending.lock().expect("log stream lock");
         pending.extend_from_slice(bytes);
-        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
-            self.emit(&line[..line.len() - 1]);
+        let Some(last_nl) = pending.iter().rposition(|&b| b == b'\n') else {
+            if pending.len() >= MAX_PENDING {
+                let line = std::mem::take(&mut *pending);
+                self.emit(&line);
+            }
+            return;
+        };
+        let rest = pending.split_off(last_nl + 1);
+        for line in pending.split(|&b| b == b'\n') {
+            self.emit(line);
         }
-        if pending.len() >= MAX_PENDING {
-            let line = std::mem::take(&mut *pending);
-            self.emit(&line);
-        }
+        *pending = rest;
     }
 
     fn emit(&self, line: &[u8]) {
+        if line.is_empty() {
+            return;
+        }
         let line = String::from_utf8_lossy(line);
         let line = line.trim_end_matches('\r');
-        let guest = &*self.guest;
-        let stream = self.stream;
-        let level = if stream == "stderr" {
-            tracing::warn!(target: "guest", guest, stream, "{line}");
-            Level::Warn
-        } else {
-            tracing::info!(target: "guest", guest, stream, "{line}");
-            Level::Info
-        };
-        if let Some(book) = &self.book {
-            book.lock().expect("log book lock").push(LogLine {
-                level,
-                message: line.to_string(),
-            });
-        }
+        self.logger.line(self.level, line, Some(self.stream));
     }
 }
 
@@ -170,6 +164,13 @@ impl Pollable for LogStream {
 
 impl OutputStream for LogStream {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        if bytes.len() > MAX_PENDING {
+            return Err(StreamError::Trap(wasmtime::format_err!(
+                "write of {} bytes to {}, more than the {MAX_PENDING} permitted",
+                bytes.len(),
+                self.stream
+            )));
+        }
         self.take(&bytes);
         Ok(())
     }
@@ -189,8 +190,9 @@ impl tokio::io::AsyncWrite for LogStream {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.take(buf);
-        Poll::Ready(Ok(buf.len()))
+        let n = buf.len().min(MAX_PENDING);
+        self.take(&buf[..n]);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -211,5 +213,56 @@ impl Drop for LogStream {
                 self.emit(&rest);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::LogBook;
+
+    fn stream(budget: u32) -> (LogStream, Arc<GuestLogger>, LogBook) {
+        let book = LogBook::default();
+        let logger = Arc::new(GuestLogger::new(
+            "g".into(),
+            Some(book.clone()),
+            Arc::default(),
+        ));
+        logger.begin_call(budget);
+        (
+            LogStream::new(logger.clone(), "stdout", Level::Info),
+            logger,
+            book,
+        )
+    }
+
+    #[test]
+    fn output_lines_share_the_log_budget() {
+        let (mut out, logger, book) = stream(3);
+        out.write(Bytes::from_static(b"a\nb\nc\nd\ne\npart"))
+            .unwrap();
+        out.write(Bytes::from_static(b"ial\n")).unwrap();
+        let lines: Vec<String> = book
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.message.clone())
+            .collect();
+        assert_eq!(lines, ["a", "b", "c"]);
+        assert_eq!(logger.dropped(), 3, "d, e and partial were over budget");
+    }
+
+    #[test]
+    fn writes_beyond_the_permit_trap_and_long_lines_are_cut() {
+        let (mut out, _logger, book) = stream(10);
+        assert!(out.write(Bytes::from(vec![b'x'; MAX_PENDING + 1])).is_err());
+        out.write(Bytes::from(vec![b'y'; MAX_PENDING])).unwrap();
+        let lines = book.lock().unwrap();
+        assert_eq!(
+            lines.len(),
+            1,
+            "a full buffer without a newline is logged anyway"
+        );
+        assert_eq!(lines[0].message.len(), MAX_PENDING);
     }
 }

@@ -128,8 +128,7 @@ impl ProcessSource for ScriptedSource {
     }
 }
 
-/// Virtual time: wall clock and monotonic offset. Shared with the guest's WASI clocks, so
-/// even a guest that reads WASI time directly stays deterministic.
+/// Virtual time: wall clock and monotonic offset.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     wall: DateTime<Utc>,
@@ -142,30 +141,6 @@ struct SharedClock(Arc<Mutex<Clock>>);
 impl SharedClock {
     fn get(&self) -> Clock {
         *self.0.lock().expect("clock lock")
-    }
-}
-
-impl wasmtime_wasi::HostWallClock for SharedClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_nanos(1)
-    }
-
-    fn now(&self) -> Duration {
-        let wall = self.get().wall;
-        Duration::new(
-            u64::try_from(wall.timestamp()).unwrap_or(0),
-            wall.timestamp_subsec_nanos(),
-        )
-    }
-}
-
-impl wasmtime_wasi::HostMonotonicClock for SharedClock {
-    fn resolution(&self) -> u64 {
-        1
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.get().mono.as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -255,11 +230,8 @@ impl MockHost {
             mono: Duration::ZERO,
         })));
         let mut supervisor = Supervisor::new(module, services);
-        let wasi_clock = clock.clone();
-        supervisor.set_wasi_customizer(Arc::new(move |b| {
-            b.wall_clock(wasi_clock.clone())
-                .monotonic_clock(wasi_clock.clone())
-                .insecure_random_seed(0)
+        supervisor.set_wasi_customizer(Arc::new(|b| {
+            b.insecure_random_seed(0)
                 .secure_random(wasmtime_wasi::Deterministic::new(vec![7; 32]));
         }));
         Ok(Self {
@@ -304,8 +276,13 @@ impl MockHost {
     /// Moves both clocks forward.
     pub fn advance(&mut self, by: Duration) {
         let mut c = self.clock.0.lock().expect("clock lock");
-        c.wall += chrono::Duration::from_std(by).expect("duration in range");
-        c.mono += by;
+        // Saturates at the end of representable time rather than panicking on a script
+        // that advances by centuries.
+        c.wall = chrono::Duration::from_std(by)
+            .ok()
+            .and_then(|d| c.wall.checked_add_signed(d))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        c.mono = c.mono.saturating_add(by);
     }
 
     /// Sets the wall clock (a jump, as after an NTP correction); monotonic time is
@@ -357,7 +334,7 @@ impl MockHost {
     /// first tick of a fresh host is due at once).
     /// Returns the number of ticks and the errors they reported.
     pub fn run_for(&mut self, span: Duration) -> (u64, Vec<TickError>) {
-        let end = self.monotonic() + span;
+        let end = self.monotonic().saturating_add(span);
         let mut ticks = 0;
         let mut errors = Vec::new();
         while self.ticker.next() <= end {

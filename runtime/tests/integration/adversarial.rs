@@ -101,6 +101,11 @@ fn every_bad_bundle_is_refused_and_the_running_module_keeps_running() {
     };
     let lower = signed("process-perf", 1, &guest, &[&k1, &k2]);
     let same_version_other_bytes = signed("process-perf", 2, &other, &[&k1, &k2]);
+    let same_version_wider_grant = {
+        let mut m = Manifest::describe("process-perf", 2, &guest, Utc::now());
+        m.grants.publish = vec![">".into()];
+        sign(&m, &guest, &[&k1, &k2]).unwrap()
+    };
     let longer = {
         let mut m = v3(&guest);
         m.length += 100;
@@ -154,6 +159,11 @@ fn every_bad_bundle_is_refused_and_the_running_module_keeps_running() {
             "same-version-other-bytes.bundle",
             same_version_other_bytes,
             "already accepted with a different component",
+        ),
+        (
+            "same-version-wider-grant.bundle",
+            same_version_wider_grant,
+            "already accepted with a different manifest",
         ),
         ("longer.bundle", longer, "bytes were added or removed"),
         ("huge-length.bundle", huge_length, "more than the maximum"),

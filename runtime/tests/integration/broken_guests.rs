@@ -114,3 +114,64 @@ fn the_agent_keeps_running_a_guest_that_always_traps() {
     agent.stop();
     assert!(HostStats::get(&stats.instantiations) >= 3);
 }
+
+#[test]
+fn the_time_budget_holds_after_the_sandbox_is_dropped() {
+    let module = {
+        // A library user who keeps only the module (as the mock host does).
+        let sandbox = collector_runtime::engine::Sandbox::new().unwrap();
+        let component = wasmtime::component::Component::new(
+            sandbox.engine(),
+            wat_guest("(loop $l (br $l)) (i32.const 0)"),
+        )
+        .unwrap();
+        Arc::new(
+            collector_runtime::guest::GuestModule::from_component(&sandbox, "spin", &component)
+                .unwrap(),
+        )
+    };
+    let limits = Limits {
+        call_budget: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let mut sup = Supervisor::new(
+        module,
+        services(
+            Box::new(StaticSource::default()),
+            MemorySink::default(),
+            limits,
+        ),
+    );
+    let result = sup.tick(now(Instant::now()));
+    assert!(
+        matches!(result, Err(TickError::Fault(GuestFault::Timeout { .. }))),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn tables_cannot_grow_around_the_memory_cap() {
+    // 50 million table entries would be hundreds of MB of host memory.
+    let grow = "(if (i32.ne (table.grow $t (ref.null func) (i32.const 50000000)) (i32.const -1)) \
+                (then unreachable)) (i32.const 0)";
+    let mut sup = supervisor("table-grower", grow, Limits::default());
+    sup.tick(now(Instant::now()))
+        .expect("the grow is refused (it returns -1), so the guest does not trap");
+}
+
+#[test]
+fn guests_that_read_clocks_are_refused_before_they_run() {
+    let wat = wat_guest("(i32.const 0)").replacen(
+        "(component",
+        "(component\n  (import \"wasi:clocks/monotonic-clock@0.2.0\" (instance))",
+        1,
+    );
+    let sandbox = sandbox();
+    let component = wasmtime::component::Component::new(sandbox.engine(), wat).unwrap();
+    let err = collector_runtime::guest::GuestModule::from_component(&sandbox, "clock", &component)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("wasi:clocks/monotonic-clock"), "{err}");
+    assert!(err.contains("time comes with each `tick`"), "{err}");
+}

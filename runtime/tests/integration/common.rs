@@ -130,6 +130,7 @@ pub fn wat_guest_with(configure_body: &str, tick_body: &str) -> String {
         r#"(component
   (core module $m
     (memory (export "mem") 1)
+    (table $t 1 funcref)
     (global $ticks (mut i32) (i32.const 0))
     (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
     (func (export "configure") (param i32 i32) (result i32) {configure_body})

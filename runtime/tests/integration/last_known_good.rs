@@ -52,7 +52,7 @@ fn rollback_then_restart_comes_back_on_the_last_known_good() {
         &signed("process-perf", 2, &trap_on_second, &[&k]),
     );
     agent.stderr_line_containing("swapping modules at a tick boundary");
-    let line = agent.stderr_line_containing("rolling back to the last healthy module");
+    let line = agent.stderr_line_containing("rolling back to the previous module");
     assert!(
         line.contains("process-perf v2") && line.contains("process-perf v1"),
         "{line}"

@@ -149,3 +149,41 @@ fn a_successor_that_cannot_start_is_rolled_back_at_once() {
     assert!(events[0].contains("failed to start"), "{events:?}");
     assert!(events[0].contains("configure"), "{events:?}");
 }
+
+#[test]
+fn a_first_module_rolled_back_to_still_becomes_the_last_known_good() {
+    let (sup, sink) = real_supervisor();
+    let stats = sup.stats();
+    let (mut agent, handle) = collector_runtime::agent::Agent::new(
+        sup,
+        collector_runtime::agent::AgentOptions {
+            min_interval: Duration::from_millis(10),
+            health_ticks: 3,
+        },
+    );
+    let first = Outcome::default();
+    let hook = first.clone();
+    agent.on_first_healthy(Box::new(move || {
+        hook.0.lock().unwrap().push("healthy".into())
+    }));
+    let thread = std::thread::spawn(move || agent.run(enabled("100ms", 5)));
+    // Swapped out before it completed its probation, by a module that cannot start.
+    assert!(wait_for(Duration::from_secs(10), || !sink.is_empty()));
+    let bad = Outcome::default();
+    handle.swap(spec(
+        wat_module("bad-init", &wat_guest_with("unreachable", "(i32.const 0)")),
+        "bad-init v2",
+        &bad,
+    ));
+    assert!(wait_for(Duration::from_secs(10), || !bad
+        .events()
+        .is_empty()));
+    assert!(
+        wait_for(Duration::from_secs(10), || first.events() == ["healthy"]),
+        "the first module went back on probation and passed it: {:?}",
+        first.events()
+    );
+    handle.shutdown();
+    thread.join().unwrap();
+    assert!(HostStats::get(&stats.ticks) >= 3);
+}
