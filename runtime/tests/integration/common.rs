@@ -369,14 +369,25 @@ pub struct ThreadAgent {
 
 impl ThreadAgent {
     pub fn spawn(sup: Supervisor, health_ticks: u32, config: EffectiveConfig) -> Self {
+        Self::spawn_with(sup, health_ticks, config, |_| {})
+    }
+
+    /// As [`ThreadAgent::spawn`], letting `setup` adjust the agent before it runs.
+    pub fn spawn_with(
+        sup: Supervisor,
+        health_ticks: u32,
+        config: EffectiveConfig,
+        setup: impl FnOnce(&mut Agent),
+    ) -> Self {
         let stats = sup.stats();
-        let (agent, handle) = Agent::new(
+        let (mut agent, handle) = Agent::new(
             sup,
             AgentOptions {
                 min_interval: Duration::from_millis(10),
                 health_ticks,
             },
         );
+        setup(&mut agent);
         let thread = std::thread::spawn(move || agent.run(config));
         Self {
             handle,

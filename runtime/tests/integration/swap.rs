@@ -47,6 +47,15 @@ fn start(health_ticks: u32) -> (ThreadAgent, MemorySink) {
     (agent, sink)
 }
 
+/// A successor whose `configure` traps, so it can never start.
+fn cannot_start(outcome: &Outcome) -> ModuleSpec {
+    spec(
+        wat_module("bad-init", &wat_guest_with("unreachable", "(i32.const 0)")),
+        "bad-init v2",
+        outcome,
+    )
+}
+
 fn has_rates(m: &ProcessPerf) -> bool {
     m.processes
         .iter()
@@ -131,11 +140,7 @@ fn a_successor_that_cannot_start_is_rolled_back_at_once() {
     let (handle, _stats) = (agent.handle.clone(), agent.stats.clone());
     assert!(wait_for(Duration::from_secs(10), || !sink.is_empty()));
     let outcome = Outcome::default();
-    handle.swap(spec(
-        wat_module("bad-init", &wat_guest_with("unreachable", "(i32.const 0)")),
-        "bad-init v2",
-        &outcome,
-    ));
+    handle.swap(cannot_start(&outcome));
     assert!(wait_for(Duration::from_secs(5), || !outcome
         .events()
         .is_empty()));
@@ -153,28 +158,18 @@ fn a_successor_that_cannot_start_is_rolled_back_at_once() {
 #[test]
 fn a_first_module_rolled_back_to_still_becomes_the_last_known_good() {
     let (sup, sink) = real_supervisor();
-    let stats = sup.stats();
-    let (mut agent, handle) = collector_runtime::agent::Agent::new(
-        sup,
-        collector_runtime::agent::AgentOptions {
-            min_interval: Duration::from_millis(10),
-            health_ticks: 3,
-        },
-    );
     let first = Outcome::default();
     let hook = first.clone();
-    agent.on_first_healthy(Box::new(move || {
-        hook.0.lock().unwrap().push("healthy".into())
-    }));
-    let thread = std::thread::spawn(move || agent.run(enabled("100ms", 5)));
+    let agent = ThreadAgent::spawn_with(sup, 3, enabled("100ms", 5), |agent| {
+        agent.on_first_healthy(Box::new(move || {
+            hook.0.lock().unwrap().push("healthy".into())
+        }))
+    });
+    let (handle, stats) = (agent.handle.clone(), agent.stats.clone());
     // Swapped out before it completed its probation, by a module that cannot start.
     assert!(wait_for(Duration::from_secs(10), || !sink.is_empty()));
     let bad = Outcome::default();
-    handle.swap(spec(
-        wat_module("bad-init", &wat_guest_with("unreachable", "(i32.const 0)")),
-        "bad-init v2",
-        &bad,
-    ));
+    handle.swap(cannot_start(&bad));
     assert!(wait_for(Duration::from_secs(10), || !bad
         .events()
         .is_empty()));
@@ -183,7 +178,6 @@ fn a_first_module_rolled_back_to_still_becomes_the_last_known_good() {
         "the first module went back on probation and passed it: {:?}",
         first.events()
     );
-    handle.shutdown();
-    thread.join().unwrap();
+    agent.stop();
     assert!(HostStats::get(&stats.ticks) >= 3);
 }
