@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config_file;
 pub mod deploy;
 pub mod engine;
+pub mod fleet;
 pub mod fsutil;
 pub mod grant;
 pub mod guest;

@@ -1,0 +1,203 @@
+//! The fleet over NATS: how configuration, module assignments, signed bundles and status
+//! travel between operators and agents, on the JetStream engine kanade already runs.
+//!
+//! | what | where | written by | read by |
+//! |---|---|---|---|
+//! | settings (kanade's own) | KV `agent_config`: `global`, `groups.<g>`, `pcs.<pc>` | `kanade config set`, `collector config set` | agents |
+//! | group membership | KV `agent_groups`: `<pc>` → `{"groups":[...]}` | `kanade group add` | agents |
+//! | module assignments | KV `collector_config`, same keys as `agent_config` | `collector module rollout` | agents |
+//! | signed bundles | object store `collector_modules`: `<name>/<version>` | `collector module publish` | agents |
+//! | agent status | KV `collector_status`: `<pc>` | each agent, its own key | `collector fleet status` |
+//! | module transitions | `obs.<pc>` (kanade `ObsEvent`) | each agent | kanade's event timeline |
+//!
+//! The collector never adds fields to `agent_config`: kanade's backend rewrites those
+//! values through a fixed field list and would drop them.
+
+pub mod assignment;
+pub mod scope;
+pub mod status;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+
+/// kanade's layered settings bucket.
+pub const CONFIG_BUCKET: &str = "agent_config";
+/// kanade's group membership bucket.
+pub const GROUPS_BUCKET: &str = "agent_groups";
+/// Module assignments, under kanade's scope keys.
+pub const ASSIGNMENTS_BUCKET: &str = "collector_config";
+/// One status record per agent.
+pub const STATUS_BUCKET: &str = "collector_status";
+/// Signed bundles, as `<name>/<version>`.
+pub const MODULES_STORE: &str = "collector_modules";
+
+/// Object name of a module version in [`MODULES_STORE`].
+pub fn object_name(name: &str, version: u64) -> String {
+    format!("{name}/{version}")
+}
+
+/// Subject of kanade observability events for `pc_id`.
+pub fn obs_subject(pc_id: &str) -> String {
+    format!("obs.{pc_id}")
+}
+
+/// `{"groups":[...]}`, the value of `agent_groups`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentGroups {
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// How to reach and authenticate to NATS; shared by `collector run` and the operator
+/// commands. Secrets may come from the environment instead of the command line.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL; several, comma-separated, for a cluster (the client fails over).
+    #[arg(long, value_name = "URL", env = "NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// A NATS credentials file (JWT and nkey seed, as `nsc` writes it).
+    #[arg(long, value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// User name (with --nats-password).
+    #[arg(long, value_name = "USER", env = "NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// Password of --nats-user.
+    #[arg(long, value_name = "PASSWORD", env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+
+    /// Authentication token.
+    #[arg(long, value_name = "TOKEN", env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+
+    /// A file holding an nkey seed (`SU...`).
+    #[arg(long, value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify the server with; turns TLS on.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS, with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// The server URLs, or an error naming `--nats-url` when none was given.
+    ///
+    /// # Errors
+    ///
+    /// When no URL was given or one does not parse.
+    pub fn servers(&self) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+        let urls = self
+            .nats_url
+            .as_deref()
+            .context("--nats-url is required (or set NATS_URL)")?;
+        urls.split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| anyhow::anyhow!("--nats-url {u:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Connection options with the credentials and TLS settings given.
+    ///
+    /// # Errors
+    ///
+    /// When a credentials, nkey or TLS file cannot be read, or two kinds of credentials
+    /// were given.
+    pub async fn options(&self, name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+        let kinds = [
+            self.nats_creds.is_some(),
+            self.nats_user.is_some() || self.nats_password.is_some(),
+            self.nats_token.is_some(),
+            self.nats_nkey.is_some(),
+        ];
+        anyhow::ensure!(
+            kinds.iter().filter(|k| **k).count() <= 1,
+            "give one kind of NATS credentials: --nats-creds, --nats-user/--nats-password, --nats-token or --nats-nkey"
+        );
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(5)));
+        if let Some(path) = &self.nats_creds {
+            opts = opts
+                .credentials_file(path)
+                .await
+                .with_context(|| format!("--nats-creds {}", path.display()))?;
+        }
+        match (&self.nats_user, &self.nats_password) {
+            (Some(user), Some(password)) => {
+                opts = opts.user_and_password(user.clone(), password.clone());
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--nats-user and --nats-password go together"),
+        }
+        if let Some(token) = &self.nats_token {
+            opts = opts.token(token.clone());
+        }
+        if let Some(path) = &self.nats_nkey {
+            let seed = std::fs::read_to_string(path)
+                .with_context(|| format!("--nats-nkey {}", path.display()))?;
+            let seed = seed
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with('S'))
+                .with_context(|| format!("--nats-nkey {}: no nkey seed (a line starting with S)", path.display()))?;
+            opts = opts.nkey(seed.to_string());
+        }
+        if let Some(ca) = &self.tls_ca {
+            anyhow::ensure!(ca.is_file(), "--tls-ca {}: no such file", ca.display());
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            opts = opts
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        Ok(opts)
+    }
+
+    /// Connects, waiting at most `timeout` for the server (operator commands).
+    ///
+    /// # Errors
+    ///
+    /// When the options are invalid or no server answers in time.
+    pub async fn connect(&self, name: &str, timeout: Duration) -> anyhow::Result<async_nats::Client> {
+        let servers = self.servers()?;
+        let shown = self.nats_url.clone().unwrap_or_default();
+        let opts = self.options(name).await?;
+        tokio::time::timeout(timeout, opts.connect(servers))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer from NATS at {shown} within {timeout:?}"))?
+            .with_context(|| format!("cannot connect to NATS at {shown}"))
+    }
+
+    /// Connects in the background: returns at once, and the client keeps trying (an agent
+    /// must start and run its last-known-good modules while the server is away).
+    ///
+    /// # Errors
+    ///
+    /// When the options are invalid.
+    pub async fn connect_in_background(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        let servers = self.servers()?;
+        let opts = self.options(name).await?.retry_on_initial_connect();
+        opts.connect(servers)
+            .await
+            .context("cannot set up the NATS client")
+    }
+}

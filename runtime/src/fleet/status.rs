@@ -1,0 +1,160 @@
+//! What an agent tells operators: its record in the `collector_status` KV (key
+//! `<pc_id>`), and the module transitions it also reports as kanade `ObsEvent`s on
+//! `obs.<pc_id>`, so that kanade's event timeline shows them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// `ObsEvent.source` of every event the collector publishes.
+pub const OBS_SOURCE: &str = "collector:modules";
+/// A module started running, or replaced another version.
+pub const KIND_UPDATE: &str = "collector_module_update";
+/// A module was refused (signature, anti-rollback, size, compile...).
+pub const KIND_REFUSED: &str = "collector_module_refused";
+/// A module failed its probation and was rolled back.
+pub const KIND_ROLLED_BACK: &str = "collector_module_rolled_back";
+
+/// One agent's status record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub pc_id: String,
+    /// When the agent last wrote this record.
+    pub last_seen: DateTime<Utc>,
+    /// The collector's own version.
+    pub agent_version: String,
+    /// Modules running now, by name.
+    #[serde(default)]
+    pub modules: Vec<ModuleStatus>,
+    /// Versions rolled back (or quarantined) on this agent: never run again here.
+    #[serde(default)]
+    pub rolled_back: Vec<RolledBack>,
+    /// The last module refused, if any.
+    #[serde(default)]
+    pub last_refusal: Option<Refusal>,
+    /// Modules assigned but not running, with why (downloading, refused...).
+    #[serde(default)]
+    pub pending: Vec<Pending>,
+    /// Highest `agent_config` revision in force (0: built-in defaults or offline copy).
+    pub config_revision: u64,
+    /// Highest `collector_config` revision in force.
+    pub assignment_revision: u64,
+}
+
+/// A running module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub since: DateTime<Utc>,
+    /// Still in its first health ticks: a trap rolls it back.
+    pub probation: bool,
+    /// Calls that trapped (or ran out of time) since the agent started this module.
+    pub traps: u64,
+}
+
+/// A version that failed on this agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub name: String,
+    pub version: u64,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A module that was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub name: String,
+    pub version: u64,
+    /// Where it came from, e.g. `collector_modules/process-perf/7`.
+    pub source: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A module assigned to this PC that does not run (yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub name: String,
+    pub version: u64,
+    pub why: String,
+}
+
+impl AgentStatus {
+    /// The health an operator reads first: `ok`, `probation`, `degraded` (a refusal, a
+    /// rollback or a pending module) or `stale` (not seen for `stale_after`).
+    pub fn health(&self, now: DateTime<Utc>, stale_after: chrono::Duration) -> &'static str {
+        if now - self.last_seen > stale_after {
+            "stale"
+        } else if !self.pending.is_empty() {
+            "degraded"
+        } else if self.modules.iter().any(|m| m.probation) {
+            "probation"
+        } else {
+            "ok"
+        }
+    }
+}
+
+/// A kanade `ObsEvent` (`kanade_shared::wire::ObsEvent`), as published on `obs.<pc_id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObsEvent {
+    pub pc_id: String,
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub source: String,
+    /// With `pc_id` and `source`, kanade's dedupe key.
+    pub event_record_id: Option<String>,
+    pub payload: serde_json::Value,
+}
+
+impl ObsEvent {
+    /// An event about module `name` at `version`; `payload` gets `module` and `version`
+    /// added. The record id makes re-sends of the same transition harmless.
+    pub fn module(
+        pc_id: &str,
+        at: DateTime<Utc>,
+        kind: &str,
+        name: &str,
+        version: u64,
+        mut payload: serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        payload.insert("module".into(), name.into());
+        payload.insert("version".into(), version.into());
+        Self {
+            pc_id: pc_id.to_string(),
+            at,
+            kind: kind.to_string(),
+            source: OBS_SOURCE.to_string(),
+            event_record_id: Some(format!(
+                "{kind}:{name}:{version}:{}",
+                at.timestamp_nanos_opt().unwrap_or_default()
+            )),
+            payload: payload.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_reads_staleness_first_then_problems() {
+        let now = Utc::now();
+        let mut s = AgentStatus {
+            last_seen: now,
+            ..Default::default()
+        };
+        let minute = chrono::Duration::seconds(60);
+        assert_eq!(s.health(now, minute), "ok");
+        s.pending.push(Pending {
+            name: "m".into(),
+            version: 2,
+            why: "refused".into(),
+        });
+        assert_eq!(s.health(now, minute), "degraded");
+        assert_eq!(s.health(now + chrono::Duration::seconds(61), minute), "stale");
+    }
+}
