@@ -81,6 +81,23 @@ impl AgentHandle {
     }
 }
 
+/// Where configuration sources deliver: one agent, or the reconciler of several.
+pub trait ConfigTarget: Send + 'static {
+    /// Delivers a new effective configuration.
+    fn configure(&self, config: EffectiveConfig);
+    /// Whether deliveries are still wanted (a source stops when this turns false).
+    fn is_running(&self) -> bool;
+}
+
+impl ConfigTarget for AgentHandle {
+    fn configure(&self, config: EffectiveConfig) {
+        AgentHandle::configure(self, config);
+    }
+    fn is_running(&self) -> bool {
+        AgentHandle::is_running(self)
+    }
+}
+
 /// Knobs of the loop itself.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -89,6 +106,10 @@ pub struct AgentOptions {
     /// Ticks a swapped-in module must complete without a trap before it counts as
     /// healthy; a trap before that (or during its start) rolls it back.
     pub health_ticks: u32,
+    /// When set, ticks after the first fall on the grid of multiples of the interval
+    /// counted from this instant: agents sharing it and a cadence tick together (and
+    /// share enumerations). When unset, the phase is the agent's own.
+    pub grid_origin: Option<Instant>,
 }
 
 impl Default for AgentOptions {
@@ -96,6 +117,7 @@ impl Default for AgentOptions {
         Self {
             min_interval: Duration::from_secs(1),
             health_ticks: 3,
+            grid_origin: None,
         }
     }
 }
@@ -154,12 +176,12 @@ impl Agent {
         let agent = Self {
             label: supervisor.module().name().to_string(),
             supervisor,
-            options,
+            options: options.clone(),
             probation: None,
             events,
             _keepalive: tx.clone(),
             running: running.clone(),
-            origin: Instant::now(),
+            origin: options.grid_origin.unwrap_or_else(Instant::now),
         };
         (agent, AgentHandle { tx, running })
     }
@@ -211,7 +233,11 @@ impl Agent {
                     let result = self.supervisor.tick(self.now());
                     // A rollback happens here, inside the tick slot: the schedule stays.
                     self.after_tick(result);
-                    ticker.ticked(self.origin.elapsed(), self.supervisor.interval());
+                    if self.options.grid_origin.is_some() {
+                        ticker.ticked_on_grid(self.origin.elapsed(), self.supervisor.interval());
+                    } else {
+                        ticker.ticked(self.origin.elapsed(), self.supervisor.interval());
+                    }
                 }
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the agent holds a sender"),
             }

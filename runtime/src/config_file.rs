@@ -9,7 +9,7 @@ use std::time::Duration;
 use collector_shared::config::resolve;
 use collector_shared::{ConfigError, ConfigScope, EffectiveConfig};
 
-use crate::agent::AgentHandle;
+use crate::agent::ConfigTarget;
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ pub fn load(path: &Path) -> Result<(EffectiveConfig, String), ConfigFileError> {
 pub fn watch(
     path: PathBuf,
     mut last_text: String,
-    agent: AgentHandle,
+    agent: impl ConfigTarget,
     poll: Duration,
 ) -> JoinHandle<()> {
     std::thread::Builder::new()

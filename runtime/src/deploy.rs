@@ -4,7 +4,7 @@
 //! dropped into. Everything here happens off the tick path; the agent only receives
 //! modules that are verified, compiled and linked.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,7 +26,14 @@ use crate::host::Limits;
 pub const LKG_DIR: &str = "last-known-good";
 /// File of the state directory recording the last-known-good module and rolled-back ones.
 pub const AGENT_STATE_FILE: &str = "agent-state.json";
-const AGENT_STATE_FORMAT: &str = "collector-agent-state/1";
+/// One last-known-good module per module name.
+const AGENT_STATE_FORMAT: &str = "collector-agent-state/2";
+/// The first format: a single last-known-good module. Read, then rewritten as the second.
+const AGENT_STATE_FORMAT_V1: &str = "collector-agent-state/1";
+/// File of the state directory holding the fleet's last view of this PC (settings and
+/// assignments), so that an agent started while NATS is away runs what it ran before.
+pub const FLEET_STATE_FILE: &str = "fleet-state.json";
+const FLEET_STATE_FORMAT: &str = "collector-fleet-state/1";
 
 /// What the agent accepts to run.
 pub struct Policy {
@@ -89,9 +96,77 @@ pub struct FailedModule {
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct AgentStateFile {
     format: String,
+    /// By module name.
+    #[serde(default)]
+    last_known_good: BTreeMap<String, ModuleId>,
+    #[serde(default)]
+    failed: Vec<FailedModule>,
+}
+
+/// The first format of `agent-state.json`.
+#[derive(Debug, Deserialize)]
+struct AgentStateFileV1 {
     last_known_good: Option<ModuleId>,
     #[serde(default)]
     failed: Vec<FailedModule>,
+}
+
+impl AgentStateFile {
+    fn parse(bytes: &[u8]) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Format {
+            format: String,
+        }
+        let format: Format = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        match format.format.as_str() {
+            AGENT_STATE_FORMAT => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+            AGENT_STATE_FORMAT_V1 => {
+                let v1: AgentStateFileV1 =
+                    serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+                Ok(Self {
+                    format: AGENT_STATE_FORMAT.into(),
+                    last_known_good: v1
+                        .last_known_good
+                        .into_iter()
+                        .map(|id| (id.name.clone(), id))
+                        .collect(),
+                    failed: v1.failed,
+                })
+            }
+            other => Err(format!(
+                "unknown format {other:?}, expected {AGENT_STATE_FORMAT:?}"
+            )),
+        }
+    }
+}
+
+/// What the fleet last said about this PC, kept for a start without NATS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetState {
+    format: String,
+    /// The effective settings in force (when they came from the fleet).
+    pub config: Option<collector_shared::EffectiveConfig>,
+    pub config_revision: u64,
+    /// The modules assigned (when they came from the fleet): name → version.
+    pub modules: Option<BTreeMap<String, u64>>,
+    pub assignment_revision: u64,
+}
+
+impl FleetState {
+    pub fn new(
+        config: Option<collector_shared::EffectiveConfig>,
+        config_revision: u64,
+        modules: Option<BTreeMap<String, u64>>,
+        assignment_revision: u64,
+    ) -> Self {
+        Self {
+            format: FLEET_STATE_FORMAT.into(),
+            config,
+            config_revision,
+            modules,
+            assignment_revision,
+        }
+    }
 }
 
 /// The state directory: accepted versions (anti-rollback), the last-known-good bundle,
@@ -116,21 +191,12 @@ impl StateDir {
         let versions = VersionStore::open(dir)?;
         let path = dir.join(AGENT_STATE_FILE);
         let state = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let state: AgentStateFile = serde_json::from_slice(&bytes).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{} is corrupt ({e}); fix or remove it (removing forgets the last-known-good module)",
-                        path.display()
-                    )
-                })?;
-                anyhow::ensure!(
-                    state.format == AGENT_STATE_FORMAT,
-                    "{}: unknown format {:?}, expected {AGENT_STATE_FORMAT:?}",
-                    path.display(),
-                    state.format
-                );
-                state
-            }
+            Ok(bytes) => AgentStateFile::parse(&bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is corrupt ({e}); fix or remove it (removing forgets the last-known-good modules)",
+                    path.display()
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentStateFile {
                 format: AGENT_STATE_FORMAT.into(),
                 ..Default::default()
@@ -149,9 +215,49 @@ impl StateDir {
         self.dir.join("cache")
     }
 
-    /// The last-known-good module, if any.
-    pub fn last_known_good(&self) -> Option<&ModuleId> {
-        self.state.last_known_good.as_ref()
+    /// The last-known-good version of module `name`, if any.
+    pub fn last_known_good(&self, name: &str) -> Option<&ModuleId> {
+        self.state.last_known_good.get(name)
+    }
+
+    /// Every last-known-good module, by name.
+    pub fn last_known_goods(&self) -> &BTreeMap<String, ModuleId> {
+        &self.state.last_known_good
+    }
+
+    /// The fleet's last view of this PC, if one was saved.
+    ///
+    /// # Errors
+    ///
+    /// When the file exists but cannot be read or parsed.
+    pub fn fleet_state(&self) -> anyhow::Result<Option<FleetState>> {
+        let path = self.dir.join(FLEET_STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let state: FleetState = serde_json::from_slice(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", path.display()))?;
+                anyhow::ensure!(
+                    state.format == FLEET_STATE_FORMAT,
+                    "{}: unknown format {:?}, expected {FLEET_STATE_FORMAT:?}",
+                    path.display(),
+                    state.format
+                );
+                Ok(Some(state))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+        }
+    }
+
+    /// Saves the fleet's view of this PC.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be written.
+    pub fn save_fleet_state(&self, state: &FleetState) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(state).expect("fleet state serializes");
+        bytes.push(b'\n');
+        write_atomic(&self.dir.join(FLEET_STATE_FILE), &bytes, None)
     }
 
     /// Whether this exact module (name, version and bytes) was rolled back, and why.
@@ -171,14 +277,16 @@ impl StateDir {
         write_atomic(&self.dir.join(AGENT_STATE_FILE), &bytes, None)
     }
 
-    /// Makes `bundle` the last-known-good module.
-    /// Makes `bundle` the last-known-good module. The bundle is written under its own
+    /// Makes `bundle` the last-known-good module of its name. The bundle is written under its own
     /// name before the state points to it, and the previous one is removed only after:
     /// a crash at any point leaves a state whose bundle exists.
     fn set_last_known_good(&mut self, id: &ModuleId, bundle: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(self.dir.join(LKG_DIR))?;
         write_atomic(&self.lkg_path(id), bundle, None)?;
-        let previous = self.state.last_known_good.replace(id.clone());
+        let previous = self
+            .state
+            .last_known_good
+            .insert(id.name.clone(), id.clone());
         self.save()?;
         if let Some(old) = previous.filter(|old| old != id) {
             let _ = std::fs::remove_file(self.lkg_path(&old));
@@ -353,13 +461,27 @@ impl Deployer {
     /// # Errors
     ///
     /// When there is none, or it no longer passes the checks.
-    pub fn load_last_known_good(&self) -> Result<Option<Accepted>, Refused> {
+    pub fn load_last_known_good(&self, name: Option<&str>) -> Result<Option<Accepted>, Refused> {
         let Some(state) = &self.state else {
             return Ok(None);
         };
         let (path, expected) = {
             let s = state.lock().expect("state lock");
-            let Some(id) = s.last_known_good().cloned() else {
+            let all = s.last_known_goods();
+            let id = match name {
+                Some(name) => s.last_known_good(name),
+                None if all.len() > 1 => {
+                    return Err(Refused {
+                        subject: s.dir.join(AGENT_STATE_FILE).display().to_string(),
+                        reason: format!(
+                            "there is a last-known-good module for each of {}; pass --module NAME",
+                            all.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                }
+                None => all.values().next(),
+            };
+            let Some(id) = id.cloned() else {
                 return Ok(None);
             };
             (s.lkg_path(&id), id)
@@ -376,6 +498,27 @@ impl Deployer {
             });
         }
         Ok(Some(accepted))
+    }
+
+    /// Checks a bundle that came from the network (`subject` names where): only signed
+    /// bundles, whatever `--insecure-allow-unsigned` says, with anti-rollback.
+    ///
+    /// # Errors
+    ///
+    /// [`Refused`] with the reason; nothing is recorded.
+    pub fn load_remote_bundle(&self, subject: &str, bytes: Vec<u8>) -> Result<Accepted, Refused> {
+        if !bytes.starts_with(MAGIC) {
+            return Err(Refused {
+                subject: subject.to_string(),
+                reason: "not a signed bundle; modules from the fleet must be signed".into(),
+            });
+        }
+        self.load_bundle(subject, bytes, true)
+    }
+
+    /// The state directory, when there is one.
+    pub fn state(&self) -> Option<std::sync::MutexGuard<'_, StateDir>> {
+        self.state.as_ref().map(|s| s.lock().expect("state lock"))
     }
 
     /// Records that `accepted` is about to run: its version becomes the lowest this agent
@@ -593,7 +736,7 @@ mod tests {
             state.failed(&id(2, "aa")).is_none(),
             "the last-known-good stays usable"
         );
-        assert_eq!(state.last_known_good(), Some(&id(2, "aa")));
+        assert_eq!(state.last_known_good("process-perf"), Some(&id(2, "aa")));
     }
 
     #[test]

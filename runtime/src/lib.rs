@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod grant;
 pub mod guest;
 pub mod host;
+pub mod reconcile;
 pub mod reference;
 pub mod sink;
 pub mod source;

@@ -5,8 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
-
 /// Why a sink did not take a message.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -55,39 +53,27 @@ pub struct NatsSink {
 }
 
 impl NatsSink {
-    /// Connects to `url` on `runtime`.
-    ///
-    /// # Errors
-    ///
-    /// When the server cannot be reached within `timeout`.
-    pub fn connect(
-        url: &str,
+    /// Publishes through an existing client (which may still be connecting).
+    pub fn new(
+        client: async_nats::Client,
         runtime: tokio::runtime::Handle,
         timeout: Duration,
-    ) -> anyhow::Result<Self> {
-        let client = runtime
-            .block_on(async {
-                tokio::time::timeout(
-                    timeout,
-                    async_nats::ConnectOptions::new()
-                        .name("collector")
-                        .retry_on_initial_connect()
-                        .connect(url),
-                )
-                .await
-            })
-            .map_err(|_| anyhow::anyhow!("no answer from {url} within {timeout:?}"))?
-            .with_context(|| format!("cannot connect to NATS at {url}"))?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             client,
             runtime,
             timeout,
-        })
+        }
     }
 }
 
 impl Sink for NatsSink {
     fn publish(&self, subject: &str, payload: &[u8]) -> Result<(), SinkError> {
+        // While the server is away a publish fails at once (and is counted) instead of
+        // filling the client's buffer and then waiting out the timeout on every tick.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(SinkError::Unavailable("not connected to NATS".into()));
+        }
         let client = self.client.clone();
         let subject = subject.to_string();
         let payload = payload.to_vec().into();
@@ -101,6 +87,9 @@ impl Sink for NatsSink {
     }
 
     fn flush(&self) {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
         let client = self.client.clone();
         let _ = self
             .runtime

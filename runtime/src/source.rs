@@ -251,6 +251,90 @@ impl ProcessSource for StaticSource {
     }
 }
 
+/// One process source shared by every module of an agent: when modules sample within
+/// `window` of each other (their ticks fall in the same instant), the enumeration is done
+/// once and its table handed to each. Every sample asks for the union of the fields
+/// modules have asked for, so that one enumeration serves them all.
+#[derive(Clone)]
+pub struct SharedSource {
+    inner: Arc<Mutex<SharedInner>>,
+}
+
+struct SharedInner {
+    source: Box<dyn ProcessSource>,
+    window: Duration,
+    /// Union of the fields asked for so far.
+    wanted: Fields,
+    last: Option<(std::time::Instant, ProcessTable)>,
+    enumerations: u64,
+    served: u64,
+}
+
+impl SharedSource {
+    /// Shares `source`; samples closer than `window` to the previous one reuse it.
+    pub fn new(source: Box<dyn ProcessSource>, window: Duration) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(SharedInner {
+                source,
+                window,
+                wanted: Fields::default(),
+                last: None,
+                enumerations: 0,
+                served: 0,
+            })),
+        }
+    }
+
+    /// Enumerations actually run, and samples served (run or reused).
+    pub fn counts(&self) -> (u64, u64) {
+        let inner = self.inner.lock().expect("shared source lock");
+        (inner.enumerations, inner.served)
+    }
+}
+
+impl ProcessSource for SharedSource {
+    fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| "the process source failed earlier".to_string())?;
+        inner.served += 1;
+        let covered = |have: Fields| {
+            (have.cpu || !fields.cpu)
+                && (have.memory || !fields.memory)
+                && (have.disk || !fields.disk)
+        };
+        let wanted = inner.wanted;
+        if let Some((at, table)) = &inner.last
+            && at.elapsed() < inner.window
+            && covered(wanted)
+        {
+            let mut table = table.clone();
+            table.retain_fields(fields);
+            return Ok(table);
+        }
+        let wanted = Fields {
+            cpu: wanted.cpu || fields.cpu,
+            memory: wanted.memory || fields.memory,
+            disk: wanted.disk || fields.disk,
+        };
+        inner.wanted = wanted;
+        inner.enumerations += 1;
+        let table = inner.source.sample(wanted)?;
+        inner.last = Some((std::time::Instant::now(), table.clone()));
+        let mut table = table;
+        table.retain_fields(fields);
+        Ok(table)
+    }
+
+    fn names(&mut self, pids: &[u32]) -> Vec<String> {
+        match self.inner.lock() {
+            Ok(mut inner) => inner.source.names(pids),
+            Err(_) => vec![String::new(); pids.len()],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +413,56 @@ mod tests {
         assert!(!table.is_empty());
         assert!(table.cpu_pct.is_empty() && table.disk_read_bytes.is_empty());
         assert_eq!(table.rss_bytes.len(), table.len());
+    }
+
+    /// Counts enumerations; every table holds one process.
+    struct Counting(Arc<Mutex<u32>>);
+
+    impl ProcessSource for Counting {
+        fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
+            *self.0.lock().unwrap() += 1;
+            let mut t = ProcessTable {
+                pids: vec![1],
+                cpu_pct: vec![1.0],
+                rss_bytes: vec![2],
+                disk_read_bytes: vec![3],
+                disk_written_bytes: vec![4],
+            };
+            t.retain_fields(fields);
+            Ok(t)
+        }
+        fn names(&mut self, pids: &[u32]) -> Vec<String> {
+            pids.iter().map(|p| p.to_string()).collect()
+        }
+    }
+
+    #[test]
+    fn modules_sampling_in_the_same_instant_share_one_enumeration() {
+        let count = Arc::new(Mutex::new(0));
+        let shared = SharedSource::new(Box::new(Counting(count.clone())), Duration::from_secs(60));
+        let (mut a, mut b) = (shared.clone(), shared.clone());
+        let memory = Fields {
+            memory: true,
+            ..Fields::default()
+        };
+        let t = a.sample(Fields::ALL).unwrap();
+        assert_eq!(t.disk_read_bytes, [3]);
+        let t = b.sample(memory).unwrap();
+        assert_eq!(
+            (t.rss_bytes.len(), t.cpu_pct.len()),
+            (1, 0),
+            "only what was asked"
+        );
+        assert_eq!(*count.lock().unwrap(), 1);
+        assert_eq!(shared.counts(), (1, 2));
+        let apart = SharedSource::new(Box::new(Counting(count.clone())), Duration::ZERO);
+        let (mut c, mut d) = (apart.clone(), apart.clone());
+        c.sample(memory).unwrap();
+        d.sample(memory).unwrap();
+        assert_eq!(
+            apart.counts(),
+            (2, 2),
+            "samples further apart than the window enumerate"
+        );
     }
 }

@@ -40,6 +40,17 @@ impl Ticker {
         self.next = now;
     }
 
+    /// As [`Ticker::ticked`], but the next tick falls on the grid of multiples of the
+    /// period (counted from the origin of `now`): tickers of one origin with the same
+    /// period then tick in the same instant, so their modules can share one enumeration.
+    pub fn ticked_on_grid(&mut self, now: Duration, guest_interval: Option<Duration>) {
+        let period = self.period(guest_interval).max(Duration::from_nanos(1));
+        let periods = now.as_nanos() / period.as_nanos() + 1;
+        self.next = Duration::from_nanos(
+            u64::try_from(periods.saturating_mul(period.as_nanos())).unwrap_or(u64::MAX),
+        );
+    }
+
     /// A tick due at [`Ticker::next`] ran and finished at `now`. Keeps the phase; after an
     /// overrun, skips the missed ticks rather than bursting to catch up.
     pub fn ticked(&mut self, now: Duration, guest_interval: Option<Duration>) {
@@ -74,6 +85,24 @@ mod tests {
         assert_eq!(t.next(), 6 * S);
         t.restart(5 * S + Duration::from_millis(1));
         assert_eq!(t.next(), 5 * S + Duration::from_millis(1));
+    }
+
+    #[test]
+    fn grid_ticks_of_two_tickers_coincide_after_their_first_tick() {
+        let ms = Duration::from_millis;
+        let mut a = Ticker::new(ms(130), ms(10));
+        let mut b = Ticker::new(ms(370), ms(10));
+        a.ticked_on_grid(ms(131), Some(ms(250)));
+        b.ticked_on_grid(ms(372), Some(ms(250)));
+        assert_eq!((a.next(), b.next()), (ms(250), ms(500)));
+        a.ticked_on_grid(ms(251), Some(ms(250)));
+        assert_eq!(a.next(), b.next());
+        a.ticked_on_grid(ms(1100), Some(ms(250)));
+        assert_eq!(
+            a.next(),
+            ms(1250),
+            "an overrun skips to the next grid point"
+        );
     }
 
     #[test]

@@ -95,6 +95,24 @@ fn ensure_guest_target() -> Result<()> {
     .with_context(|| format!("install it by hand with `rustup target add {GUEST_TARGET}`"))
 }
 
+/// Builds the example guest exactly as docs/writing-a-guest.md tells its readers, and
+/// returns the path of the component.
+fn build_top_memory() -> Result<PathBuf> {
+    run_step(
+        "building the example guest guest-top-memory",
+        cargo().args([
+            "build",
+            "--quiet",
+            "--package",
+            "guest-top-memory",
+            "--target",
+            GUEST_TARGET,
+            "--release",
+        ]),
+    )?;
+    Ok(root().join("target/wasm32-wasip2/release/guest_top_memory.wasm"))
+}
+
 /// Builds the default guest and returns the path of the component.
 fn build_guest() -> Result<PathBuf> {
     ensure_guest_target()?;
@@ -228,6 +246,7 @@ fn test(extra: &[String]) -> Result<()> {
         )?;
     }
     let guest = build_guest()?;
+    let top_memory = build_top_memory()?;
     let nats = ensure_nats_server()?;
     run_step(
         "running the tests",
@@ -235,6 +254,7 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["test", "--workspace"])
             .args(extra)
             .env("COLLECTOR_GUEST_WASM", &guest)
+            .env("COLLECTOR_TOP_MEMORY_WASM", &top_memory)
             .env("COLLECTOR_NATS_SERVER", &nats),
     )?;
     run_step(
@@ -252,23 +272,7 @@ fn test(extra: &[String]) -> Result<()> {
             .stdout(std::process::Stdio::null()),
     )?;
     run_scenarios(&guest, "guest-process-perf/scenarios")?;
-    // The example guest is built exactly as docs/writing-a-guest.md tells its readers.
-    run_step(
-        "building the example guest guest-top-memory",
-        cargo().args([
-            "build",
-            "--quiet",
-            "--package",
-            "guest-top-memory",
-            "--target",
-            GUEST_TARGET,
-            "--release",
-        ]),
-    )?;
-    run_scenarios(
-        &root().join("target/wasm32-wasip2/release/guest_top_memory.wasm"),
-        "docs/examples/guest-top-memory/scenarios",
-    )?;
+    run_scenarios(&top_memory, "docs/examples/guest-top-memory/scenarios")?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }

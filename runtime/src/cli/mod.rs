@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     Test(test::TestArgs),
     Module(module::ModuleArgs),
 }
@@ -36,7 +36,7 @@ pub fn main() -> ExitCode {
         _ => "info",
     });
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Test(args) => test::run(args),
         Command::Module(args) => module::run(args),
     };

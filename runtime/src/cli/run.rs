@@ -1,4 +1,6 @@
-//! `collector run`: the agent.
+//! `collector run`: the agent. Modules come from local files (`--guest`, `--modules`,
+//! the last-known-good) and run one at a time, or, with `--nats-url` and no local
+//! module, from the fleet's assignments, several side by side under the reconciler.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,13 +13,19 @@ use clap::Args;
 use crate::agent::{Agent, AgentOptions};
 use crate::bundle::TrustStore;
 use crate::config_file;
-use crate::deploy::{self, Accepted, Deployer, Policy, StateDir};
+use crate::deploy::{self, Accepted, Deployer, FleetState, Policy, StateDir};
 use crate::engine::Sandbox;
+use crate::fleet::NatsArgs;
+use crate::fleet::watch::{self, WatchOptions};
 use crate::grant::DEFAULT_GRANT;
 use crate::guest::Supervisor;
 use crate::host::{HostStats, Limits, Services};
+use crate::reconcile::{FleetLink, Reconciler, ReconcilerOptions};
 use crate::sink::{NatsSink, Sink, StdoutSink};
-use crate::source::{SysinfoSource, TimeBoxed};
+use crate::source::{SharedSource, SysinfoSource, TimeBoxed};
+
+/// Samples of several modules closer than this share one enumeration.
+const SHARED_SAMPLE_WINDOW: Duration = Duration::from_millis(100);
 
 /// Run a guest module against this machine's real processes.
 ///
@@ -28,6 +36,12 @@ use crate::source::{SysinfoSource, TimeBoxed};
 /// back to it if the new one traps on its first ticks.
 ///
 /// Publishes go to standard output (one message per line) unless --nats-url is given.
+/// With --nats-url the agent joins the fleet: settings come from kanade's `agent_config`
+/// KV (unless --config is given) and, when no local module is given (--guest,
+/// --modules), modules come from the fleet's assignments (`collector_config` KV, bundles
+/// in the `collector_modules` object store), several side by side. The agent keeps its
+/// status in the `collector_status` KV. It starts and runs its last-known-good modules
+/// even while NATS is unreachable, and catches up when the server appears.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The module to start with: a signed bundle, or an unsigned component (.wasm) with
@@ -74,13 +88,22 @@ pub struct RunArgs {
 
     /// A JSON ConfigScope (the JSON stored in the `agent_config` KV) layered over the
     /// built-in defaults. Re-read when it changes; a bad edit is reported and the last
-    /// good configuration stays. Without it, the defaults apply (process_perf off).
+    /// good configuration stays. Without it, settings come from the fleet with
+    /// --nats-url, else the defaults apply (process_perf off).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Publish to this NATS server (core publish) instead of standard output.
-    #[arg(long, value_name = "URL")]
-    nats_url: Option<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
+
+    /// Fleet mode: wait a random time up to this before downloading a newly assigned
+    /// module, so that a fleet does not fetch all at once.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    rollout_jitter: Duration,
+
+    /// Fleet mode: how often the status record is rewritten when nothing changed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    status_interval: Duration,
 
     /// This machine's id in subjects and messages. Default: the host name.
     #[arg(long, value_name = "ID")]
@@ -176,7 +199,103 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         state,
     );
-    let (first, is_last_known_good) = first_module(&args, &deployer)?;
+    // A runtime for NATS only; agent loops run on threads of their own.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let client = match args.nats.nats_url {
+        Some(_) => Some(
+            runtime
+                .block_on(args.nats.connect_in_background("collector"))
+                .context("--nats-url")?,
+        ),
+        None => None,
+    };
+    let sink: Arc<dyn Sink> = match &client {
+        Some(client) => Arc::new(NatsSink::new(
+            client.clone(),
+            runtime.handle().clone(),
+            Duration::from_secs(5),
+        )),
+        None => Arc::new(StdoutSink),
+    };
+    let saved = deployer.state().and_then(|s| {
+        s.fleet_state()
+            .inspect_err(|e| tracing::error!("{e:#}; starting without the fleet's saved view"))
+            .ok()
+            .flatten()
+    });
+    let local = args.guest.is_some() || args.modules.is_some() || client.is_none();
+    match client {
+        Some(client) if !local => run_fleet(
+            &args,
+            &pc_id,
+            deployer,
+            runtime,
+            client,
+            sink,
+            config,
+            config_text,
+            saved,
+        ),
+        client => run_single(
+            &args,
+            &pc_id,
+            deployer,
+            runtime,
+            client,
+            sink,
+            config,
+            config_text,
+            saved,
+        ),
+    }
+}
+
+/// Calls `stop` on SIGINT or SIGTERM (what service managers and container runtimes send).
+fn on_signal(runtime: &tokio::runtime::Runtime, stop: impl FnOnce() + Send + 'static) {
+    runtime.spawn(async move {
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+            _ = term => tracing::info!("terminated; stopping"),
+        }
+        stop();
+    });
+}
+
+/// One module from local files (`--guest`, `--modules`, the last-known-good); settings
+/// from `--config`, else from the fleet when connected, else the defaults.
+#[allow(clippy::too_many_arguments)]
+fn run_single(
+    args: &RunArgs,
+    pc_id: &str,
+    deployer: Arc<Deployer>,
+    runtime: tokio::runtime::Runtime,
+    client: Option<async_nats::Client>,
+    sink: Arc<dyn Sink>,
+    mut config: collector_shared::EffectiveConfig,
+    config_text: Option<String>,
+    saved: Option<FleetState>,
+) -> anyhow::Result<ExitCode> {
+    let fleet_config = client.is_some() && args.config.is_none();
+    if fleet_config && let Some(saved) = saved.as_ref().and_then(|s| s.config.clone()) {
+        tracing::info!("using the settings saved from the fleet until it answers");
+        config = saved;
+    }
+    let (first, is_last_known_good) = first_module(args, &deployer)?;
     // The last-known-good was recorded when it was first accepted, and may be older than
     // a module accepted since (and rolled back): recording it again would be refused.
     if !is_last_known_good {
@@ -186,23 +305,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     tracing::info!(module = %first.id, pc_id, grant = %first.grant, "module loaded");
 
-    // A runtime for the NATS client only; the agent loop runs on this thread.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let sink: Arc<dyn Sink> = match &args.nats_url {
-        Some(url) => Arc::new(NatsSink::connect(
-            url,
-            runtime.handle().clone(),
-            Duration::from_secs(5),
-        )?),
-        None => Arc::new(StdoutSink),
-    };
-
     let source = TimeBoxed::new(Box::new(SysinfoSource::new()?), args.enumeration_timeout);
-    let mut services = Services::new(Box::new(source), sink, &pc_id);
+    let mut services = Services::new(Box::new(source), sink, pc_id);
     services.grant = first.grant.clone();
     services.limits = first.limits.clone();
     let first_id = first.id.clone();
@@ -217,6 +321,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         AgentOptions {
             min_interval: args.min_interval,
             health_ticks: args.health_ticks,
+            ..AgentOptions::default()
         },
     );
     agent.set_label(first_id.to_string());
@@ -226,23 +331,118 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let (Some(path), Some(text)) = (args.config.clone(), config_text) {
         config_file::watch(path, text, handle.clone(), args.config_poll);
     }
+    if let (true, Some(client)) = (fleet_config, client) {
+        let target = handle.clone();
+        let deployer = deployer.clone();
+        let options = WatchOptions {
+            assignments: false,
+            ..WatchOptions::new(pc_id)
+        };
+        runtime.spawn(watch::run(client, options, move |view| {
+            if let Some(config) = view.config {
+                let saved = FleetState::new(Some(config.clone()), view.config_revision, None, 0);
+                if let Some(state) = deployer.state()
+                    && let Err(e) = state.save_fleet_state(&saved)
+                {
+                    tracing::error!(error = %e, "cannot save the fleet's settings in the state directory");
+                }
+                target.configure(config);
+            }
+        }));
+    }
     if let Some(dir) = args.modules.clone() {
         deploy::watch(deployer, dir, first_id, handle.clone(), args.modules_poll);
     }
-    let on_signal = handle.clone();
-    runtime.spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!("interrupted; stopping");
-            on_signal.shutdown();
-        }
-    });
+    let stop = handle.clone();
+    on_signal(&runtime, move || stop.shutdown());
     let services = agent.run(config);
     let stats = &services.stats;
     tracing::info!(
         ticks = HostStats::get(&stats.ticks),
         published = HostStats::get(&stats.published),
         publish_denied = HostStats::get(&stats.publish_denied),
+        publish_failed = HostStats::get(&stats.publish_failed),
         traps = HostStats::get(&stats.traps),
+        "summary"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Modules from the fleet's assignments, each on its own agent, under the reconciler.
+#[allow(clippy::too_many_arguments)]
+fn run_fleet(
+    args: &RunArgs,
+    pc_id: &str,
+    deployer: Arc<Deployer>,
+    runtime: tokio::runtime::Runtime,
+    client: async_nats::Client,
+    sink: Arc<dyn Sink>,
+    config: collector_shared::EffectiveConfig,
+    config_text: Option<String>,
+    saved: Option<FleetState>,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !args.trust.is_empty(),
+        "--trust: fleet mode runs signed bundles only; give the public key(s) that sign them"
+    );
+    let fleet_config = args.config.is_none();
+    let source = TimeBoxed::new(Box::new(SysinfoSource::new()?), args.enumeration_timeout);
+    let shared = SharedSource::new(Box::new(source), SHARED_SAMPLE_WINDOW);
+    let services_pc_id = pc_id.to_string();
+    let shared_for_services = shared.clone();
+    let make_services = Box::new(move || {
+        Services::new(
+            Box::new(shared_for_services.clone()),
+            sink.clone(),
+            &services_pc_id,
+        )
+    });
+    let options = ReconcilerOptions {
+        agent: AgentOptions {
+            min_interval: args.min_interval,
+            health_ticks: args.health_ticks,
+            grid_origin: Some(std::time::Instant::now()),
+        },
+        rollout_jitter: args.rollout_jitter,
+        status_every: args.status_interval,
+        ..ReconcilerOptions::default()
+    };
+    let (mut reconciler, handle) = Reconciler::new(
+        pc_id,
+        deployer,
+        options,
+        make_services,
+        Some(FleetLink {
+            client: client.clone(),
+            runtime: runtime.handle().clone(),
+        }),
+        config,
+        fleet_config,
+    );
+    if let Some(saved) = saved {
+        reconciler.restore(saved);
+    }
+    if let (Some(path), Some(text)) = (args.config.clone(), config_text) {
+        config_file::watch(path, text, handle.clone(), args.config_poll);
+    }
+    let target = handle.clone();
+    let options = WatchOptions {
+        config: fleet_config,
+        ..WatchOptions::new(pc_id)
+    };
+    let watcher = runtime.spawn(watch::run(client, options, move |view| target.fleet(view)));
+    let stop = handle.clone();
+    on_signal(&runtime, move || stop.shutdown());
+    let stats = reconciler.stats();
+    reconciler.run();
+    watcher.abort();
+    let (enumerations, samples) = shared.counts();
+    tracing::info!(
+        deployed = HostStats::get(&stats.deployed),
+        refused = HostStats::get(&stats.refused),
+        download_retries = HostStats::get(&stats.download_retries),
+        enumerations,
+        samples,
         "summary"
     );
     Ok(ExitCode::SUCCESS)
@@ -254,7 +454,7 @@ fn first_module(args: &RunArgs, deployer: &Arc<Deployer>) -> anyhow::Result<(Acc
     if let Some(path) = &args.guest {
         return Ok((deployer.load_file(path).context("--guest")?, false));
     }
-    match deployer.load_last_known_good() {
+    match deployer.load_last_known_good(args.module.as_deref()) {
         Ok(Some(lkg)) => {
             tracing::info!(module = %lkg.id, "starting with the last-known-good module");
             return Ok((lkg, true));

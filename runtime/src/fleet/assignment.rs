@@ -123,7 +123,8 @@ mod tests {
 
     #[test]
     fn narrower_scopes_override_per_module_and_field() {
-        let global = scope(r#"{"modules":{"process-perf":{"version":5},"top-memory":{"version":2}}}"#);
+        let global =
+            scope(r#"{"modules":{"process-perf":{"version":5},"top-memory":{"version":2}}}"#);
         let canary = scope(r#"{"modules":{"process-perf":{"version":7}}}"#);
         let pc = scope(r#"{"modules":{"top-memory":{"enabled":false}}}"#);
         let r = resolve(Some(&global), [("canary", &canary)], Some(&pc));
@@ -156,6 +157,9 @@ mod tests {
     fn bad_values_name_the_field() {
         let err = AssignmentScope::from_json(br#"{"modules":{"m":{"version":"7"}}}"#).unwrap_err();
         assert!(err.contains("modules.m.version"), "{err}");
-        assert_eq!(scope(r#"{"modules":{},"future":1}"#), AssignmentScope::default());
+        assert_eq!(
+            scope(r#"{"modules":{},"future":1}"#),
+            AssignmentScope::default()
+        );
     }
 }

@@ -14,8 +14,10 @@
 //! values through a fixed field list and would drop them.
 
 pub mod assignment;
+pub mod fetch;
 pub mod scope;
 pub mod status;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,7 +70,12 @@ pub struct NatsArgs {
     pub nats_user: Option<String>,
 
     /// Password of --nats-user.
-    #[arg(long, value_name = "PASSWORD", env = "NATS_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "NATS_PASSWORD",
+        hide_env_values = true
+    )]
     pub nats_password: Option<String>,
 
     /// Authentication token.
@@ -157,7 +164,12 @@ impl NatsArgs {
                 .lines()
                 .map(str::trim)
                 .find(|l| l.starts_with('S'))
-                .with_context(|| format!("--nats-nkey {}: no nkey seed (a line starting with S)", path.display()))?;
+                .with_context(|| {
+                    format!(
+                        "--nats-nkey {}: no nkey seed (a line starting with S)",
+                        path.display()
+                    )
+                })?;
             opts = opts.nkey(seed.to_string());
         }
         if let Some(ca) = &self.tls_ca {
@@ -177,7 +189,11 @@ impl NatsArgs {
     /// # Errors
     ///
     /// When the options are invalid or no server answers in time.
-    pub async fn connect(&self, name: &str, timeout: Duration) -> anyhow::Result<async_nats::Client> {
+    pub async fn connect(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<async_nats::Client> {
         let servers = self.servers()?;
         let shown = self.nats_url.clone().unwrap_or_default();
         let opts = self.options(name).await?;

@@ -174,12 +174,24 @@ mod tests {
     fn replayed_revisions_and_other_pcs_change_nothing() {
         let mut layers = Layers::default();
         assert_eq!(layers.apply("pc-a", "global", 5, Some(1)), Applied::Changed);
-        assert_eq!(layers.apply("pc-a", "global", 5, Some(2)), Applied::Unchanged);
-        assert_eq!(layers.apply("pc-a", "global", 4, Some(3)), Applied::Unchanged);
+        assert_eq!(
+            layers.apply("pc-a", "global", 5, Some(2)),
+            Applied::Unchanged
+        );
+        assert_eq!(
+            layers.apply("pc-a", "global", 4, Some(3)),
+            Applied::Unchanged
+        );
         assert_eq!(layers.global, Some(1));
-        assert_eq!(layers.apply("pc-a", "pcs.pc-b", 9, Some(7)), Applied::Unchanged);
+        assert_eq!(
+            layers.apply("pc-a", "pcs.pc-b", 9, Some(7)),
+            Applied::Unchanged
+        );
         assert_eq!(layers.pc, None);
-        assert_eq!(layers.apply("pc-a", "global", 6, Some(1)), Applied::Unchanged);
+        assert_eq!(
+            layers.apply("pc-a", "global", 6, Some(1)),
+            Applied::Unchanged
+        );
         assert_eq!(layers.revision(), 6);
     }
 
@@ -188,10 +200,16 @@ mod tests {
         let mut layers = Layers::default();
         layers.apply("pc-a", "groups.canary", 1, Some(1));
         layers.apply("pc-a", "pcs.pc-a", 2, Some(2));
-        assert_eq!(layers.apply("pc-a", "groups.canary", 3, None), Applied::Changed);
+        assert_eq!(
+            layers.apply("pc-a", "groups.canary", 3, None),
+            Applied::Changed
+        );
         assert_eq!(layers.apply("pc-a", "pcs.pc-a", 4, None), Applied::Changed);
         assert!(layers.groups.is_empty() && layers.pc.is_none());
-        assert_eq!(layers.apply("pc-a", "pcs.pc-a", 5, None), Applied::Unchanged);
+        assert_eq!(
+            layers.apply("pc-a", "pcs.pc-a", 5, None),
+            Applied::Unchanged
+        );
     }
 
     #[test]
@@ -200,7 +218,11 @@ mod tests {
         layers.apply("pc-a", "groups.zeta", 1, Some('z'));
         layers.apply("pc-a", "groups.alpha", 2, Some('a'));
         layers.apply("pc-a", "groups.other", 3, Some('o'));
-        let mine = ["zeta".to_string(), "alpha".to_string(), "missing".to_string()];
+        let mine = [
+            "zeta".to_string(),
+            "alpha".to_string(),
+            "missing".to_string(),
+        ];
         assert_eq!(layers.groups_of(&mine), [("alpha", &'a'), ("zeta", &'z')]);
     }
 }

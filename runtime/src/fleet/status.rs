@@ -155,6 +155,9 @@ mod tests {
             why: "refused".into(),
         });
         assert_eq!(s.health(now, minute), "degraded");
-        assert_eq!(s.health(now + chrono::Duration::seconds(61), minute), "stale");
+        assert_eq!(
+            s.health(now + chrono::Duration::seconds(61), minute),
+            "stale"
+        );
     }
 }

@@ -24,6 +24,19 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The example guest top-memory, built by `cargo xtask test`.
+pub fn top_memory_wasm() -> PathBuf {
+    let path = std::env::var_os("COLLECTOR_TOP_MEMORY_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/wasm32-wasip2/release/guest_top_memory.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run the suite with `cargo xtask test`, which builds it",
+        path.display()
+    );
+    path
+}
+
 /// The default guest component, built by `cargo xtask build-guest` (or `cargo xtask test`).
 pub fn guest_wasm() -> PathBuf {
     let path = std::env::var_os("COLLECTOR_GUEST_WASM")
@@ -174,11 +187,14 @@ pub fn wat_module(name: &str, wat: &str) -> Arc<GuestModule> {
 }
 
 /// A nats-server with JetStream in a temporary directory on a free loopback port,
-/// killed on drop.
+/// killed on drop. It can be stopped and started again on the same port and store, as a
+/// broker outage would.
 pub struct NatsServer {
-    child: Child,
+    child: Option<Child>,
     pub url: String,
-    _dir: tempfile::TempDir,
+    port: u16,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl NatsServer {
@@ -198,30 +214,54 @@ impl NatsServer {
             .local_addr()
             .unwrap()
             .port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path())
+        let mut server = Self {
+            child: None,
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            bin,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.resume();
+        server
+    }
+
+    /// Kills the server (its store stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        let child = Command::new(&self.bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        self.child = Some(child);
+        let port = self.port;
         let up = wait_for(Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
         assert!(up, "nats-server did not listen on port {port}");
-        Self {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
-        }
     }
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -235,8 +275,13 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub fn start(args: &[&std::ffi::OsStr]) -> Self {
+        Self::start_as(PC_ID, args)
+    }
+
+    /// As [`AgentProcess::start`], for machine `pc_id`.
+    pub fn start_as(pc_id: &str, args: &[&std::ffi::OsStr]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_collector"))
-            .args(["run", "--pc-id", PC_ID, "--min-interval", "10ms"])
+            .args(["run", "--pc-id", pc_id, "--min-interval", "10ms"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -292,6 +337,26 @@ impl AgentProcess {
                 return line;
             }
         }
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Asks the agent to stop as a service manager would (SIGTERM) and returns its exit
+    /// status, or `None` if it was still running after `limit` (it is then killed).
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) with a pid this test started and has not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Stops the agent and waits for it.
@@ -385,6 +450,7 @@ impl ThreadAgent {
             AgentOptions {
                 min_interval: Duration::from_millis(10),
                 health_ticks,
+                ..AgentOptions::default()
             },
         );
         setup(&mut agent);
