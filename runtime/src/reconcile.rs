@@ -459,6 +459,8 @@ impl Reconciler {
             self.retry(name, "not connected to NATS".into());
             return;
         }
+        // The JetStream context spawns a task: it needs the runtime's context.
+        let _runtime = fleet.runtime.enter();
         let js = async_nats::jetstream::new(fleet.client.clone());
         if let Some(refused) = &w.refused_digest {
             let now = fleet.runtime.block_on(fetch::digest(&js, name, version));
@@ -788,6 +790,7 @@ impl Reconciler {
         }
         let status = self.status();
         let bytes = serde_json::to_vec(&status).expect("status serializes");
+        let _runtime = fleet.runtime.enter();
         let js = async_nats::jetstream::new(fleet.client.clone());
         let pc_id = self.pc_id.clone();
         let written = fleet.runtime.block_on(async {

@@ -30,7 +30,10 @@ impl Fleet {
         let server = NatsServer::start();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let client = rt.block_on(async_nats::connect(&server.url)).unwrap();
-        let js = jetstream::new(client.clone());
+        let js = {
+            let _runtime = rt.enter();
+            jetstream::new(client.clone())
+        };
         rt.block_on(async {
             for (bucket, history) in [
                 (CONFIG_BUCKET, 1),
@@ -172,7 +175,7 @@ impl Fleet {
     /// The next message of `sub` within `limit`.
     pub fn next(&self, sub: &mut async_nats::Subscriber, limit: Duration) -> Option<Vec<u8>> {
         self.rt
-            .block_on(tokio::time::timeout(limit, sub.next()))
+            .block_on(async { tokio::time::timeout(limit, sub.next()).await })
             .ok()
             .flatten()
             .map(|m| m.payload.to_vec())
@@ -288,7 +291,7 @@ fn bundles_put_behind_the_operators_back_are_refused_and_the_running_module_carr
     let cases: [(u64, Vec<u8>, &str); 3] = [
         (6, tampered, "sha256"),
         (7, wrong_key, "signature"),
-        (4, process_perf(4), "lower"),
+        (4, process_perf(4), "anti-rollback"),
     ];
     for (version, bytes, why) in cases {
         fleet.put_module("process-perf", version, &bytes);
@@ -390,8 +393,12 @@ fn the_agent_rides_out_broker_outages_and_starts_offline_on_its_last_known_good(
         .rt
         .block_on(async_nats::connect(&fleet.server.url))
         .unwrap();
+    let js = {
+        let _runtime = fleet.rt.enter();
+        jetstream::new(client.clone())
+    };
     let fleet = Fleet {
-        js: jetstream::new(client.clone()),
+        js,
         client,
         ..fleet
     };
