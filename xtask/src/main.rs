@@ -157,12 +157,15 @@ fn run(extra: &[String]) -> Result<()> {
         std::fs::create_dir_all(&keys)?;
         run_step(
             "making a development signing key in target/dev-keys",
-            &mut collector(&[
+            // Its report goes to standard error: standard output carries only the
+            // agent's JSON lines, pipeable into `jq` from the first line.
+            collector(&[
                 "module".as_ref(),
                 "keygen".as_ref(),
                 "--out".as_ref(),
                 key.as_os_str(),
-            ]),
+            ])
+            .stdout(std::io::stderr()),
         )?;
     }
     let bundle = root().join("target/guests/process-perf.bundle");
