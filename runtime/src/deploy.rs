@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{AgentHandle, HealthyHook, ModuleSpec, RollbackHook};
 use crate::bundle::{self, MAGIC, MAX_BUNDLE_LEN, Manifest, TrustStore, VersionStore};
 use crate::engine::Sandbox;
-use crate::fsutil::write_atomic;
+use crate::fsutil::{Links, MAX_STATE_FILE_LEN, open_regular, read_regular, write_atomic};
 use crate::grant::Grant;
 use crate::guest::GuestModule;
 use crate::host::Limits;
@@ -115,7 +115,7 @@ impl StateDir {
         })?;
         let versions = VersionStore::open(dir)?;
         let path = dir.join(AGENT_STATE_FILE);
-        let state = match std::fs::read(&path) {
+        let state = match read_regular(&path, MAX_STATE_FILE_LEN, Links::Refuse) {
             Ok(bytes) => {
                 let state: AgentStateFile = serde_json::from_slice(&bytes).map_err(|e| {
                     anyhow::anyhow!(
@@ -131,11 +131,11 @@ impl StateDir {
                 );
                 state
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentStateFile {
+            Err(e) if e.is_not_found() => AgentStateFile {
                 format: AGENT_STATE_FORMAT.into(),
                 ..Default::default()
             },
-            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+            Err(e) => anyhow::bail!("cannot read the agent state: {e}"),
         };
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -364,9 +364,10 @@ impl Deployer {
             };
             (s.lkg_path(&id), id)
         };
-        let bytes = bundle::read_bounded(&path, MAX_BUNDLE_LEN).map_err(|e| Refused {
+        // Written by the agent in its state directory: a link there was planted.
+        let bytes = read_regular(&path, MAX_BUNDLE_LEN, Links::Refuse).map_err(|e| Refused {
             subject: path.display().to_string(),
-            reason: e.to_string(),
+            reason: e.problem.to_string(),
         })?;
         let accepted = self.load_bytes(&path.display().to_string(), "", bytes, false)?;
         if accepted.id != expected {
@@ -471,13 +472,14 @@ impl Deployer {
     }
 }
 
-/// Whether the file begins like a bundle (reads 8 bytes only).
+/// Whether the file begins like a bundle (reads 8 bytes only). The name may have turned
+/// into a FIFO or a device since it was listed: the open never blocks, and only a regular
+/// file counts.
 fn starts_with_magic(path: &Path) -> bool {
     use std::io::Read as _;
     let mut head = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok_and(|()| head == *MAGIC)
+    open_regular(path, Links::Follow)
+        .is_ok_and(|mut f| f.read_exact(&mut head).is_ok_and(|()| head == *MAGIC))
 }
 
 /// Names a bundle by its manifest when it can be read, for log lines.
@@ -627,5 +629,30 @@ mod tests {
             err.contains(AGENT_STATE_FILE) && err.contains("corrupt"),
             "{err}"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_state_file_or_bundle_that_blocks_or_never_ends_is_an_error_at_once() {
+        use crate::fsutil::hostile;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AGENT_STATE_FILE);
+        hostile::each(&path, |what| {
+            let state = dir.path().to_path_buf();
+            let err = hostile::promptly(what, move || StateDir::open(&state).err())
+                .unwrap_or_else(|| panic!("{what} accepted as {AGENT_STATE_FILE}"));
+            assert!(err.to_string().contains(AGENT_STATE_FILE), "{what}: {err}");
+        });
+        let bundle = dir.path().join("v1.bundle");
+        hostile::each(&bundle, |what| {
+            let p = bundle.clone();
+            assert!(
+                !hostile::promptly(what, move || starts_with_magic(&p)),
+                "{what}"
+            );
+            let p = bundle.clone();
+            let read = hostile::promptly(what, move || bundle::read_bounded(&p, MAX_BUNDLE_LEN));
+            assert!(read.is_err(), "{what}");
+        });
     }
 }

@@ -46,7 +46,7 @@ mod versions;
 
 pub use format::{
     Bundle, FormatError, MAGIC, MAX_BUNDLE_LEN, MAX_MANIFEST_LEN, MAX_SIGNATURES,
-    MAX_SIGNATURES_LEN, ReadError, SignatureEntry, read_bounded,
+    MAX_SIGNATURES_LEN, ReadProblem, SignatureEntry, read_bounded,
 };
 pub use keys::{
     KeyError, KeyId, PUBLIC_PREFIX, PublicKey, SECRET_PREFIX, SecretKey, TrustError, TrustStore,

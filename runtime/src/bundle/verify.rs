@@ -7,7 +7,7 @@ use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use super::format::{Bundle, FormatError, MAX_BUNDLE_LEN, ReadError, read_bounded};
+use super::format::{Bundle, FormatError, MAX_BUNDLE_LEN, ReadProblem, read_bounded};
 use super::keys::{KeyId, PublicKey, SecretKey, TrustStore};
 use super::manifest::{FORMAT, Manifest, ManifestError, sha256_hex, wit_target};
 use super::versions::{RollbackError, VersionStore};
@@ -35,7 +35,7 @@ pub struct VerifyError {
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Read(#[from] ReadProblem),
     #[error(transparent)]
     Format(#[from] FormatError),
     #[error(transparent)]
