@@ -129,6 +129,25 @@ impl StateDir {
                     path.display(),
                     state.format
                 );
+                // Checked as when they came in a manifest, whoever edited the file since:
+                // the last-known-good's name becomes a file name.
+                let lkg = state
+                    .last_known_good
+                    .iter()
+                    .map(|id| ("last_known_good.name".to_string(), id));
+                let failed = state
+                    .failed
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (format!("failed[{i}].name"), &f.id));
+                for (field, id) in lkg.chain(failed) {
+                    bundle::check_module_name(&id.name).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{} is corrupt (field `{field}`: {e}); fix or remove it (removing forgets the last-known-good module)",
+                            path.display()
+                        )
+                    })?;
+                }
                 state
             }
             Err(e) if e.is_not_found() => AgentStateFile {
@@ -159,10 +178,24 @@ impl StateDir {
         self.state.failed.iter().find(|f| f.id == *id)
     }
 
+    /// Where the last-known-good bundle of `id` lives. Names are checked when they come
+    /// in, but whatever the name, the file stays in its directory: a character a module
+    /// name cannot hold (a `/` above all) is replaced.
     fn lkg_path(&self, id: &ModuleId) -> PathBuf {
+        let name: String = id
+            .name
+            .chars()
+            .map(|c| {
+                if bundle::is_module_name_char(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         self.dir
             .join(LKG_DIR)
-            .join(format!("{}-v{}.bundle", id.name, id.version))
+            .join(format!("{name}-v{}.bundle", id.version))
     }
 
     fn save(&self) -> std::io::Result<()> {
@@ -654,5 +687,84 @@ mod tests {
             let read = hostile::promptly(what, move || bundle::read_bounded(&p, MAX_BUNDLE_LEN));
             assert!(read.is_err(), "{what}");
         });
+    }
+
+    #[test]
+    fn module_names_read_back_from_the_state_file_are_checked_like_manifest_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(state.join(LKG_DIR)).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let victim = outside.join("victim-v1.bundle");
+        let absolute = outside.join("victim").display().to_string();
+        let module = |name: &str| serde_json::json!({"name": name, "version": 1, "sha256": "aa"});
+        let cases = [
+            (
+                serde_json::json!({"format": AGENT_STATE_FORMAT, "last_known_good": module("../../outside/victim")}),
+                "last_known_good.name",
+            ),
+            (
+                serde_json::json!({"format": AGENT_STATE_FORMAT, "last_known_good": module(&absolute)}),
+                "last_known_good.name",
+            ),
+            (
+                serde_json::json!({
+                    "format": AGENT_STATE_FORMAT,
+                    "last_known_good": module("process-perf"),
+                    "failed": [
+                        {"name": "process-perf", "version": 2, "sha256": "bb", "reason": "trap", "at": "2025-01-01T00:00:00Z"},
+                        {"name": "../x", "version": 3, "sha256": "cc", "reason": "trap", "at": "2025-01-01T00:00:00Z"},
+                    ],
+                }),
+                "failed[1].name",
+            ),
+        ];
+        for (file, field) in cases {
+            std::fs::write(&victim, b"not the agent's").unwrap();
+            std::fs::write(state.join(AGENT_STATE_FILE), file.to_string()).unwrap();
+            // What the agent does next with a state it accepted: a new last-known-good
+            // replaces the recorded one, whose file is removed.
+            let result =
+                StateDir::open(&state).map(|mut s| s.set_last_known_good(&id(2, "bb"), b"two"));
+            assert!(
+                victim.exists(),
+                "{field}: a file outside the state directory was removed"
+            );
+            let err = result
+                .err()
+                .unwrap_or_else(|| panic!("{file} accepted"))
+                .to_string();
+            assert!(
+                err.contains(AGENT_STATE_FILE)
+                    && err.contains(field)
+                    && err.contains("module name"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_last_known_good_path_stays_in_its_directory_whatever_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        for name in ["../../x", "/tmp/abs", "a/b", "..", ""] {
+            let path = state.lkg_path(&ModuleId {
+                name: name.into(),
+                version: 1,
+                sha256: "aa".into(),
+            });
+            assert_eq!(
+                path.parent(),
+                Some(dir.path().join(LKG_DIR).as_path()),
+                "{name:?}: {}",
+                path.display()
+            );
+            assert!(
+                path.file_name().is_some_and(|f| f != ".." && f != "."),
+                "{name:?}: {}",
+                path.display()
+            );
+        }
     }
 }

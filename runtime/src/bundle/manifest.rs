@@ -21,6 +21,35 @@ pub fn wit_target() -> String {
     format!("{WIT_PACKAGE}@{WIT_VERSION}")
 }
 
+/// A string that is not a module name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a module name: expected 1 to {max} letters, digits, `.`, `_` or `-`",
+    max = MAX_NAME_LEN
+)]
+pub struct NameError(pub String);
+
+/// Whether `c` may appear in a module name. No path separator is among them, so a name
+/// can never take a file named after it out of its directory.
+pub fn is_module_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Checks a module name: the rule for names in manifests, which are read from the
+/// network, and for names read back from the state directory, which the agent wrote but
+/// anyone with access to the directory could have edited.
+///
+/// # Errors
+///
+/// When `name` is empty, longer than 64 bytes, or holds any other character than ASCII
+/// letters, digits, `.`, `_` and `-`.
+pub fn check_module_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(is_module_name_char) {
+        return Err(NameError(name.to_string()));
+    }
+    Ok(())
+}
+
 /// Lowercase hex SHA-256 of `bytes`, as stored in manifests.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -130,21 +159,8 @@ impl Manifest {
     /// The first field holding an unacceptable value.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let invalid = |field, reason: String| Err(ManifestError::Invalid { field, reason });
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= MAX_NAME_LEN
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !name_ok {
-            return invalid(
-                "name",
-                format!(
-                    "{:?} is not a module name: expected 1 to {MAX_NAME_LEN} letters, \
-                     digits, `.`, `_` or `-`",
-                    self.name
-                ),
-            );
+        if let Err(e) = check_module_name(&self.name) {
+            return invalid("name", e.to_string());
         }
         let hash_ok = self.sha256.len() == 64
             && self

@@ -51,7 +51,10 @@ pub use format::{
 pub use keys::{
     KeyError, KeyId, PUBLIC_PREFIX, PublicKey, SECRET_PREFIX, SecretKey, TrustError, TrustStore,
 };
-pub use manifest::{FORMAT, Grants, Limits, Manifest, ManifestError, sha256_hex, wit_target};
+pub use manifest::{
+    FORMAT, Grants, Limits, Manifest, ManifestError, NameError, check_module_name,
+    is_module_name_char, sha256_hex, wit_target,
+};
 pub use verify::{
     Refusal, SignError, SignatureProblem, Verified, VerifyError, check_component, sign, verify,
     verify_file,

@@ -231,6 +231,10 @@ fn parse(bytes: &[u8]) -> Result<BTreeMap<String, AcceptedVersion>, String> {
             file.format
         ));
     }
+    // Names are checked as when they came in a manifest, whoever edited the file since.
+    for name in file.modules.keys() {
+        super::check_module_name(name).map_err(|e| format!("at `modules`: {e}"))?;
+    }
     Ok(file.modules)
 }
 
@@ -356,6 +360,7 @@ mod tests {
             "{ not json",
             r#"{"format": "collector-versions/1", "modules": {"m": {"version": -1, "sha256": ""}}}"#,
             r#"{"format": "something-else", "modules": {}}"#,
+            r#"{"format": "collector-versions/1", "modules": {"../x": {"version": 1, "sha256": ""}}}"#,
             "",
         ] {
             std::fs::write(&path, text).unwrap();
