@@ -159,6 +159,14 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_file_with_a_second_document_is_refused() {
+        let err = parse(Path::new("c.json"), "{}\n{\"process_perf_enabled\": true}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.json") && err.contains("trailing"), "{err}");
+    }
+
     #[cfg(unix)]
     #[test]
     fn a_config_file_that_blocks_or_never_ends_is_an_error_at_once() {

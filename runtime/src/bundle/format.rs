@@ -249,7 +249,10 @@ fn put_section(
 
 fn parse_signatures(bytes: &[u8]) -> Result<Vec<SignatureEntry>, FormatError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let raw: Vec<SignatureJson> = serde_path_to_error::deserialize(de)
+    let raw: Vec<SignatureJson> = serde_path_to_error::deserialize(&mut *de)
+        .map_err(|e| FormatError::SignaturesJson(e.to_string()))?;
+    // Trailing whitespace only, as the manifest (see `Manifest::parse`).
+    de.end()
         .map_err(|e| FormatError::SignaturesJson(e.to_string()))?;
     if raw.len() > MAX_SIGNATURES {
         return Err(FormatError::TooManySignatures {
@@ -437,6 +440,14 @@ mod tests {
             let err = Bundle::parse(&bytes).unwrap_err().to_string();
             assert!(err.contains(expected), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn a_signatures_section_with_data_after_it_is_refused() {
+        let json = r#"[{"key_id": "0011223344556677", "signature": "AAAA"}] []"#;
+        let bytes = raw(2, b"{}", Some(json.len() as u32), json.as_bytes());
+        let err = Bundle::parse(&bytes).unwrap_err().to_string();
+        assert!(err.contains("trailing"), "{err}");
     }
 
     #[test]

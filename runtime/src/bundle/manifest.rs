@@ -133,19 +133,27 @@ impl Manifest {
         }
     }
 
-    /// Parses and checks manifest bytes. Unknown and duplicate fields are refused.
+    /// Parses and checks manifest bytes. Unknown and duplicate fields are refused, and so
+    /// is anything but JSON whitespace after the document: signed bytes holding a second
+    /// document would mean one thing to this parser (the first document) and another to a
+    /// tool that reads the last one. Trailing whitespace is accepted, since every JSON
+    /// reader skips it alike (and [`Manifest::to_json`] ends with a newline).
     ///
     /// # Errors
     ///
-    /// When the bytes are not UTF-8 JSON of the manifest's shape, or a field holds a
-    /// value no valid manifest has (see [`Manifest::validate`]).
+    /// When the bytes are not UTF-8 JSON of the manifest's shape with nothing after it,
+    /// or a field holds a value no valid manifest has (see [`Manifest::validate`]).
     pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let manifest: Self =
-            serde_path_to_error::deserialize(de).map_err(|e| ManifestError::Json {
+            serde_path_to_error::deserialize(&mut *de).map_err(|e| ManifestError::Json {
                 path: e.path().to_string(),
                 message: e.inner().to_string(),
             })?;
+        de.end().map_err(|e| ManifestError::Json {
+            path: ".".into(),
+            message: format!("data after the manifest document: {e}"),
+        })?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -297,5 +305,27 @@ mod tests {
             .to_string();
         assert!(err.contains("`format`"), "{err}");
         assert!(Manifest::parse(b"\xff").is_err());
+    }
+
+    #[test]
+    fn anything_but_whitespace_after_the_document_is_refused() {
+        let json = sample().to_json();
+        assert!(json.ends_with(b"\n"), "to_json ends with a newline");
+        let mut spaced = json.clone();
+        spaced.extend_from_slice(b" \t\r\n");
+        assert_eq!(Manifest::parse(&spaced).unwrap(), sample());
+        let mut other = sample();
+        other.grants.publish = vec![">".into()];
+        for tail in [
+            other.to_json(),
+            b"{}".to_vec(),
+            b"x".to_vec(),
+            b"\0".to_vec(),
+        ] {
+            let mut two = json.clone();
+            two.extend_from_slice(&tail);
+            let err = Manifest::parse(&two).unwrap_err().to_string();
+            assert!(err.contains("trailing"), "{err}");
+        }
     }
 }

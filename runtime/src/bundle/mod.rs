@@ -31,7 +31,8 @@
 //! # Verification
 //!
 //! [`verify`] (or [`verify_file`]) checks, in this order, stopping at the first refusal:
-//! the container (bounded parsing), the manifest (strict JSON, unknown fields refused),
+//! the container (bounded parsing), the manifest (strict JSON, unknown fields and anything
+//! but whitespace after the document refused),
 //! the signatures against a [`TrustStore`] and its threshold, the format and WIT target
 //! against this host, the expiry against the `now` it is given, the component's length
 //! then its hash (before any WebAssembly parsing), and finally anti-rollback against a

@@ -411,6 +411,26 @@ mod tests {
     }
 
     #[test]
+    fn a_signed_manifest_of_two_documents_is_refused() {
+        let a = key(1);
+        let mut wider = manifest(3, COMPONENT);
+        wider.grants.publish = vec![">".into()];
+        let mut two = manifest(3, COMPONENT).to_json();
+        two.extend_from_slice(&wider.to_json());
+        // Signed as it is: the signers vouched for these exact bytes.
+        let bytes = Bundle {
+            manifest: &two,
+            signatures: vec![a.sign(&two)],
+            component: COMPONENT,
+        }
+        .encode()
+        .unwrap();
+        let err = refusal(&bytes, &trust(&[&a], 1));
+        assert!(matches!(err, Refusal::Manifest(_)), "{err}");
+        assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    #[test]
     fn a_component_swapped_for_one_of_the_same_length_is_a_hash_mismatch() {
         let a = key(1);
         let swapped = repack(&signed(&[&a]), |_, c| c.iter_mut().for_each(|b| *b = b'x'));

@@ -223,8 +223,10 @@ impl VersionStore {
 
 fn parse(bytes: &[u8]) -> Result<BTreeMap<String, AcceptedVersion>, String> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let file: StoreFile = serde_path_to_error::deserialize(de)
+    let file: StoreFile = serde_path_to_error::deserialize(&mut *de)
         .map_err(|e| format!("at `{}`: {}", e.path(), e.inner()))?;
+    // A second document after the first would be read by other tools, not by this one.
+    de.end().map_err(|e| format!("after the document: {e}"))?;
     if file.format != STORE_FORMAT {
         return Err(format!(
             "format {:?}, expected {STORE_FORMAT:?}",
@@ -372,6 +374,22 @@ mod tests {
             );
             assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "untouched");
         }
+    }
+
+    #[test]
+    fn a_store_with_a_second_document_after_it_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(VERSIONS_FILE);
+        let store = r#"{"format": "collector-versions/1", "modules": {}}"#;
+        std::fs::write(&path, format!("{store}\n \t\r\n")).unwrap();
+        assert!(
+            VersionStore::open(dir.path()).is_ok(),
+            "trailing whitespace is fine"
+        );
+        std::fs::write(&path, format!("{store}\n{store}")).unwrap();
+        let err = VersionStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("trailing"), "{err}");
     }
 
     #[cfg(unix)]
