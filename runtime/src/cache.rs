@@ -16,10 +16,20 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use crate::fsutil::{Links, ReadError, ReadProblem, read_regular};
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Domain separation for the MAC, versioned with the entry layout.
 const MAC_CONTEXT: &[u8] = b"collector compile cache v1";
+
+/// Largest compiled artifact (`.cwasm`) read back or written, in bytes (128 MiB): four
+/// times the largest bundle, room for the native code of any component a bundle can
+/// carry. A larger artifact is not cached, so every entry written can be read back.
+pub const MAX_ARTIFACT_LEN: u64 = 128 * 1024 * 1024;
+
+/// Length of the cache key (`cache.key`) and of an HMAC-SHA256 tag (`.mac`).
+const KEY_LEN: usize = 32;
 
 /// How a [`CompileCache::load`] was served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,20 +58,25 @@ impl CompileCache {
     pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let key_path = dir.join("cache.key");
-        let key = match std::fs::read(&key_path) {
-            Ok(bytes) => bytes.try_into().map_err(|_| {
-                std::io::Error::other(format!(
-                    "{}: expected a 32-byte key; delete it to start a new cache",
-                    key_path.display()
-                ))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
+        let bad_key = || {
+            std::io::Error::other(format!(
+                "{}: expected a {KEY_LEN}-byte key; delete it to start a new cache",
+                key_path.display()
+            ))
+        };
+        let key = match read_regular(&key_path, KEY_LEN as u64, Links::Refuse) {
+            Ok(bytes) => bytes.try_into().map_err(|_| bad_key())?,
+            Err(e) if e.is_not_found() => {
+                let mut key = [0u8; KEY_LEN];
                 getrandom::fill(&mut key).map_err(std::io::Error::other)?;
                 write_private(&key_path, &key)?;
                 key
             }
-            Err(e) => return Err(e),
+            Err(ReadError {
+                problem: ReadProblem::TooLarge { .. },
+                ..
+            }) => return Err(bad_key()),
+            Err(e) => return Err(std::io::Error::other(e)),
         };
         let mut hasher = Sha256Hasher(Sha256::new());
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
@@ -89,7 +104,13 @@ impl CompileCache {
         let stem = format!("{content}-{}", self.engine_hash);
         let artifact_path = self.dir.join(format!("{stem}.cwasm"));
         let mac_path = self.dir.join(format!("{stem}.mac"));
-        let outcome = match (std::fs::read(&artifact_path), std::fs::read(&mac_path)) {
+        // Entries are files this agent wrote: a link or anything but a regular file in
+        // their place was planted, and is refused without blocking or reading it whole.
+        let read = |path: &Path, max| read_regular(path, max, Links::Refuse);
+        let outcome = match (
+            read(&artifact_path, MAX_ARTIFACT_LEN),
+            read(&mac_path, KEY_LEN as u64),
+        ) {
             (Ok(artifact), Ok(tag)) => {
                 if self.mac(&stem, &artifact).verify_slice(&tag).is_ok() {
                     // SAFETY: the artifact carries a valid MAC under this agent's secret
@@ -103,9 +124,11 @@ impl CompileCache {
                     CacheOutcome::Rejected("its MAC does not verify".into())
                 }
             }
-            (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => CacheOutcome::Miss,
-            (Ok(_), Err(_)) => CacheOutcome::Rejected("its MAC is missing".into()),
-            (Err(e), _) => CacheOutcome::Rejected(format!("cannot be read: {e}")),
+            (Err(e), _) if e.is_not_found() => CacheOutcome::Miss,
+            (Ok(_), Err(e)) if e.is_not_found() => {
+                CacheOutcome::Rejected("its MAC is missing".into())
+            }
+            (Err(e), _) | (Ok(_), Err(e)) => CacheOutcome::Rejected(format!("cannot be read: {e}")),
         };
         if let CacheOutcome::Rejected(why) = &outcome {
             tracing::warn!(entry = %artifact_path.display(), why, "compile cache entry refused; recompiling");
@@ -125,6 +148,13 @@ impl CompileCache {
         component: &Component,
     ) -> anyhow::Result<()> {
         let artifact = component.serialize().map_err(anyhow::Error::from)?;
+        anyhow::ensure!(
+            artifact.len() as u64 <= MAX_ARTIFACT_LEN,
+            "{}: the compiled component is {} bytes, more than the {MAX_ARTIFACT_LEN} the \
+             cache reads back; not cached",
+            artifact_path.display(),
+            artifact.len()
+        );
         let tag = self.mac(stem, &artifact).finalize().into_bytes();
         // The MAC goes last: a crash in between leaves an entry that fails verification.
         write_private(artifact_path, &artifact)?;
@@ -161,5 +191,57 @@ impl Hasher for Sha256Hasher {
 
     fn write(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use crate::fsutil::hostile;
+
+    #[test]
+    fn a_key_that_blocks_or_never_ends_is_an_error_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cache.key");
+        hostile::each(&key, |what| {
+            let cache_dir = dir.path().to_path_buf();
+            let err = hostile::promptly(what, move || {
+                CompileCache::open(&cache_dir, &Engine::default()).err()
+            })
+            .unwrap_or_else(|| panic!("{what} accepted as the cache key"));
+            assert!(err.to_string().contains("cache.key"), "{what}: {err}");
+        });
+    }
+
+    #[test]
+    fn an_entry_that_blocks_or_never_ends_is_recompiled_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let component = wat::parse_str("(component)").unwrap();
+        let cache = std::sync::Arc::new(CompileCache::open(dir.path(), &engine).unwrap());
+        let (_, outcome) = cache.load(&engine, &component).unwrap();
+        assert_eq!(outcome, CacheOutcome::Miss);
+        let entries: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm" || e == "mac"))
+            .collect();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        for entry in entries {
+            hostile::each(&entry, |what| {
+                let (cache, engine, component) = (cache.clone(), engine.clone(), component.clone());
+                let outcome = hostile::promptly(what, move || {
+                    cache.load(&engine, &component).map(|(_, outcome)| outcome)
+                })
+                .unwrap();
+                assert!(
+                    matches!(&outcome, CacheOutcome::Rejected(why) if why.contains("expected a regular file")),
+                    "{what} as {}: {outcome:?}",
+                    entry.display()
+                );
+            });
+            // `each` leaves the entry removed: put it back for the next one.
+            cache.load(&engine, &component).unwrap();
+        }
     }
 }

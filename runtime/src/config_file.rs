@@ -10,15 +10,18 @@ use collector_shared::config::resolve;
 use collector_shared::{ConfigError, ConfigScope, EffectiveConfig};
 
 use crate::agent::ConfigTarget;
+use crate::fsutil::{Links, ReadProblem, read_regular};
+
+/// Largest config file read, in bytes (1 MiB). A config scope is a few hundred bytes.
+pub const MAX_CONFIG_FILE_LEN: u64 = 1024 * 1024;
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
-    #[error("config file {path}: cannot read it: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("config file {path}: {problem}")]
+    Read { path: String, problem: ReadProblem },
+    #[error("config file {path}: it is not UTF-8 text")]
+    NotText { path: String },
     #[error("config file {path}: {error}")]
     Invalid { path: String, error: ConfigError },
 }
@@ -42,16 +45,32 @@ pub fn parse(path: &Path, text: &str) -> Result<EffectiveConfig, ConfigFileError
     Ok(resolve(Some(&scope), [], None).config)
 }
 
+/// Reads the file's text: a link is followed (config files are often linked into
+/// place), but it must end at a regular file of at most [`MAX_CONFIG_FILE_LEN`] bytes,
+/// and the read never blocks, so neither startup nor the watcher can hang on it.
+///
+/// # Errors
+///
+/// When it cannot be read, is not a regular file, is too large or is not UTF-8.
+fn read_text(path: &Path) -> Result<String, ConfigFileError> {
+    let bytes = read_regular(path, MAX_CONFIG_FILE_LEN, Links::Follow).map_err(|e| {
+        ConfigFileError::Read {
+            path: path.display().to_string(),
+            problem: e.problem,
+        }
+    })?;
+    String::from_utf8(bytes).map_err(|_| ConfigFileError::NotText {
+        path: path.display().to_string(),
+    })
+}
+
 /// Reads and parses the file.
 ///
 /// # Errors
 ///
 /// When it cannot be read or is invalid.
 pub fn load(path: &Path) -> Result<(EffectiveConfig, String), ConfigFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = read_text(path)?;
     let config = parse(path, &text)?;
     Ok((config, text))
 }
@@ -73,13 +92,9 @@ pub fn watch(
                 if !agent.is_running() {
                     return;
                 }
-                let text = match std::fs::read_to_string(&path) {
+                let text = match read_text(&path) {
                     Ok(text) => text,
-                    Err(source) => {
-                        let e = ConfigFileError::Read {
-                            path: path.display().to_string(),
-                            source,
-                        };
+                    Err(e) => {
                         report_once(&mut last_error, e.to_string());
                         continue;
                     }
@@ -142,5 +157,28 @@ mod tests {
             msg.starts_with("config file /etc/c.json: field `process_perf_top_n`"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_file_with_a_second_document_is_refused() {
+        let err = parse(Path::new("c.json"), "{}\n{\"process_perf_enabled\": true}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.json") && err.contains("trailing"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_config_file_that_blocks_or_never_ends_is_an_error_at_once() {
+        use crate::fsutil::hostile;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.json");
+        hostile::each(&path, |what| {
+            let p = path.clone();
+            let err = hostile::promptly(what, move || load(&p).err())
+                .unwrap_or_else(|| panic!("{what} accepted as a config file"));
+            assert!(matches!(err, ConfigFileError::Read { .. }), "{what}: {err}");
+            assert!(err.to_string().contains("agent.json"), "{what}: {err}");
+        });
     }
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{AgentHandle, HealthyHook, ModuleSpec, RollbackHook};
 use crate::bundle::{self, MAGIC, MAX_BUNDLE_LEN, Manifest, TrustStore, VersionStore};
 use crate::engine::Sandbox;
-use crate::fsutil::write_atomic;
+use crate::fsutil::{Links, MAX_STATE_FILE_LEN, open_regular, read_regular, write_atomic};
 use crate::grant::Grant;
 use crate::guest::GuestModule;
 use crate::host::Limits;
@@ -190,18 +190,40 @@ impl StateDir {
         })?;
         let versions = VersionStore::open(dir)?;
         let path = dir.join(AGENT_STATE_FILE);
-        let state = match std::fs::read(&path) {
-            Ok(bytes) => AgentStateFile::parse(&bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} is corrupt ({e}); fix or remove it (removing forgets the last-known-good modules)",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentStateFile {
+        let state = match read_regular(&path, MAX_STATE_FILE_LEN, Links::Refuse) {
+            Ok(bytes) => {
+                let state = AgentStateFile::parse(&bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} is corrupt ({e}); fix or remove it (removing forgets the last-known-good modules)",
+                        path.display()
+                    )
+                })?;
+                // Checked as when they came in a manifest, whoever edited the file since:
+                // a last-known-good's name becomes a file name.
+                let lkg = state
+                    .last_known_good
+                    .iter()
+                    .map(|(name, id)| (format!("last_known_good.{name}.name"), id));
+                let failed = state
+                    .failed
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (format!("failed[{i}].name"), &f.id));
+                for (field, id) in lkg.chain(failed) {
+                    bundle::check_module_name(&id.name).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{} is corrupt (field `{field}`: {e}); fix or remove it (removing forgets the last-known-good modules)",
+                            path.display()
+                        )
+                    })?;
+                }
+                state
+            }
+            Err(e) if e.is_not_found() => AgentStateFile {
                 format: AGENT_STATE_FORMAT.into(),
                 ..Default::default()
             },
-            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+            Err(e) => anyhow::bail!("cannot read the agent state: {e}"),
         };
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -232,7 +254,7 @@ impl StateDir {
     /// When the file exists but cannot be read or parsed.
     pub fn fleet_state(&self) -> anyhow::Result<Option<FleetState>> {
         let path = self.dir.join(FLEET_STATE_FILE);
-        match std::fs::read(&path) {
+        match read_regular(&path, MAX_STATE_FILE_LEN, Links::Refuse) {
             Ok(bytes) => {
                 let state: FleetState = serde_json::from_slice(&bytes)
                     .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", path.display()))?;
@@ -242,10 +264,20 @@ impl StateDir {
                     path.display(),
                     state.format
                 );
+                // Module names become object and file names: checked like names from
+                // the network.
+                for name in state.modules.iter().flat_map(|m| m.keys()) {
+                    bundle::check_module_name(name).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{} is corrupt (field `modules.{name}`: {e})",
+                            path.display()
+                        )
+                    })?;
+                }
                 Ok(Some(state))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => anyhow::bail!("{e}"),
         }
     }
 
@@ -265,10 +297,24 @@ impl StateDir {
         self.state.failed.iter().find(|f| f.id == *id)
     }
 
+    /// Where the last-known-good bundle of `id` lives. Names are checked when they come
+    /// in, but whatever the name, the file stays in its directory: a character a module
+    /// name cannot hold (a `/` above all) is replaced.
     fn lkg_path(&self, id: &ModuleId) -> PathBuf {
+        let name: String = id
+            .name
+            .chars()
+            .map(|c| {
+                if bundle::is_module_name_char(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         self.dir
             .join(LKG_DIR)
-            .join(format!("{}-v{}.bundle", id.name, id.version))
+            .join(format!("{name}-v{}.bundle", id.version))
     }
 
     fn save(&self) -> std::io::Result<()> {
@@ -486,9 +532,10 @@ impl Deployer {
             };
             (s.lkg_path(&id), id)
         };
-        let bytes = bundle::read_bounded(&path, MAX_BUNDLE_LEN).map_err(|e| Refused {
+        // Written by the agent in its state directory: a link there was planted.
+        let bytes = read_regular(&path, MAX_BUNDLE_LEN, Links::Refuse).map_err(|e| Refused {
             subject: path.display().to_string(),
-            reason: e.to_string(),
+            reason: e.problem.to_string(),
         })?;
         let accepted = self.load_bytes(&path.display().to_string(), "", bytes, false)?;
         if accepted.id != expected {
@@ -614,13 +661,14 @@ impl Deployer {
     }
 }
 
-/// Whether the file begins like a bundle (reads 8 bytes only).
+/// Whether the file begins like a bundle (reads 8 bytes only). The name may have turned
+/// into a FIFO or a device since it was listed: the open never blocks, and only a regular
+/// file counts.
 fn starts_with_magic(path: &Path) -> bool {
     use std::io::Read as _;
     let mut head = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok_and(|()| head == *MAGIC)
+    open_regular(path, Links::Follow)
+        .is_ok_and(|mut f| f.read_exact(&mut head).is_ok_and(|()| head == *MAGIC))
 }
 
 /// Names a bundle by its manifest when it can be read, for log lines.
@@ -770,5 +818,109 @@ mod tests {
             err.contains(AGENT_STATE_FILE) && err.contains("corrupt"),
             "{err}"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_state_file_or_bundle_that_blocks_or_never_ends_is_an_error_at_once() {
+        use crate::fsutil::hostile;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AGENT_STATE_FILE);
+        hostile::each(&path, |what| {
+            let state = dir.path().to_path_buf();
+            let err = hostile::promptly(what, move || StateDir::open(&state).err())
+                .unwrap_or_else(|| panic!("{what} accepted as {AGENT_STATE_FILE}"));
+            assert!(err.to_string().contains(AGENT_STATE_FILE), "{what}: {err}");
+        });
+        let bundle = dir.path().join("v1.bundle");
+        hostile::each(&bundle, |what| {
+            let p = bundle.clone();
+            assert!(
+                !hostile::promptly(what, move || starts_with_magic(&p)),
+                "{what}"
+            );
+            let p = bundle.clone();
+            let read = hostile::promptly(what, move || bundle::read_bounded(&p, MAX_BUNDLE_LEN));
+            assert!(read.is_err(), "{what}");
+        });
+    }
+
+    #[test]
+    fn module_names_read_back_from_the_state_file_are_checked_like_manifest_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(state.join(LKG_DIR)).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let victim = outside.join("victim-v1.bundle");
+        let absolute = outside.join("victim").display().to_string();
+        let module = |name: &str| serde_json::json!({"name": name, "version": 1, "sha256": "aa"});
+        let cases = [
+            (
+                serde_json::json!({"format": AGENT_STATE_FORMAT, "last_known_good": module("../../outside/victim")}),
+                "last_known_good.name",
+            ),
+            (
+                serde_json::json!({"format": AGENT_STATE_FORMAT, "last_known_good": module(&absolute)}),
+                "last_known_good.name",
+            ),
+            (
+                serde_json::json!({
+                    "format": AGENT_STATE_FORMAT,
+                    "last_known_good": module("process-perf"),
+                    "failed": [
+                        {"name": "process-perf", "version": 2, "sha256": "bb", "reason": "trap", "at": "2025-01-01T00:00:00Z"},
+                        {"name": "../x", "version": 3, "sha256": "cc", "reason": "trap", "at": "2025-01-01T00:00:00Z"},
+                    ],
+                }),
+                "failed[1].name",
+            ),
+        ];
+        for (file, field) in cases {
+            std::fs::write(&victim, b"not the agent's").unwrap();
+            std::fs::write(state.join(AGENT_STATE_FILE), file.to_string()).unwrap();
+            // What the agent does next with a state it accepted: a new last-known-good
+            // replaces the recorded one, whose file is removed.
+            let result =
+                StateDir::open(&state).map(|mut s| s.set_last_known_good(&id(2, "bb"), b"two"));
+            assert!(
+                victim.exists(),
+                "{field}: a file outside the state directory was removed"
+            );
+            let err = result
+                .err()
+                .unwrap_or_else(|| panic!("{file} accepted"))
+                .to_string();
+            assert!(
+                err.contains(AGENT_STATE_FILE)
+                    && err.contains(field)
+                    && err.contains("module name"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_last_known_good_path_stays_in_its_directory_whatever_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        for name in ["../../x", "/tmp/abs", "a/b", "..", ""] {
+            let path = state.lkg_path(&ModuleId {
+                name: name.into(),
+                version: 1,
+                sha256: "aa".into(),
+            });
+            assert_eq!(
+                path.parent(),
+                Some(dir.path().join(LKG_DIR).as_path()),
+                "{name:?}: {}",
+                path.display()
+            );
+            assert!(
+                path.file_name().is_some_and(|f| f != ".." && f != "."),
+                "{name:?}: {}",
+                path.display()
+            );
+        }
     }
 }

@@ -1,8 +1,6 @@
 //! The bundle container: splitting a file into manifest, signatures and component without
 //! ever trusting a length read from it, and writing one back.
 
-use std::fs::File;
-use std::io::Read as _;
 use std::path::Path;
 
 use base64::Engine as _;
@@ -10,6 +8,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use super::keys::KeyId;
+pub use crate::fsutil::ReadProblem;
+use crate::fsutil::{Links, read_regular};
 
 /// The first eight bytes of every bundle.
 pub const MAGIC: &[u8; 8] = b"CBUNDLE1";
@@ -26,44 +26,17 @@ pub const MAX_BUNDLE_LEN: u64 = 32 * 1024 * 1024;
 /// Length of an Ed25519 signature.
 const SIGNATURE_LEN: usize = 64;
 
-/// Why a file could not be read whole. The caller names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("cannot read it: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("it is not a regular file")]
-    NotAFile,
-    #[error("it is {len} bytes, more than the maximum of {max}")]
-    TooLarge { len: u64, max: u64 },
-}
-
-/// Reads a whole file of at most `max` bytes. The size is checked on the open file before
-/// reading, and the read itself stops past `max`, so a file that grows meanwhile (or a
-/// device that never ends) cannot make it allocate more.
+/// Reads a whole file of at most `max` bytes that an operator named (a bundle, a
+/// component, a key file): a final symbolic link is followed, but the file must be a
+/// regular one, the open never blocks and the read stops past `max` (see
+/// [`crate::fsutil::read_regular`]).
 ///
 /// # Errors
 ///
-/// When the file cannot be read, is not a regular file, or is larger than `max`.
-pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
-    let file = File::open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(ReadError::NotAFile);
-    }
-    if meta.len() > max {
-        return Err(ReadError::TooLarge {
-            len: meta.len(),
-            max,
-        });
-    }
-    // Bounded by `max` just above.
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
-    let len = bytes.len() as u64;
-    if len > max {
-        return Err(ReadError::TooLarge { len, max });
-    }
-    Ok(bytes)
+/// When the file cannot be read, is not a regular file, or is larger than `max`. The
+/// caller names the file.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ReadProblem> {
+    read_regular(path, max, Links::Follow).map_err(|e| e.problem)
 }
 
 /// Why bytes are not a well-formed bundle container.
@@ -276,7 +249,10 @@ fn put_section(
 
 fn parse_signatures(bytes: &[u8]) -> Result<Vec<SignatureEntry>, FormatError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let raw: Vec<SignatureJson> = serde_path_to_error::deserialize(de)
+    let raw: Vec<SignatureJson> = serde_path_to_error::deserialize(&mut *de)
+        .map_err(|e| FormatError::SignaturesJson(e.to_string()))?;
+    // Trailing whitespace only, as the manifest (see `Manifest::parse`).
+    de.end()
         .map_err(|e| FormatError::SignaturesJson(e.to_string()))?;
     if raw.len() > MAX_SIGNATURES {
         return Err(FormatError::TooManySignatures {
@@ -467,6 +443,14 @@ mod tests {
     }
 
     #[test]
+    fn a_signatures_section_with_data_after_it_is_refused() {
+        let json = r#"[{"key_id": "0011223344556677", "signature": "AAAA"}] []"#;
+        let bytes = raw(2, b"{}", Some(json.len() as u32), json.as_bytes());
+        let err = Bundle::parse(&bytes).unwrap_err().to_string();
+        assert!(err.contains("trailing"), "{err}");
+    }
+
+    #[test]
     fn too_many_signatures_are_refused_when_writing_and_reading() {
         let many = Bundle {
             manifest: b"{}",
@@ -501,15 +485,15 @@ mod tests {
         assert_eq!(read_bounded(&path, 100).unwrap().len(), 100);
         assert!(matches!(
             read_bounded(&path, 99),
-            Err(ReadError::TooLarge { len: 100, max: 99 })
+            Err(ReadProblem::TooLarge { len: 100, max: 99 })
         ));
         assert!(matches!(
             read_bounded(dir.path(), 100),
-            Err(ReadError::NotAFile)
+            Err(ReadProblem::NotAFile("a directory"))
         ));
         assert!(matches!(
             read_bounded(&dir.path().join("missing"), 100),
-            Err(ReadError::Io(_))
+            Err(ReadProblem::Io(_))
         ));
     }
 }

@@ -320,7 +320,7 @@ fn read_key_file(path: &Path, kind: KeyKind) -> Result<String, KeyError> {
         source,
     };
     let bytes = super::format::read_bounded(path, MAX_KEY_FILE_LEN).map_err(|e| match e {
-        super::format::ReadError::Io(source) => read_err(source),
+        super::format::ReadProblem::Io(source) => read_err(source),
         other => read_err(std::io::Error::other(other.to_string())),
     })?;
     String::from_utf8(bytes).map_err(|_| KeyError::Format {
@@ -658,5 +658,23 @@ mod tests {
             TrustStore::new(Vec::new(), 1),
             Err(TrustError::NoKeys)
         ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_that_blocks_or_never_ends_is_an_error_at_once() {
+        use crate::fsutil::hostile;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("team.pub");
+        hostile::each(&path, |what| {
+            let p = path.clone();
+            let err = hostile::promptly(what, move || PublicKey::read(&p).err())
+                .unwrap_or_else(|| panic!("{what} accepted as a key"));
+            assert!(matches!(err, KeyError::Read { .. }), "{what}: {err}");
+            let p = path.clone();
+            let err = hostile::promptly(what, move || SecretKey::read(&p).err())
+                .unwrap_or_else(|| panic!("{what} accepted as a key"));
+            assert!(matches!(err, KeyError::Read { .. }), "{what}: {err}");
+        });
     }
 }

@@ -21,6 +21,35 @@ pub fn wit_target() -> String {
     format!("{WIT_PACKAGE}@{WIT_VERSION}")
 }
 
+/// A string that is not a module name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a module name: expected 1 to {max} letters, digits, `.`, `_` or `-`",
+    max = MAX_NAME_LEN
+)]
+pub struct NameError(pub String);
+
+/// Whether `c` may appear in a module name. No path separator is among them, so a name
+/// can never take a file named after it out of its directory.
+pub fn is_module_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Checks a module name: the rule for names in manifests, which are read from the
+/// network, and for names read back from the state directory, which the agent wrote but
+/// anyone with access to the directory could have edited.
+///
+/// # Errors
+///
+/// When `name` is empty, longer than 64 bytes, or holds any other character than ASCII
+/// letters, digits, `.`, `_` and `-`.
+pub fn check_module_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(is_module_name_char) {
+        return Err(NameError(name.to_string()));
+    }
+    Ok(())
+}
+
 /// Lowercase hex SHA-256 of `bytes`, as stored in manifests.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -104,19 +133,27 @@ impl Manifest {
         }
     }
 
-    /// Parses and checks manifest bytes. Unknown and duplicate fields are refused.
+    /// Parses and checks manifest bytes. Unknown and duplicate fields are refused, and so
+    /// is anything but JSON whitespace after the document: signed bytes holding a second
+    /// document would mean one thing to this parser (the first document) and another to a
+    /// tool that reads the last one. Trailing whitespace is accepted, since every JSON
+    /// reader skips it alike (and [`Manifest::to_json`] ends with a newline).
     ///
     /// # Errors
     ///
-    /// When the bytes are not UTF-8 JSON of the manifest's shape, or a field holds a
-    /// value no valid manifest has (see [`Manifest::validate`]).
+    /// When the bytes are not UTF-8 JSON of the manifest's shape with nothing after it,
+    /// or a field holds a value no valid manifest has (see [`Manifest::validate`]).
     pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let manifest: Self =
-            serde_path_to_error::deserialize(de).map_err(|e| ManifestError::Json {
+            serde_path_to_error::deserialize(&mut *de).map_err(|e| ManifestError::Json {
                 path: e.path().to_string(),
                 message: e.inner().to_string(),
             })?;
+        de.end().map_err(|e| ManifestError::Json {
+            path: ".".into(),
+            message: format!("data after the manifest document: {e}"),
+        })?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -130,21 +167,8 @@ impl Manifest {
     /// The first field holding an unacceptable value.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let invalid = |field, reason: String| Err(ManifestError::Invalid { field, reason });
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= MAX_NAME_LEN
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !name_ok {
-            return invalid(
-                "name",
-                format!(
-                    "{:?} is not a module name: expected 1 to {MAX_NAME_LEN} letters, \
-                     digits, `.`, `_` or `-`",
-                    self.name
-                ),
-            );
+        if let Err(e) = check_module_name(&self.name) {
+            return invalid("name", e.to_string());
         }
         let hash_ok = self.sha256.len() == 64
             && self
@@ -281,5 +305,27 @@ mod tests {
             .to_string();
         assert!(err.contains("`format`"), "{err}");
         assert!(Manifest::parse(b"\xff").is_err());
+    }
+
+    #[test]
+    fn anything_but_whitespace_after_the_document_is_refused() {
+        let json = sample().to_json();
+        assert!(json.ends_with(b"\n"), "to_json ends with a newline");
+        let mut spaced = json.clone();
+        spaced.extend_from_slice(b" \t\r\n");
+        assert_eq!(Manifest::parse(&spaced).unwrap(), sample());
+        let mut other = sample();
+        other.grants.publish = vec![">".into()];
+        for tail in [
+            other.to_json(),
+            b"{}".to_vec(),
+            b"x".to_vec(),
+            b"\0".to_vec(),
+        ] {
+            let mut two = json.clone();
+            two.extend_from_slice(&tail);
+            let err = Manifest::parse(&two).unwrap_err().to_string();
+            assert!(err.contains("trailing"), "{err}");
+        }
     }
 }

@@ -31,7 +31,8 @@
 //! # Verification
 //!
 //! [`verify`] (or [`verify_file`]) checks, in this order, stopping at the first refusal:
-//! the container (bounded parsing), the manifest (strict JSON, unknown fields refused),
+//! the container (bounded parsing), the manifest (strict JSON, unknown fields and anything
+//! but whitespace after the document refused),
 //! the signatures against a [`TrustStore`] and its threshold, the format and WIT target
 //! against this host, the expiry against the `now` it is given, the component's length
 //! then its hash (before any WebAssembly parsing), and finally anti-rollback against a
@@ -46,12 +47,15 @@ mod versions;
 
 pub use format::{
     Bundle, FormatError, MAGIC, MAX_BUNDLE_LEN, MAX_MANIFEST_LEN, MAX_SIGNATURES,
-    MAX_SIGNATURES_LEN, ReadError, SignatureEntry, read_bounded,
+    MAX_SIGNATURES_LEN, ReadProblem, SignatureEntry, read_bounded,
 };
 pub use keys::{
     KeyError, KeyId, PUBLIC_PREFIX, PublicKey, SECRET_PREFIX, SecretKey, TrustError, TrustStore,
 };
-pub use manifest::{FORMAT, Grants, Limits, Manifest, ManifestError, sha256_hex, wit_target};
+pub use manifest::{
+    FORMAT, Grants, Limits, Manifest, ManifestError, NameError, check_module_name,
+    is_module_name_char, sha256_hex, wit_target,
+};
 pub use verify::{
     Refusal, SignError, SignatureProblem, Verified, VerifyError, check_component, sign, verify,
     verify_file,

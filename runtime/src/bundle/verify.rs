@@ -7,7 +7,7 @@ use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use super::format::{Bundle, FormatError, MAX_BUNDLE_LEN, ReadError, read_bounded};
+use super::format::{Bundle, FormatError, MAX_BUNDLE_LEN, ReadProblem, read_bounded};
 use super::keys::{KeyId, PublicKey, SecretKey, TrustStore};
 use super::manifest::{FORMAT, Manifest, ManifestError, sha256_hex, wit_target};
 use super::versions::{RollbackError, VersionStore};
@@ -35,7 +35,7 @@ pub struct VerifyError {
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Read(#[from] ReadProblem),
     #[error(transparent)]
     Format(#[from] FormatError),
     #[error(transparent)]
@@ -408,6 +408,26 @@ mod tests {
             refusal(&with_section, &trust(&[&a], 1)),
             Refusal::LengthMismatch { .. }
         ));
+    }
+
+    #[test]
+    fn a_signed_manifest_of_two_documents_is_refused() {
+        let a = key(1);
+        let mut wider = manifest(3, COMPONENT);
+        wider.grants.publish = vec![">".into()];
+        let mut two = manifest(3, COMPONENT).to_json();
+        two.extend_from_slice(&wider.to_json());
+        // Signed as it is: the signers vouched for these exact bytes.
+        let bytes = Bundle {
+            manifest: &two,
+            signatures: vec![a.sign(&two)],
+            component: COMPONENT,
+        }
+        .encode()
+        .unwrap();
+        let err = refusal(&bytes, &trust(&[&a], 1));
+        assert!(matches!(err, Refusal::Manifest(_)), "{err}");
+        assert!(err.to_string().contains("trailing"), "{err}");
     }
 
     #[test]

@@ -7,17 +7,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::format::read_bounded;
 use super::manifest::Manifest;
+use crate::fsutil::{Links, MAX_STATE_FILE_LEN, read_regular};
 
 /// The store's file name inside the state directory.
 pub const VERSIONS_FILE: &str = "bundle-versions.json";
 
 /// The `format` of the store file.
 const STORE_FORMAT: &str = "collector-versions/1";
-
-/// The store holds a line per module; anything near this size is not a store.
-const MAX_STORE_LEN: u64 = 4 * 1024 * 1024;
 
 /// The version of a module last accepted, and the hashes of its component and manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,18 +103,17 @@ impl VersionStore {
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let path = state_dir.join(VERSIONS_FILE);
         let shown = path.display().to_string();
-        let accepted = match read_bounded(&path, MAX_STORE_LEN) {
+        // The agent writes this file itself: a link in its place was planted.
+        let accepted = match read_regular(&path, MAX_STATE_FILE_LEN, Links::Refuse) {
             Ok(bytes) => parse(&bytes).map_err(|reason| StoreError::Corrupt {
                 path: shown,
                 reason,
             })?,
-            Err(super::format::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                BTreeMap::new()
-            }
+            Err(e) if e.is_not_found() => BTreeMap::new(),
             Err(e) => {
                 return Err(StoreError::Read {
                     path: shown,
-                    reason: e.to_string(),
+                    reason: e.problem.to_string(),
                 });
             }
         };
@@ -227,13 +223,19 @@ impl VersionStore {
 
 fn parse(bytes: &[u8]) -> Result<BTreeMap<String, AcceptedVersion>, String> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let file: StoreFile = serde_path_to_error::deserialize(de)
+    let file: StoreFile = serde_path_to_error::deserialize(&mut *de)
         .map_err(|e| format!("at `{}`: {}", e.path(), e.inner()))?;
+    // A second document after the first would be read by other tools, not by this one.
+    de.end().map_err(|e| format!("after the document: {e}"))?;
     if file.format != STORE_FORMAT {
         return Err(format!(
             "format {:?}, expected {STORE_FORMAT:?}",
             file.format
         ));
+    }
+    // Names are checked as when they came in a manifest, whoever edited the file since.
+    for name in file.modules.keys() {
+        super::check_module_name(name).map_err(|e| format!("at `modules`: {e}"))?;
     }
     Ok(file.modules)
 }
@@ -360,6 +362,7 @@ mod tests {
             "{ not json",
             r#"{"format": "collector-versions/1", "modules": {"m": {"version": -1, "sha256": ""}}}"#,
             r#"{"format": "something-else", "modules": {}}"#,
+            r#"{"format": "collector-versions/1", "modules": {"../x": {"version": 1, "sha256": ""}}}"#,
             "",
         ] {
             std::fs::write(&path, text).unwrap();
@@ -371,5 +374,35 @@ mod tests {
             );
             assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "untouched");
         }
+    }
+
+    #[test]
+    fn a_store_with_a_second_document_after_it_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(VERSIONS_FILE);
+        let store = r#"{"format": "collector-versions/1", "modules": {}}"#;
+        std::fs::write(&path, format!("{store}\n \t\r\n")).unwrap();
+        assert!(
+            VersionStore::open(dir.path()).is_ok(),
+            "trailing whitespace is fine"
+        );
+        std::fs::write(&path, format!("{store}\n{store}")).unwrap();
+        let err = VersionStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_store_that_blocks_or_never_ends_is_an_error_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(VERSIONS_FILE);
+        crate::fsutil::hostile::each(&path, |what| {
+            let state = dir.path().to_path_buf();
+            let err = crate::fsutil::hostile::promptly(what, move || VersionStore::open(&state))
+                .expect_err(what);
+            assert!(matches!(err, StoreError::Read { .. }), "{what}: {err}");
+            assert!(err.to_string().contains(VERSIONS_FILE), "{what}: {err}");
+        });
     }
 }

@@ -1,7 +1,12 @@
 //! The adversarial suite: a running agent is offered bundles an attacker (or an accident)
 //! could produce. Each one is refused with its reason logged, and the running module
 //! keeps publishing. The last case is a valid bundle whose guest publishes outside its
-//! grant: it runs, and every such publish is refused and logged.
+//! grant: it runs, and every such publish is refused and logged. A file that turns into a
+//! FIFO under the watcher's feet does not stop it either.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use chrono::{Duration as ChronoDuration, Utc};
 use collector_runtime::bundle::{Bundle, Manifest, sign};
@@ -204,4 +209,79 @@ fn every_bad_bundle_is_refused_and_the_running_module_keeps_running() {
         line.contains("not granted"),
         "the module keeps running: {line}"
     );
+}
+
+/// A name that is a regular file when the watcher lists the directory and a FIFO when it
+/// opens it used to block the watcher in `open()` forever: no log, and no bundle dropped
+/// later was ever picked up.
+#[cfg(unix)]
+#[test]
+fn a_name_flipping_between_a_file_and_a_fifo_does_not_stop_the_watcher() {
+    let Deployment {
+        dir,
+        modules,
+        state,
+        config: cfg,
+    } = Deployment::new();
+    let k = key(4);
+    let trust = write_public(dir.path(), "team", &k);
+    let guest = std::fs::read(guest_wasm()).unwrap();
+    drop_file(
+        &modules,
+        "v1.bundle",
+        &signed("process-perf", 1, &guest, &[&k]),
+    );
+    let agent = AgentProcess::start(&[
+        "--trust".as_ref(),
+        trust.as_os_str(),
+        "--modules".as_ref(),
+        modules.as_os_str(),
+        "--modules-poll".as_ref(),
+        "10ms".as_ref(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ]);
+    agent.stderr_line_containing("process-perf v1");
+    agent.next_message();
+
+    // Files listed before the flipping one widen the window between the watcher's
+    // listing (where the name is a regular file) and its open (where it is a FIFO).
+    for i in 0..300 {
+        std::fs::write(modules.join(format!("a{i:03}.txt")), b"not a bundle").unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (stop, modules) = (stop.clone(), modules.clone());
+        std::thread::spawn(move || {
+            let path = modules.join("zz-flip.bundle");
+            let (file, pipe) = (modules.join(".file.tmp"), modules.join(".fifo.tmp"));
+            let mut flips = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Renamed into place, so the name is always one or the other. The file
+                // starts like a bundle, so the watcher goes on to open it.
+                std::fs::write(&file, b"CBUNDLE1").unwrap();
+                std::fs::rename(&file, &path).unwrap();
+                fifo(&pipe);
+                std::fs::rename(&pipe, &path).unwrap();
+                flips += 1;
+            }
+            std::fs::remove_file(&path).unwrap();
+            flips
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    assert!(flips > 100, "only {flips} flips");
+
+    drop_file(
+        &modules,
+        "v2.bundle",
+        &signed("process-perf", 2, &guest, &[&k]),
+    );
+    let line = agent.stderr_line_containing("new module accepted");
+    assert!(line.contains("process-perf v2"), "{line}");
+    assert_eq!(agent.fresh_message().pc_id, PC_ID, "v2 publishes");
 }

@@ -385,6 +385,16 @@ fn lines(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
+/// Makes a FIFO at `path`: opening it for reading blocks until a writer comes.
+#[cfg(unix)]
+pub fn fifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c_path` is a NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
+}
+
 /// A deterministic signing key.
 pub fn key(n: u8) -> SecretKey {
     SecretKey::from_seed(&[n; 32])
