@@ -14,6 +14,7 @@
 //! values through a fixed field list and would drop them.
 
 pub mod assignment;
+pub mod kv;
 pub mod scope;
 pub mod status;
 

@@ -11,6 +11,7 @@ mod bundle_cli;
 mod cache;
 mod cli;
 mod differential;
+mod fleet_cli;
 mod guest;
 mod last_known_good;
 mod nats;
