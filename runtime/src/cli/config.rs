@@ -65,8 +65,10 @@ pub struct SetArgs {
     nats: NatsArgs,
 }
 
-/// Remove fields from one layer (global unless --group or --pc), so that wider layers
-/// (or the built-in defaults) apply again. A layer left with no field stays as `{}`.
+/// Remove fields from one layer (global unless --group or --pc).
+///
+/// Wider layers (or the built-in defaults) apply again to those fields. A layer left with
+/// no field stays as `{}` (it is not deleted), as kanade leaves it.
 #[derive(Debug, Args)]
 pub struct UnsetArgs {
     /// The fields to remove.
@@ -94,9 +96,11 @@ pub struct GetArgs {
     nats: NatsArgs,
 }
 
-/// Show the configuration one PC resolves: its groups (from `agent_groups`), the layers
-/// that apply and their revisions, the resulting settings, and the fields two of its
-/// groups set (the alphabetically last group wins).
+/// Show the configuration one PC resolves.
+///
+/// Prints its groups (from `agent_groups`), the layers that apply and their revisions,
+/// the resulting settings as JSON, and the fields two of its groups set (the
+/// alphabetically last group wins), as the agent resolves them.
 #[derive(Debug, Args)]
 pub struct EffectiveArgs {
     /// The PC.

@@ -54,8 +54,8 @@ pub struct StatusArgs {
     #[arg(long)]
     json: bool,
 
-    /// How long without a new record before an agent counts as stale (agents rewrite
-    /// theirs at least every minute).
+    /// How long without a new record before an agent counts as stale (for instance
+    /// `90s`, `10m`).
     #[arg(long, value_name = "DURATION", default_value = "3m", value_parser = humantime::parse_duration)]
     stale_after: Duration,
 

@@ -20,7 +20,7 @@ use crate::engine::Sandbox;
 use crate::grant::DEFAULT_GRANT;
 use crate::guest::{GuestModule, check_header};
 
-/// Make and check signed guest bundles.
+/// Make, check and ship signed guest bundles.
 ///
 /// A bundle is one file holding a guest component, a manifest (name, version, hash,
 /// grants, limits, expiry) and Ed25519 signatures over that manifest. Agents given

@@ -442,6 +442,21 @@ async fn require_published(
     )
 }
 
+/// A stored scope, refused when re-encoding it would lose something: agents ignore
+/// fields they do not know, but an edit by this tool must not drop what a newer one wrote.
+fn decode_assignments(bytes: &[u8]) -> anyhow::Result<AssignmentScope> {
+    let scope = AssignmentScope::from_json(bytes).map_err(|e| anyhow!(e))?;
+    let stored: serde_json::Value = serde_json::from_slice(bytes)?;
+    let kept: serde_json::Value = serde_json::from_slice(&scope.to_json())?;
+    anyhow::ensure!(
+        stored == kept,
+        "it holds fields this collector does not know ({}); edit it with the newer tool that \
+         wrote them",
+        String::from_utf8_lossy(bytes)
+    );
+    Ok(scope)
+}
+
 /// Compare-and-swap edit of one scope of `collector_config` (created if missing).
 async fn edit_assignments(
     js: &async_nats::jetstream::Context,
@@ -453,7 +468,7 @@ async fn edit_assignments(
         &store,
         ASSIGNMENTS_BUCKET,
         &scope.key(),
-        |bytes| AssignmentScope::from_json(bytes).map_err(|e| anyhow!(e)),
+        decode_assignments,
         AssignmentScope::to_json,
         mutate,
     )

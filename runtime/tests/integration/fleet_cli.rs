@@ -442,6 +442,25 @@ fn rollout_unassign_and_disable_write_exact_assignments() {
         value(&nats, "collector_config", "groups.broken"),
         r#"{"modules":[]}"#
     );
+    // Nor is one holding fields a newer tool wrote: rewriting it would drop them.
+    let newer = r#"{"modules":{"process-perf":{"version":7,"ring":2}}}"#;
+    block_on(async {
+        let store = js(&nats)
+            .await
+            .get_key_value("collector_config")
+            .await
+            .unwrap();
+        store.put("groups.newer", newer.into()).await.unwrap();
+    });
+    fails(
+        &nats,
+        &["module", "unassign", "process-perf", "--group", "newer"],
+        &[
+            "collector_config key groups.newer",
+            "fields this collector does not know",
+        ],
+    );
+    assert_eq!(value(&nats, "collector_config", "groups.newer"), newer);
 }
 
 #[test]
@@ -606,6 +625,21 @@ fn config_set_writes_the_bytes_kanade_writes() {
     assert_eq!(ok(&nats, &["config", "get", "--json"]).trim(), after);
     let missing = ok(&nats, &["config", "get", "--group", "nobody"]);
     assert!(missing.contains("groups.nobody: not set"), "{missing}");
+
+    // After `kanade config clear` (a delete marker), set writes over the marker.
+    block_on(async {
+        let store = js(&nats).await.get_key_value("agent_config").await.unwrap();
+        store.delete("pcs.pc-a").await.unwrap();
+    });
+    assert_eq!(kv_value(&nats, "agent_config", "pcs.pc-a").0, None);
+    ok(
+        &nats,
+        &["config", "set", "--pc", "pc-a", "process_perf_top_n=3"],
+    );
+    assert_eq!(
+        value(&nats, "agent_config", "pcs.pc-a"),
+        r#"{"process_perf_top_n":3}"#
+    );
 }
 
 #[test]
