@@ -13,7 +13,7 @@ use collector_shared::config::resolve;
 use serde_json::{Map, Value};
 
 use super::ops::{self, OptionalScope};
-use crate::fleet::scope::{Layers, Scope, keys_for};
+use crate::fleet::scope::Scope;
 use crate::fleet::{AgentGroups, CONFIG_BUCKET, GROUPS_BUCKET, NatsArgs, kv};
 
 /// kanade keeps one revision per key of its configuration buckets.
@@ -367,61 +367,16 @@ fn get(args: GetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The layers one PC resolves, with the revision each was read at.
-struct PcLayers {
-    groups: Vec<String>,
-    layers: Layers<ConfigScope>,
-    /// Each key that applies and its revision (`None`: absent).
-    revisions: Vec<(String, Option<u64>)>,
-}
-
-async fn read_layers(nats: &NatsArgs, pc: &str) -> anyhow::Result<PcLayers> {
-    let js = ops::jetstream(nats).await?;
-    let groups = match kv::open_kv(&js, GROUPS_BUCKET).await? {
-        Some(store) => match kv::read(&store, GROUPS_BUCKET, pc).await?.value {
-            Some(bytes) => {
-                serde_json::from_slice::<AgentGroups>(&bytes)
-                    .with_context(|| {
-                        format!("{GROUPS_BUCKET} key {pc}: expected {{\"groups\":[...]}}")
-                    })?
-                    .groups
-            }
-            None => Vec::new(),
-        },
-        None => Vec::new(),
-    };
-    let mut layers = Layers::default();
-    let mut revisions = Vec::new();
-    let store = kv::open_kv(&js, CONFIG_BUCKET).await?;
-    for key in keys_for(pc, &groups) {
-        let read = match &store {
-            Some(store) => kv::read(store, CONFIG_BUCKET, &key).await?,
-            None => kv::Read {
-                value: None,
-                revision: None,
-            },
-        };
-        match read.value {
-            Some(bytes) => {
-                let scope = decoder(key.clone())(&bytes)
-                    .with_context(|| format!("{CONFIG_BUCKET} {key}: not a configuration layer"))?;
-                let revision = read.revision.unwrap_or_default();
-                layers.apply(pc, &key, revision, Some(scope));
-                revisions.push((key, Some(revision)));
-            }
-            None => revisions.push((key, None)),
-        }
-    }
-    Ok(PcLayers {
-        groups,
-        layers,
-        revisions,
-    })
-}
-
 fn effective(args: EffectiveArgs) -> anyhow::Result<()> {
     let pc = ops::check_name("--pc", &args.pc)?;
-    let read = ops::block_on(read_layers(&args.nats, pc))?;
+    let read = ops::block_on(async {
+        let js = ops::jetstream(&args.nats).await?;
+        ops::read_pc_layers(&js, CONFIG_BUCKET, pc, |key, bytes| {
+            decoder(key.to_string())(bytes)
+                .with_context(|| format!("{CONFIG_BUCKET} {key}: not a configuration layer"))
+        })
+        .await
+    })?;
     let layers = &read.layers;
     let resolved = resolve(
         layers.global.as_ref(),
@@ -441,15 +396,7 @@ fn effective(args: EffectiveArgs) -> anyhow::Result<()> {
         read.groups.join(", ")
     };
     println!("pc {pc}, groups: {groups}");
-    let shown: Vec<String> = read
-        .revisions
-        .iter()
-        .map(|(key, rev)| match rev {
-            Some(r) => format!("{key} (revision {r})"),
-            None => format!("{key} (absent)"),
-        })
-        .collect();
-    println!("layers: {}", shown.join(", "));
+    println!("layers: {}", read.describe());
     println!("{}", serde_json::to_string_pretty(&resolved.config)?);
     for c in &resolved.conflicts {
         println!("conflict: {c}");
@@ -460,26 +407,10 @@ fn effective(args: EffectiveArgs) -> anyhow::Result<()> {
 fn groups(args: GroupsArgs) -> anyhow::Result<()> {
     let pc = ops::check_name("--pc", &args.pc)?;
     let Some(list) = &args.set else {
-        let read = ops::block_on(async {
+        let groups = ops::block_on(async {
             let js = ops::jetstream(&args.nats).await?;
-            match kv::open_kv(&js, GROUPS_BUCKET).await? {
-                Some(store) => kv::read(&store, GROUPS_BUCKET, pc).await,
-                None => Ok(kv::Read {
-                    value: None,
-                    revision: None,
-                }),
-            }
+            ops::read_groups(&js, pc).await
         })?;
-        let groups = match read.value {
-            Some(bytes) => {
-                serde_json::from_slice::<AgentGroups>(&bytes)
-                    .with_context(|| {
-                        format!("{GROUPS_BUCKET} key {pc}: expected {{\"groups\":[...]}}")
-                    })?
-                    .groups
-            }
-            None => Vec::new(),
-        };
         print_groups(pc, &groups);
         return Ok(());
     };

@@ -31,7 +31,7 @@ use crate::guest::{GuestModule, check_header};
 ///
 /// Over NATS: `publish` uploads a bundle to the fleet's module store, `list` shows the
 /// published versions, `rollout` assigns a version to the fleet, a group or a PC,
-/// `unassign` and `disable` take it away again.
+/// `unassign` and `disable` take it away again, `effective` shows what one PC resolves.
 #[derive(Debug, Args)]
 pub struct ModuleArgs {
     #[command(subcommand)]
@@ -49,6 +49,7 @@ enum ModuleCommand {
     Rollout(module_fleet::RolloutArgs),
     Unassign(module_fleet::UnassignArgs),
     Disable(module_fleet::DisableArgs),
+    Effective(module_fleet::EffectiveArgs),
 }
 
 /// Create a signing key pair: KEY (secret, readable by its owner only) and KEY.pub.
@@ -161,6 +162,7 @@ impl ModuleArgs {
                 | ModuleCommand::Rollout(_)
                 | ModuleCommand::Unassign(_)
                 | ModuleCommand::Disable(_)
+                | ModuleCommand::Effective(_)
         )
     }
 }
@@ -176,6 +178,7 @@ pub fn run(args: ModuleArgs) -> anyhow::Result<ExitCode> {
         ModuleCommand::Rollout(args) => module_fleet::rollout(args),
         ModuleCommand::Unassign(args) => module_fleet::unassign(args),
         ModuleCommand::Disable(args) => module_fleet::disable(args),
+        ModuleCommand::Effective(args) => module_fleet::effective(args),
     }
     .map(|()| ExitCode::SUCCESS)
 }

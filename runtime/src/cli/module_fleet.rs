@@ -1,6 +1,7 @@
 //! The fleet half of `collector module`: publishing signed bundles into the
-//! `collector_modules` object store, listing them, and assigning versions to scopes of
-//! the `collector_config` KV (rollout, unassign, disable), which agents watch.
+//! `collector_modules` object store, listing them, assigning versions to scopes of the
+//! `collector_config` KV (rollout, unassign, disable), which agents watch, and showing
+//! what one PC resolves from them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,7 +17,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::ops::{self, RequiredScope};
 use crate::bundle::{self, MAX_BUNDLE_LEN, TrustStore};
-use crate::fleet::assignment::AssignmentScope;
+use crate::fleet::assignment::{self, AssignmentScope};
 use crate::fleet::scope::Scope;
 use crate::fleet::{self, ASSIGNMENTS_BUCKET, MODULES_STORE, NatsArgs, kv};
 
@@ -120,6 +121,27 @@ pub struct DisableArgs {
 
     #[command(flatten)]
     scope: RequiredScope,
+
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// Show the modules one PC should run, as its agent resolves its assignments.
+///
+/// Reads the PC's groups (`agent_groups`) and the `global`, `groups.<g>` and `pcs.<pc>`
+/// keys of `collector_config`, merges them global → groups (alphabetical) → PC, and
+/// prints each module and version, then the modules two of its groups assign different
+/// versions of (the alphabetically last group wins). What the agent really runs is in
+/// `collector fleet status`.
+#[derive(Debug, Args)]
+pub struct EffectiveArgs {
+    /// The PC.
+    #[arg(long, value_name = "ID", required = true)]
+    pc: String,
+
+    /// Print `{"modules":{NAME:VERSION},"conflicts":[...]}` instead.
+    #[arg(long)]
+    json: bool,
 
     #[command(flatten)]
     nats: NatsArgs,
@@ -403,6 +425,49 @@ fn print_written(scope: Scope<'_>, written: &kv::Written<AssignmentScope>) {
         "{ASSIGNMENTS_BUCKET} {scope} ({revision}): {}",
         String::from_utf8_lossy(&written.value.to_json())
     );
+}
+
+pub fn effective(args: EffectiveArgs) -> anyhow::Result<()> {
+    let pc = ops::check_name("--pc", &args.pc)?;
+    let read = ops::block_on(async {
+        let js = ops::jetstream(&args.nats).await?;
+        ops::read_pc_layers(&js, ASSIGNMENTS_BUCKET, pc, |key, bytes| {
+            AssignmentScope::from_json(bytes)
+                .map_err(|e| anyhow!("{ASSIGNMENTS_BUCKET} {key}: {e}"))
+        })
+        .await
+    })?;
+    let layers = &read.layers;
+    let resolved = assignment::resolve(
+        layers.global.as_ref(),
+        layers.groups_of(&read.groups),
+        layers.pc.as_ref(),
+    );
+    if args.json {
+        let out = serde_json::json!({
+            "modules": resolved.modules,
+            "conflicts": resolved.conflicts,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    let groups = if read.groups.is_empty() {
+        "none".to_string()
+    } else {
+        read.groups.join(", ")
+    };
+    println!("pc {pc}, groups: {groups}");
+    println!("layers: {}", read.describe());
+    if resolved.modules.is_empty() {
+        println!("no module assigned");
+    }
+    for (name, version) in &resolved.modules {
+        println!("{name} version {version}");
+    }
+    for c in &resolved.conflicts {
+        println!("conflict: {c} (the last group wins)");
+    }
+    Ok(())
 }
 
 /// Refuses a version that is not in the module store, listing those that are.

@@ -1,6 +1,6 @@
 //! What the operator commands that talk to the fleet share: a Tokio runtime around one
-//! command, the NATS connection, and the scope flags (`--global`, `--group`, `--pc`)
-//! that name a key of kanade's layered buckets.
+//! command, the NATS connection, the scope flags (`--global`, `--group`, `--pc`) that
+//! name a key of kanade's layered buckets, and reading the layers one PC resolves.
 
 use std::future::Future;
 use std::time::Duration;
@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::fleet::NatsArgs;
-use crate::fleet::scope::Scope;
+use crate::fleet::scope::{Layers, Scope, keys_for};
+use crate::fleet::{AgentGroups, GROUPS_BUCKET, NatsArgs, kv};
 
 /// How long an operator command waits for the server before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,6 +104,91 @@ pub fn check_name<'a>(flag: &str, value: &'a str) -> anyhow::Result<&'a str> {
         "{flag} {value:?}: expected letters, digits, `-`, `_`, `=` or inner dots"
     );
     Ok(value)
+}
+
+/// The groups `pc` belongs to (`agent_groups`; none when the bucket or key is absent).
+///
+/// # Errors
+///
+/// When the server cannot be asked or the value is not `{"groups":[...]}`.
+pub async fn read_groups(
+    js: &async_nats::jetstream::Context,
+    pc: &str,
+) -> anyhow::Result<Vec<String>> {
+    let Some(store) = kv::open_kv(js, GROUPS_BUCKET).await? else {
+        return Ok(Vec::new());
+    };
+    match kv::read(&store, GROUPS_BUCKET, pc).await?.value {
+        Some(bytes) => Ok(serde_json::from_slice::<AgentGroups>(&bytes)
+            .with_context(|| format!("{GROUPS_BUCKET} key {pc}: expected {{\"groups\":[...]}}"))?
+            .groups),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The layers of one bucket that apply to one PC, as its agent reads them.
+pub struct PcLayers<T> {
+    /// The PC's groups, from `agent_groups`.
+    pub groups: Vec<String>,
+    pub layers: Layers<T>,
+    /// Each key that applies and the revision it was read at (`None`: absent).
+    pub revisions: Vec<(String, Option<u64>)>,
+}
+
+impl<T> PcLayers<T> {
+    /// `global (revision 3), groups.canary (absent), ...`
+    pub fn describe(&self) -> String {
+        let shown: Vec<String> = self
+            .revisions
+            .iter()
+            .map(|(key, rev)| match rev {
+                Some(r) => format!("{key} (revision {r})"),
+                None => format!("{key} (absent)"),
+            })
+            .collect();
+        shown.join(", ")
+    }
+}
+
+/// Reads the PC's groups, then the keys of layered `bucket` that apply to it (`global`,
+/// `groups.<g>`, `pcs.<pc>`), decoding each with `decode(key, bytes)`.
+///
+/// # Errors
+///
+/// When the server cannot be asked or a value does not decode.
+pub async fn read_pc_layers<T: PartialEq>(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    pc: &str,
+    decode: impl Fn(&str, &[u8]) -> anyhow::Result<T>,
+) -> anyhow::Result<PcLayers<T>> {
+    let groups = read_groups(js, pc).await?;
+    let store = kv::open_kv(js, bucket).await?;
+    let mut layers = Layers::default();
+    let mut revisions = Vec::new();
+    for key in keys_for(pc, &groups) {
+        let read = match &store {
+            Some(store) => kv::read(store, bucket, &key).await?,
+            None => kv::Read {
+                value: None,
+                revision: None,
+            },
+        };
+        match read.value {
+            Some(bytes) => {
+                let value = decode(&key, &bytes)?;
+                let revision = read.revision.unwrap_or_default();
+                layers.apply(pc, &key, revision, Some(value));
+                revisions.push((key, Some(revision)));
+            }
+            None => revisions.push((key, None)),
+        }
+    }
+    Ok(PcLayers {
+        groups,
+        layers,
+        revisions,
+    })
 }
 
 /// How long ago `then` was, shortly: `42s`, `5m`, `3h`, `2d` (`in 5s` for the future).

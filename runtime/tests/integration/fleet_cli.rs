@@ -371,6 +371,37 @@ fn rollout_unassign_and_disable_write_exact_assignments() {
         "disable keeps the version"
     );
 
+    // What each PC resolves: pc-a is in the canary group, pc-b disabled it, pc-z has
+    // only the global assignment.
+    ok(
+        &nats,
+        &["config", "groups", "--pc", "pc-a", "--set", "canary"],
+    );
+    ok(
+        &nats,
+        &["config", "groups", "--pc", "pc-b", "--set", "canary"],
+    );
+    let resolved = |pc: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&nats, &["module", "effective", "--pc", pc, "--json"])).unwrap()
+    };
+    assert_eq!(
+        resolved("pc-a"),
+        serde_json::json!({"modules":{"process-perf":8},"conflicts":[]})
+    );
+    assert_eq!(
+        resolved("pc-b"),
+        serde_json::json!({"modules":{},"conflicts":[]})
+    );
+    assert_eq!(
+        resolved("pc-z"),
+        serde_json::json!({"modules":{"process-perf":7},"conflicts":[]})
+    );
+    let text = ok(&nats, &["module", "effective", "--pc", "pc-a"]);
+    assert!(text.contains("pc pc-a, groups: canary\n"), "{text}");
+    assert!(text.contains("groups.canary (revision "), "{text}");
+    assert!(text.contains("pcs.pc-a (absent)"), "{text}");
+    assert!(text.contains("\nprocess-perf version 8\n"), "{text}");
+
     // unassign leaves an empty scope, not a deleted key; again is a no-op.
     let out = ok(
         &nats,
