@@ -1,6 +1,10 @@
 //! The command line: parsing, logging setup, and one file per command.
 
+mod config;
+mod fleet;
 mod module;
+mod module_fleet;
+mod ops;
 mod run;
 mod test;
 
@@ -25,20 +29,28 @@ enum Command {
     Run(Box<run::RunArgs>),
     Test(test::TestArgs),
     Module(module::ModuleArgs),
+    Fleet(fleet::FleetArgs),
+    Config(config::ConfigArgs),
 }
 
 /// Parses the command line, runs the command, and maps its outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // `test` prints its own report on stdout; guest warnings there are expected noise.
-    init_logging(match cli.command {
+    // Operator commands print their own report; the NATS client's connection events
+    // would only get in the way.
+    init_logging(match &cli.command {
         Command::Test(_) => "error",
+        Command::Fleet(_) | Command::Config(_) => "warn",
+        Command::Module(m) if m.talks_to_nats() => "warn",
         _ => "info",
     });
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Test(args) => test::run(args),
         Command::Module(args) => module::run(args),
+        Command::Fleet(args) => fleet::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Config(args) => config::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -87,5 +99,24 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.command, Command::Module(_)));
+    }
+
+    #[test]
+    fn fleet_commands_take_exactly_the_scopes_they_need() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["collector"], args].concat());
+        assert!(parse(&["module", "rollout", "m", "7", "--group", "canary"]).is_ok());
+        assert!(parse(&["module", "rollout", "m", "7", "--global"]).is_ok());
+        let none = parse(&["module", "rollout", "m", "7"])
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("--global"), "{none}");
+        assert!(parse(&["module", "disable", "m", "--pc", "a", "--group", "g"]).is_err());
+        assert!(parse(&["config", "set", "process_perf_top_n=5"]).is_ok());
+        assert!(parse(&["config", "set", "x=1", "--pc", "a", "--group", "g"]).is_err());
+        assert!(parse(&["config", "effective"]).is_err(), "--pc is required");
+        assert!(
+            parse(&["fleet", "status", "--stale-after", "5"]).is_err(),
+            "unit needed"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! `collector module`: making and checking signed guest bundles (keygen, sign, verify,
 //! inspect), for the people who approve modules and for checking a bundle before it
-//! ships.
+//! ships; the subcommands that ship them to a fleet live in `module_fleet.rs`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -14,12 +14,13 @@ use clap::{Args, Subcommand};
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
+use super::module_fleet;
 use crate::bundle::{self, Bundle, MAX_BUNDLE_LEN, Manifest, SecretKey, TrustStore, VersionStore};
 use crate::engine::Sandbox;
 use crate::grant::DEFAULT_GRANT;
 use crate::guest::{GuestModule, check_header};
 
-/// Make and check signed guest bundles.
+/// Make, check and ship signed guest bundles.
 ///
 /// A bundle is one file holding a guest component, a manifest (name, version, hash,
 /// grants, limits, expiry) and Ed25519 signatures over that manifest. Agents given
@@ -27,6 +28,10 @@ use crate::guest::{GuestModule, check_header};
 ///
 /// Typical use: `keygen` once per signer, `sign` each release, `verify` with the public
 /// keys the agents trust before shipping, `inspect` to see what a bundle holds.
+///
+/// Over NATS: `publish` uploads a bundle to the fleet's module store, `list` shows the
+/// published versions, `rollout` assigns a version to the fleet, a group or a PC,
+/// `unassign` and `disable` take it away again, `effective` shows what one PC resolves.
 #[derive(Debug, Args)]
 pub struct ModuleArgs {
     #[command(subcommand)]
@@ -39,6 +44,12 @@ enum ModuleCommand {
     Sign(SignArgs),
     Verify(VerifyArgs),
     Inspect(InspectArgs),
+    Publish(module_fleet::PublishArgs),
+    List(module_fleet::ListArgs),
+    Rollout(module_fleet::RolloutArgs),
+    Unassign(module_fleet::UnassignArgs),
+    Disable(module_fleet::DisableArgs),
+    Effective(module_fleet::EffectiveArgs),
 }
 
 /// Create a signing key pair: KEY (secret, readable by its owner only) and KEY.pub.
@@ -141,12 +152,33 @@ struct InspectArgs {
     bundle: PathBuf,
 }
 
+impl ModuleArgs {
+    /// Whether the subcommand works over NATS (and so prints its own report).
+    pub fn talks_to_nats(&self) -> bool {
+        matches!(
+            self.command,
+            ModuleCommand::Publish(_)
+                | ModuleCommand::List(_)
+                | ModuleCommand::Rollout(_)
+                | ModuleCommand::Unassign(_)
+                | ModuleCommand::Disable(_)
+                | ModuleCommand::Effective(_)
+        )
+    }
+}
+
 pub fn run(args: ModuleArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         ModuleCommand::Keygen(args) => keygen(args),
         ModuleCommand::Sign(args) => sign(args),
         ModuleCommand::Verify(args) => verify(args),
         ModuleCommand::Inspect(args) => inspect(args),
+        ModuleCommand::Publish(args) => module_fleet::publish(args),
+        ModuleCommand::List(args) => module_fleet::list(args),
+        ModuleCommand::Rollout(args) => module_fleet::rollout(args),
+        ModuleCommand::Unassign(args) => module_fleet::unassign(args),
+        ModuleCommand::Disable(args) => module_fleet::disable(args),
+        ModuleCommand::Effective(args) => module_fleet::effective(args),
     }
     .map(|()| ExitCode::SUCCESS)
 }

@@ -15,6 +15,7 @@
 
 pub mod assignment;
 pub mod fetch;
+pub mod kv;
 pub mod scope;
 pub mod status;
 pub mod watch;

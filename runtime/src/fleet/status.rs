@@ -82,8 +82,9 @@ pub struct Pending {
 }
 
 impl AgentStatus {
-    /// The health an operator reads first: `ok`, `probation`, `degraded` (a refusal, a
-    /// rollback or a pending module) or `stale` (not seen for `stale_after`).
+    /// The health an operator reads first: `ok`, `probation`, `degraded` (an assigned
+    /// module does not run: it was refused, rolled back, or is still downloading) or
+    /// `stale` (not seen for `stale_after`).
     pub fn health(&self, now: DateTime<Utc>, stale_after: chrono::Duration) -> &'static str {
         if now - self.last_seen > stale_after {
             "stale"

@@ -12,6 +12,7 @@ mod cache;
 mod cli;
 mod differential;
 mod fleet;
+mod fleet_cli;
 mod guest;
 mod last_known_good;
 mod nats;

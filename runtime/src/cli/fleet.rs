@@ -1,0 +1,371 @@
+//! `collector fleet`: what the agents of a fleet report about themselves, read from
+//! their records in the `collector_status` KV, summarised for an operator deciding
+//! whether a rollout may go on.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use futures_util::{StreamExt as _, TryStreamExt as _};
+
+use super::ops;
+use crate::fleet::status::AgentStatus;
+use crate::fleet::{NatsArgs, STATUS_BUCKET, kv};
+
+/// How many status records are fetched at once.
+const PARALLEL_READS: usize = 64;
+/// Longest refusal reason shown in the table (`--details` and `--json` show it whole).
+const SHORT_REASON: usize = 48;
+
+/// Watch the fleet: what each agent runs and how it is doing.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    command: FleetCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCommand {
+    Status(StatusArgs),
+}
+
+/// Show every agent's status record (the `collector_status` KV).
+///
+/// First a summary: how many agents, how many run each module version, how many are in
+/// each health state. Health is `stale` when an agent has not written its record for
+/// --stale-after, else `degraded` when an assigned module is pending (refused, not
+/// downloaded...), else `probation` when a module is in its first health ticks, else
+/// `ok`. Then one line per agent: its modules and versions (`*` marks probation), health,
+/// its last refusal, and how long ago it was seen.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this agent.
+    #[arg(long, value_name = "ID")]
+    pc: Option<String>,
+
+    /// Also list, per agent, the versions it rolled back and the modules pending.
+    #[arg(long)]
+    details: bool,
+
+    /// Print the status records as a JSON array (sorted by PC id) instead.
+    #[arg(long)]
+    json: bool,
+
+    /// How long without a new record before an agent counts as stale (for instance
+    /// `90s`, `10m`).
+    #[arg(long, value_name = "DURATION", default_value = "3m", value_parser = humantime::parse_duration)]
+    stale_after: Duration,
+
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+pub fn run(args: FleetArgs) -> anyhow::Result<()> {
+    match args.command {
+        FleetCommand::Status(args) => status(args),
+    }
+}
+
+/// The records, sorted by PC id, and the keys whose record could not be read.
+type Records = (Vec<AgentStatus>, Vec<String>);
+
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let stale_after = chrono::Duration::from_std(args.stale_after)
+        .map_err(|_| anyhow!("--stale-after: expected a duration of at most a few centuries"))?;
+    if let Some(pc) = &args.pc {
+        ops::check_name("--pc", pc)?;
+    }
+    let (records, unreadable) = ops::block_on(read_records(&args))?;
+    if let Some(pc) = &args.pc
+        && records.is_empty()
+        && unreadable.is_empty()
+    {
+        anyhow::bail!("--pc {pc}: no status record in {STATUS_BUCKET} (the agent never reported)");
+    }
+    for problem in &unreadable {
+        eprintln!("warning: {problem}");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    print!(
+        "{}",
+        report(&records, Utc::now(), stale_after, args.details)
+    );
+    Ok(())
+}
+
+async fn read_records(args: &StatusArgs) -> anyhow::Result<Records> {
+    let js = ops::jetstream(&args.nats).await?;
+    let Some(store) = kv::open_kv(&js, STATUS_BUCKET).await? else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let keys: Vec<String> = match &args.pc {
+        Some(pc) => vec![pc.clone()],
+        None => store
+            .keys()
+            .await
+            .with_context(|| format!("cannot list the keys of {STATUS_BUCKET}"))?
+            .try_collect()
+            .await
+            .with_context(|| format!("cannot list the keys of {STATUS_BUCKET}"))?,
+    };
+    // One request per record, a bounded number in flight: 1,000 agents cost a few
+    // round trips of latency, not a thousand.
+    let fetched: Vec<(String, anyhow::Result<Option<bytes::Bytes>>)> =
+        futures_util::stream::iter(keys)
+            .map(|key| {
+                let store = &store;
+                async move {
+                    let value = store
+                        .get(key.as_str())
+                        .await
+                        .with_context(|| format!("cannot read {STATUS_BUCKET} key {key}"));
+                    (key, value)
+                }
+            })
+            .buffer_unordered(PARALLEL_READS)
+            .collect()
+            .await;
+    let mut records = Vec::with_capacity(fetched.len());
+    let mut unreadable = Vec::new();
+    for (key, value) in fetched {
+        match value? {
+            None => {}
+            Some(bytes) => match serde_json::from_slice::<AgentStatus>(&bytes) {
+                Ok(record) => records.push(record),
+                Err(e) => unreadable.push(format!(
+                    "{STATUS_BUCKET} key {key}: not a status record ({e}); skipped"
+                )),
+            },
+        }
+    }
+    records.sort_by(|a, b| a.pc_id.cmp(&b.pc_id));
+    unreadable.sort();
+    Ok((records, unreadable))
+}
+
+/// The summary and the table.
+fn report(
+    records: &[AgentStatus],
+    now: DateTime<Utc>,
+    stale_after: chrono::Duration,
+    details: bool,
+) -> String {
+    let mut out = String::new();
+    if records.is_empty() {
+        let _ = writeln!(out, "agents: 0 (no record in {STATUS_BUCKET})");
+        return out;
+    }
+    let mut health: Vec<(&str, usize)> = ["ok", "probation", "degraded", "stale"]
+        .into_iter()
+        .map(|h| (h, 0))
+        .collect();
+    let mut versions: BTreeMap<(&str, u64), (usize, usize)> = BTreeMap::new();
+    for r in records {
+        let h = r.health(now, stale_after);
+        match health.iter_mut().find(|(name, _)| *name == h) {
+            Some((_, n)) => *n += 1,
+            None => health.push((h, 1)),
+        }
+        for m in &r.modules {
+            let count = versions.entry((&m.name, m.version)).or_default();
+            count.0 += 1;
+            count.1 += usize::from(m.probation);
+        }
+    }
+    let health_line: Vec<String> = health.iter().map(|(h, n)| format!("{h} {n}")).collect();
+    let _ = writeln!(
+        out,
+        "agents: {} ({})",
+        records.len(),
+        health_line.join(", ")
+    );
+    let _ = writeln!(out, "modules:");
+    if versions.is_empty() {
+        let _ = writeln!(out, "  none running");
+    }
+    for ((name, version), (n, probation)) in &versions {
+        let on_probation = if *probation > 0 {
+            format!(" ({probation} on probation)")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "  {name} v{version}: {n}{on_probation}");
+    }
+    let _ = writeln!(out);
+
+    let rows: Vec<[String; 5]> = records
+        .iter()
+        .map(|r| {
+            let modules: Vec<String> = r
+                .modules
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} v{}{}",
+                        m.name,
+                        m.version,
+                        if m.probation { "*" } else { "" }
+                    )
+                })
+                .collect();
+            let refusal = r.last_refusal.as_ref().map_or_else(
+                || "-".to_string(),
+                |f| short(&format!("{} v{}: {}", f.name, f.version, f.reason)),
+            );
+            [
+                r.pc_id.clone(),
+                if modules.is_empty() {
+                    "-".into()
+                } else {
+                    modules.join(", ")
+                },
+                r.health(now, stale_after).to_string(),
+                refusal,
+                ops::age(now, r.last_seen),
+            ]
+        })
+        .collect();
+    let header = [
+        "PC",
+        "MODULES (* probation)",
+        "HEALTH",
+        "LAST REFUSAL",
+        "LAST SEEN",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i == 4 {
+                l.push_str(cell);
+            } else {
+                let pad = w - cell.chars().count();
+                let _ = write!(l, "{cell}{}  ", " ".repeat(pad));
+            }
+        }
+        l
+    };
+    let _ = writeln!(out, "{}", line(header));
+    for (row, record) in rows.iter().zip(records) {
+        let _ = writeln!(out, "{}", line(row.each_ref().map(String::as_str)));
+        if details {
+            for b in &record.rolled_back {
+                let _ = writeln!(
+                    out,
+                    "    rolled back: {} v{} at {}: {}",
+                    b.name,
+                    b.version,
+                    ops::rfc3339(b.at),
+                    b.reason
+                );
+            }
+            for p in &record.pending {
+                let _ = writeln!(out, "    pending: {} v{}: {}", p.name, p.version, p.why);
+            }
+            if let Some(f) = &record.last_refusal {
+                let _ = writeln!(
+                    out,
+                    "    last refusal: {} v{} from {} at {}: {}",
+                    f.name,
+                    f.version,
+                    f.source,
+                    ops::rfc3339(f.at),
+                    f.reason
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `text` cut to [`SHORT_REASON`] characters on one line.
+fn short(text: &str) -> String {
+    let one_line = text.replace(['\n', '\r', '\t'], " ");
+    if one_line.chars().count() <= SHORT_REASON {
+        one_line
+    } else {
+        let cut: String = one_line.chars().take(SHORT_REASON - 1).collect();
+        format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::status::{ModuleStatus, Pending, Refusal};
+
+    fn module(name: &str, version: u64, probation: bool, now: DateTime<Utc>) -> ModuleStatus {
+        ModuleStatus {
+            name: name.into(),
+            version,
+            sha256: "00".into(),
+            since: now,
+            probation,
+            traps: 0,
+        }
+    }
+
+    #[test]
+    fn the_report_summarises_then_lists_each_agent() {
+        let now: DateTime<Utc> = "2026-11-27T12:00:00Z".parse().unwrap();
+        let a = AgentStatus {
+            pc_id: "pc-a".into(),
+            last_seen: now - chrono::Duration::seconds(5),
+            modules: vec![module("process-perf", 7, true, now)],
+            ..Default::default()
+        };
+        let b = AgentStatus {
+            pc_id: "pc-b".into(),
+            last_seen: now - chrono::Duration::minutes(10),
+            modules: vec![module("process-perf", 6, false, now)],
+            last_refusal: Some(Refusal {
+                name: "top-memory".into(),
+                version: 3,
+                source: "collector_modules/top-memory/3".into(),
+                reason: "signed by no trusted key, 1 required (the bundle carries no signature)"
+                    .into(),
+                at: now,
+            }),
+            pending: vec![Pending {
+                name: "top-memory".into(),
+                version: 3,
+                why: "refused".into(),
+            }],
+            ..Default::default()
+        };
+        let text = report(&[a, b], now, chrono::Duration::minutes(3), true);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "agents: 2 (ok 0, probation 1, degraded 0, stale 1)"
+        );
+        assert_eq!(lines[2], "  process-perf v6: 1");
+        assert_eq!(lines[3], "  process-perf v7: 1 (1 on probation)");
+        assert!(
+            lines[5].starts_with("PC    MODULES (* probation)"),
+            "{text}"
+        );
+        assert!(lines[6].starts_with("pc-a  process-perf v7*"), "{text}");
+        assert!(lines[6].ends_with("5s ago"), "{text}");
+        assert!(lines[7].contains(" stale "), "{text}");
+        assert!(
+            lines[7].contains("top-memory v3: signed by no trusted key, 1 requ…"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    pending: top-memory v3: refused\n"),
+            "{text}"
+        );
+    }
+}

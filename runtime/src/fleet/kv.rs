@@ -1,0 +1,249 @@
+//! The NATS plumbing the operator commands share: opening a bucket (or creating it for a
+//! fleet that has none yet) and read-modify-write of one KV key with compare-and-swap on
+//! its revision, so that two operators editing the same scope never lose each other's
+//! change (the semantics of kanade's own `kv_cas`).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::kv::{CreateErrorKind, Operation, Store, UpdateErrorKind};
+use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::jetstream::{self, Context};
+
+/// How many times a read-modify-write re-reads and retries after losing a race. Each
+/// lost round means another writer succeeded; hitting the bound means something keeps
+/// rewriting the key.
+pub const MAX_CAS_ATTEMPTS: u32 = 16;
+
+/// Whether the JetStream stream `stream` exists.
+///
+/// # Errors
+///
+/// When the server cannot be asked (no JetStream, no permission, timeout).
+pub async fn stream_exists(js: &Context, stream: &str) -> anyhow::Result<bool> {
+    match js.get_stream(stream).await {
+        Ok(_) => Ok(true),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(false)
+            }
+            _ => Err(anyhow!(e).context(format!("cannot look up JetStream stream {stream}"))),
+        },
+    }
+}
+
+/// The KV bucket `bucket`, or `None` when it does not exist (a read then finds nothing).
+///
+/// # Errors
+///
+/// When the bucket exists but cannot be opened, or the server cannot be asked.
+pub async fn open_kv(js: &Context, bucket: &str) -> anyhow::Result<Option<Store>> {
+    if !stream_exists(js, &format!("KV_{bucket}")).await? {
+        return Ok(None);
+    }
+    js.get_key_value(bucket)
+        .await
+        .map(Some)
+        .with_context(|| format!("cannot open KV bucket {bucket}"))
+}
+
+/// The KV bucket `bucket`, created with `history` revisions per key when missing.
+///
+/// # Errors
+///
+/// When it can be neither opened nor created.
+pub async fn open_or_create_kv(js: &Context, bucket: &str, history: i64) -> anyhow::Result<Store> {
+    if let Some(store) = open_kv(js, bucket).await? {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: bucket.to_string(),
+            history,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Someone else may have created it meanwhile, with other settings.
+        Err(e) => match js.get_key_value(bucket).await {
+            Ok(store) => Ok(store),
+            Err(_) => Err(anyhow!(e).context(format!("cannot create KV bucket {bucket}"))),
+        },
+    }
+}
+
+/// The object store `name`, or `None` when it does not exist.
+///
+/// # Errors
+///
+/// When it exists but cannot be opened, or the server cannot be asked.
+pub async fn open_objects(js: &Context, name: &str) -> anyhow::Result<Option<ObjectStore>> {
+    if !stream_exists(js, &format!("OBJ_{name}")).await? {
+        return Ok(None);
+    }
+    js.get_object_store(name)
+        .await
+        .map(Some)
+        .with_context(|| format!("cannot open object store {name}"))
+}
+
+/// The object store `name`, created when missing.
+///
+/// # Errors
+///
+/// When it can be neither opened nor created.
+pub async fn open_or_create_objects(js: &Context, name: &str) -> anyhow::Result<ObjectStore> {
+    if let Some(store) = open_objects(js, name).await? {
+        return Ok(store);
+    }
+    let created = js
+        .create_object_store(jetstream::object_store::Config {
+            bucket: name.to_string(),
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        Err(e) => match js.get_object_store(name).await {
+            Ok(store) => Ok(store),
+            Err(_) => Err(anyhow!(e).context(format!("cannot create object store {name}"))),
+        },
+    }
+}
+
+/// One key as read: its value bytes (`None` when absent, deleted or purged) and the
+/// revision that guards a compare-and-swap (`None` when the key never existed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub value: Option<Vec<u8>>,
+    pub revision: Option<u64>,
+}
+
+/// Reads `key` of `kv` (named `bucket` in errors).
+///
+/// # Errors
+///
+/// When the server cannot be asked.
+pub async fn read(kv: &Store, bucket: &str, key: &str) -> anyhow::Result<Read> {
+    let entry = kv
+        .entry(key)
+        .await
+        .with_context(|| format!("cannot read {bucket} key {key}"))?;
+    Ok(match entry {
+        Some(e) if e.operation == Operation::Put => Read {
+            value: Some(e.value.to_vec()),
+            revision: Some(e.revision),
+        },
+        // A delete marker still has a revision: writing over it is guarded like any
+        // other write, so a racing delete is not silently undone.
+        Some(e) => Read {
+            value: None,
+            revision: Some(e.revision),
+        },
+        None => Read {
+            value: None,
+            revision: None,
+        },
+    })
+}
+
+/// The outcome of [`read_modify_write`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written<T> {
+    /// The value now stored (or, when nothing changed, the value read).
+    pub value: T,
+    /// Whether a write happened.
+    pub changed: bool,
+    /// The key's revision afterwards (`None`: the key still does not exist).
+    pub revision: Option<u64>,
+    /// Rounds lost to other writers before this one succeeded.
+    pub conflicts: u32,
+}
+
+/// Reads `key` (absent or deleted: `T::default()`), applies `mutate`, and writes the
+/// result back only if the key is still at the revision read (`update`, or `create` when
+/// the key never existed), re-reading and re-applying after a lost race, at most
+/// [`MAX_CAS_ATTEMPTS`] times. When `mutate` leaves the value equal to what was read,
+/// nothing is written, so the revision does not move and no watcher wakes.
+///
+/// # Errors
+///
+/// When the stored value cannot be decoded (it is never overwritten blindly), `mutate`
+/// fails, the server refuses the write for another reason than a lost race, or every
+/// attempt lost.
+pub async fn read_modify_write<T, D, E, M>(
+    kv: &Store,
+    bucket: &str,
+    key: &str,
+    decode: D,
+    encode: E,
+    mut mutate: M,
+) -> anyhow::Result<Written<T>>
+where
+    T: Default + Clone + PartialEq,
+    D: Fn(&[u8]) -> anyhow::Result<T>,
+    E: Fn(&T) -> Vec<u8>,
+    M: FnMut(&mut T) -> anyhow::Result<()>,
+{
+    let mut conflicts = 0;
+    loop {
+        let current = read(kv, bucket, key).await?;
+        let before = match &current.value {
+            Some(bytes) => decode(bytes).with_context(|| {
+                format!(
+                    "{bucket} key {key} holds a value that cannot be read, so it is not overwritten"
+                )
+            })?,
+            None => T::default(),
+        };
+        let mut value = before.clone();
+        mutate(&mut value)?;
+        if value == before {
+            return Ok(Written {
+                value,
+                changed: false,
+                revision: current.revision.filter(|_| current.value.is_some()),
+                conflicts,
+            });
+        }
+        let bytes = encode(&value).into();
+        let written = match current.revision {
+            Some(revision) => kv.update(key, bytes, revision).await.map_err(|e| {
+                let lost = e.kind() == UpdateErrorKind::WrongLastRevision;
+                (lost, anyhow!(e))
+            }),
+            None => kv.create(key, bytes).await.map_err(|e| {
+                let lost = e.kind() == CreateErrorKind::AlreadyExists;
+                (lost, anyhow!(e))
+            }),
+        };
+        match written {
+            Ok(revision) => {
+                return Ok(Written {
+                    value,
+                    changed: true,
+                    revision: Some(revision),
+                    conflicts,
+                });
+            }
+            Err((true, e)) => {
+                conflicts += 1;
+                if conflicts >= MAX_CAS_ATTEMPTS {
+                    return Err(e.context(format!(
+                        "{bucket} key {key}: still changing under us after {conflicts} attempts; \
+                         something keeps rewriting it"
+                    )));
+                }
+                // Spread writers that collided in lockstep.
+                let ms = u64::from(conflicts) * 3 + u64::from(std::process::id() % 7);
+                tokio::time::sleep(Duration::from_millis(ms.min(40))).await;
+            }
+            Err((false, e)) => return Err(e.context(format!("cannot write {bucket} key {key}"))),
+        }
+    }
+}
