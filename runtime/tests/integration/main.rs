@@ -12,6 +12,7 @@ mod cache;
 mod cli;
 mod differential;
 mod guest;
+mod hostile_guests;
 mod last_known_good;
 mod nats;
 mod swap;
