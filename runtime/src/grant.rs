@@ -104,11 +104,7 @@ impl Grant {
         let valid = subject
             .split('.')
             .all(|t| valid_token(t) && t != "*" && t != ">");
-        valid
-            && self
-                .patterns
-                .iter()
-                .any(|p| matches(p, subject.split('.')))
+        valid && self.patterns.iter().any(|p| matches(p, subject.split('.')))
     }
 }
 

@@ -1,12 +1,12 @@
 //! Shared helpers: locating the built guest, building supervisors, broken WAT guests,
-//! and starting a throwaway nats-server.
+//! starting a throwaway nats-server, and capturing log output.
 
+use std::io::Write;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 

@@ -247,10 +247,13 @@ fn a_guest_sampling_in_a_loop_is_stopped_near_its_budget() {
     };
     let max_samples = u64::from(limits.max_samples_per_call);
     let mut sup = supervisor(
-        hostile("sampler", &Bodies {
-            tick: SAMPLE_FOREVER,
-            ..Bodies::default()
-        }),
+        hostile(
+            "sampler",
+            &Bodies {
+                tick: SAMPLE_FOREVER,
+                ..Bodies::default()
+            },
+        ),
         SlowSource {
             delay: Duration::from_millis(5),
         },
@@ -258,8 +261,10 @@ fn a_guest_sampling_in_a_loop_is_stopped_near_its_budget() {
     );
     let stats = sup.stats();
     // Before the fix every sample was free for the budget: ~40,000 samples of 5 ms.
-    let result = within(Duration::from_secs(10), move || sup.tick(now(Instant::now())))
-        .expect("the tick ended within 10 s");
+    let result = within(Duration::from_secs(10), move || {
+        sup.tick(now(Instant::now()))
+    })
+    .expect("the tick ended within 10 s");
     assert!(
         matches!(
             result,
@@ -280,18 +285,23 @@ fn host_time_is_bounded_even_within_the_sample_count() {
         ..Limits::default()
     };
     let mut sup = supervisor(
-        hostile("slow-sampler", &Bodies {
-            tick: SAMPLE_FOREVER,
-            ..Bodies::default()
-        }),
+        hostile(
+            "slow-sampler",
+            &Bodies {
+                tick: SAMPLE_FOREVER,
+                ..Bodies::default()
+            },
+        ),
         SlowSource {
             delay: Duration::from_millis(30),
         },
         limits,
     );
     let stats = sup.stats();
-    let result = within(Duration::from_secs(10), move || sup.tick(now(Instant::now())))
-        .expect("the tick ended within 10 s");
+    let result = within(Duration::from_secs(10), move || {
+        sup.tick(now(Instant::now()))
+    })
+    .expect("the tick ended within 10 s");
     assert!(result.is_err(), "the spinning guest is stopped: {result:?}");
     // 30 ms each against a 100 ms host budget: the fourth sample is the last.
     let samples = HostStats::get(&stats.samples);
@@ -305,10 +315,13 @@ fn an_agent_running_a_sampling_loop_still_shuts_down() {
         ..Limits::default()
     };
     let sup = supervisor(
-        hostile("sampler", &Bodies {
-            tick: SAMPLE_FOREVER,
-            ..Bodies::default()
-        }),
+        hostile(
+            "sampler",
+            &Bodies {
+                tick: SAMPLE_FOREVER,
+                ..Bodies::default()
+            },
+        ),
         SlowSource {
             delay: Duration::from_millis(5),
         },
@@ -317,7 +330,8 @@ fn an_agent_running_a_sampling_loop_still_shuts_down() {
     let agent = ThreadAgent::spawn(sup, 3, enabled("100ms", 5));
     let stats = agent.stats.clone();
     assert!(
-        wait_for(Duration::from_secs(10), || HostStats::get(&stats.samples) > 0),
+        wait_for(Duration::from_secs(10), || HostStats::get(&stats.samples)
+            > 0),
         "the first tick started"
     );
     within(Duration::from_secs(10), move || agent.stop())
@@ -334,18 +348,24 @@ const NAMES_FLOOD: &str = "(call $names (i32.const 65536) (i32.const 1000000) (i
 #[test]
 fn a_names_call_over_the_limit_traps_before_any_lookup() {
     let mut sup = supervisor(
-        hostile("names-flood", &Bodies {
-            tick: NAMES_FLOOD,
-            pages: 80,
-            ..Bodies::default()
-        }),
+        hostile(
+            "names-flood",
+            &Bodies {
+                tick: NAMES_FLOOD,
+                pages: 80,
+                ..Bodies::default()
+            },
+        ),
         StaticSource::default(),
         Limits::default(),
     );
     sup.configure(&enabled("1s", 1)).unwrap(); // instantiates, outside the count
     let (result, allocated) = allocated_by(|| sup.tick(now(Instant::now())));
     match &result {
-        Err(TickError::Fault(GuestFault::Trap { call: "tick", message })) => {
+        Err(TickError::Fault(GuestFault::Trap {
+            call: "tick",
+            message,
+        })) => {
             assert!(message.contains("the limit is 65536"), "{message}")
         }
         other => panic!("expected a trap, got {other:?}"),
@@ -381,11 +401,14 @@ fn publish_long_subject(len: u32) -> String {
 fn a_huge_subject_is_refused_without_being_copied_matched_or_logged() {
     const LEN: u32 = 4 << 20;
     let mut sup = supervisor(
-        hostile("long-subject", &Bodies {
-            tick: &publish_long_subject(LEN),
-            pages: 80,
-            ..Bodies::default()
-        }),
+        hostile(
+            "long-subject",
+            &Bodies {
+                tick: &publish_long_subject(LEN),
+                pages: 80,
+                ..Bodies::default()
+            },
+        ),
         StaticSource::default(),
         Limits::default(),
     );
@@ -465,11 +488,14 @@ fn swap_after(predecessor: Arc<GuestModule>, successor: Arc<GuestModule>) -> (Ve
 fn an_oversize_state_is_dropped_and_the_successor_starts_fresh() {
     // 2 MiB of state: more than any successor with a small memory can take (this one
     // has 64 KiB, and traps on it). Before the fix it was rolled back for it.
-    let predecessor = hostile("hoarder", &Bodies {
-        save: &save_state_of(2 << 20),
-        pages: 48,
-        ..Bodies::default()
-    });
+    let predecessor = hostile(
+        "hoarder",
+        &Bodies {
+            save: &save_state_of(2 << 20),
+            pages: 48,
+            ..Bodies::default()
+        },
+    );
     let successor = wat_module("successor", &wat_guest("(i32.const 0)"));
     let (events, dropped) = swap_after(predecessor, successor);
     assert_eq!(events, ["healthy"]);
@@ -478,15 +504,21 @@ fn an_oversize_state_is_dropped_and_the_successor_starts_fresh() {
 
 #[test]
 fn a_successor_that_traps_on_its_predecessors_state_starts_fresh() {
-    let predecessor = hostile("poisoner", &Bodies {
-        save: &save_state_of(100),
-        pages: 2,
-        ..Bodies::default()
-    });
-    let successor = hostile("fragile", &Bodies {
-        restore: "unreachable",
-        ..Bodies::default()
-    });
+    let predecessor = hostile(
+        "poisoner",
+        &Bodies {
+            save: &save_state_of(100),
+            pages: 2,
+            ..Bodies::default()
+        },
+    );
+    let successor = hostile(
+        "fragile",
+        &Bodies {
+            restore: "unreachable",
+            ..Bodies::default()
+        },
+    );
     let (events, dropped) = swap_after(predecessor, successor);
     assert_eq!(events, ["healthy"]);
     assert_eq!(dropped, 0, "the state was within the limit");
@@ -506,11 +538,14 @@ fn refusals_in_a_loop_cost_one_log_line_each_within_the_budget_then_one_summary(
     let limits = Limits::default();
     let budget = limits.max_log_lines_per_call as usize;
     let mut sup = supervisor(
-        hostile("refused", &Bodies {
-            tick,
-            data: r#"(data (i32.const 16) "nope.x")"#,
-            ..Bodies::default()
-        }),
+        hostile(
+            "refused",
+            &Bodies {
+                tick,
+                data: r#"(data (i32.const 16) "nope.x")"#,
+                ..Bodies::default()
+            },
+        ),
         StaticSource::default(),
         limits,
     );
@@ -519,7 +554,10 @@ fn refusals_in_a_loop_cost_one_log_line_each_within_the_budget_then_one_summary(
     let stats = sup.stats();
     assert_eq!(HostStats::get(&stats.publish_denied), 10_000);
     assert_eq!(HostStats::get(&stats.log_dropped), (10_000 - budget) as u64);
-    let refusals = logs.lines().filter(|l| l.contains("publish refused")).count();
+    let refusals = logs
+        .lines()
+        .filter(|l| l.contains("publish refused"))
+        .count();
     assert_eq!(refusals, budget, "one line each within the log budget");
     let summaries: Vec<&str> = logs
         .lines()
@@ -531,11 +569,15 @@ fn refusals_in_a_loop_cost_one_log_line_each_within_the_budget_then_one_summary(
         "{}",
         summaries[0]
     );
-    assert!(logs.lines().count() <= budget + 2, "nothing else per refusal");
+    assert!(
+        logs.lines().count() <= budget + 2,
+        "nothing else per refusal"
+    );
 }
 
 /// A line that, printed raw after a newline, would pass for the agent's own.
-const FORGED: &str = "INFO collector_runtime::deploy: saved as the last-known-good module module=evil v9";
+const FORGED: &str =
+    "INFO collector_runtime::deploy: saved as the last-known-good module module=evil v9";
 
 #[test]
 fn guest_text_in_the_log_is_escaped_and_capped() {
@@ -552,12 +594,15 @@ fn guest_text_in_the_log_is_escaped_and_capped() {
     );
     let data = format!("(data (i32.const 16) \"{}\")", message.replace('\n', "\\n"));
     let mut sup = supervisor(
-        hostile("forger", &Bodies {
-            tick: &tick,
-            data: &data,
-            pages: 20,
-            ..Bodies::default()
-        }),
+        hostile(
+            "forger",
+            &Bodies {
+                tick: &tick,
+                data: &data,
+                pages: 20,
+                ..Bodies::default()
+            },
+        ),
         StaticSource::default(),
         Limits::default(),
     );
@@ -565,7 +610,10 @@ fn guest_text_in_the_log_is_escaped_and_capped() {
     match result {
         Err(TickError::Guest(error)) => {
             assert!(error.starts_with("innocent\\nINFO"), "{error}");
-            assert!(error.ends_with(&format!("… ({} bytes)", 1 << 20)), "{error}");
+            assert!(
+                error.ends_with(&format!("… ({} bytes)", 1 << 20)),
+                "{error}"
+            );
         }
         other => panic!("expected the guest's error, got {other:?}"),
     }
