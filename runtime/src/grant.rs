@@ -99,6 +99,7 @@ impl Grant {
 
     /// Whether a publish to `subject` is allowed. Subjects holding wildcards are never
     /// allowed: NATS refuses to publish to them.
+    ///
     /// Allocates nothing: the subject is a guest's, and may be as long as its memory.
     pub fn allows(&self, subject: &str) -> bool {
         let valid = subject

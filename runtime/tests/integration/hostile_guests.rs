@@ -1,8 +1,9 @@
 //! Guests written as an attacker would (a careless or compromised signer): each test
 //! drives one class of host-side abuse and checks the bound that stops it. Host time:
-//! sampling in a loop. Host memory: oversize name lists and subjects, measured with a
-//! per-thread allocation counter. Successors: an oversize or poisonous saved state.
-//! The log: floods of refusals, huge error strings and forged lines.
+//! sampling in a loop. Host memory: oversize name lists, subjects and random-byte
+//! requests, measured with a per-thread allocation counter. Successors: an oversize or
+//! poisonous saved state. The log: floods of refusals, huge error strings and forged
+//! lines.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -425,6 +426,64 @@ fn a_huge_subject_is_refused_without_being_copied_matched_or_logged() {
     );
     assert!(logs.contains("publish refused"), "{logs}");
     assert!(logs.len() < 4096, "{} bytes of log", logs.len());
+}
+
+/// A guest whose `tick` asks WASI for `len` random bytes (through `get-random-bytes`,
+/// the host allocates them before copying them into the guest).
+fn random_bytes_guest(len: u64) -> String {
+    wat_guest("(call $random (i64.const LEN) (i32.const 64)) (i32.const 0)")
+        .replace("LEN", &len.to_string())
+        .replacen(
+            "(component",
+            r#"(component
+  (import "wasi:random/random@0.2.0" (instance $random
+    (export "get-random-bytes" (func (param "len" u64) (result (list u8))))))
+  (core module $Memory
+    (memory (export "mem") 256)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024)))
+  (core instance $mem (instantiate $Memory))
+  (alias core export $mem "mem" (core memory $memory))
+  (alias core export $mem "realloc" (core func $realloc))
+  (core func $random (canon lower (func $random "get-random-bytes") (memory $memory)
+    (realloc $realloc)))"#,
+            1,
+        )
+        .replace(
+            "(core module $m
+    (memory (export \"mem\") 1)",
+            "(core module $m
+    (import \"env\" \"mem\" (memory 1))
+    \
+             (import \"wasi\" \"random\" (func $random (param i64 i32)))
+    \
+             (export \"mem\" (memory 0))",
+        )
+        .replace(
+            "(core instance $i (instantiate $m))",
+            "(core instance $i (instantiate $m (with \"env\" (instance $mem))
+    \
+             (with \"wasi\" (instance (export \"random\" (func $random))))))",
+        )
+}
+
+#[test]
+fn random_bytes_are_capped_before_the_host_allocates_them() {
+    // 8 MiB: it would fit in this guest's 16 MiB, and WASI's own cap is 64 MiB.
+    const LEN: u64 = 8 << 20;
+    let mut sup = supervisor(
+        wat_module("random-hog", &random_bytes_guest(LEN)),
+        StaticSource::default(),
+        Limits::default(),
+    );
+    sup.configure(&enabled("1s", 1)).unwrap(); // instantiates, outside the count
+    let (result, allocated) = allocated_by(|| sup.tick(now(Instant::now())));
+    match &result {
+        Err(TickError::Fault(GuestFault::Trap { message, .. })) => {
+            assert!(message.contains("exceeds limit"), "{message}")
+        }
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    assert!(allocated < 1 << 20, "{allocated} bytes allocated");
 }
 
 // ---- 3. A predecessor can poison its successors ----
