@@ -320,7 +320,7 @@ impl Agent {
                 }
             }
             Ok(Some(refusal)) => {
-                tracing::info!(module = %self.label, reason = %refusal, "the new module starts fresh: it refused the predecessor's state");
+                tracing::info!(module = %self.label, reason = %refusal, "the new module starts fresh, without the predecessor's state");
             }
             Err(fault) => self.roll_back(&format!("failed to start: {fault}")),
         }

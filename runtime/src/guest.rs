@@ -13,7 +13,7 @@ use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::engine::{CallGate, Sandbox, ticks_for};
-use crate::host::log::GuestLogger;
+use crate::host::log::{GuestLogger, MAX_LINE_BYTES, MAX_QUOTED_BYTES, quote};
 use crate::host::{Collector, CollectorPre, HostState, HostStats, Services, TickTime, wasi};
 
 /// The WIT package guests are built against (`collector:api`), without version.
@@ -210,7 +210,8 @@ struct BudgetExhausted(Duration);
 /// How a tick went.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TickError {
-    /// The guest returned an error; it keeps running.
+    /// The guest returned an error; it keeps running. The text is the guest's, escaped
+    /// and cut at [`MAX_QUOTED_BYTES`] bytes.
     #[error("guest reported an error: {0}")]
     Guest(String),
     /// The guest trapped or timed out; its instance was discarded.
@@ -322,26 +323,60 @@ impl Supervisor {
 
     /// Starts a fresh instance: hands it `state` from a predecessor (before any
     /// configuration, as the WIT promises), then the configuration, then asks for the
-    /// interval. Returns the guest's refusal of the state, if any.
+    /// interval. Returns why the state was not carried over, if it was not: the guest
+    /// refused it, it was over the limit, or the guest trapped on it.
+    ///
+    /// A predecessor's state never blocks its successor: a state over
+    /// [`Limits::max_state_bytes`](crate::host::Limits::max_state_bytes) (or a quarter of
+    /// the successor's memory) is not handed over, and a successor that traps in
+    /// `restore-state` is started again, fresh, without it.
     ///
     /// # Errors
     ///
-    /// When the new instance fails to start or traps on any of these calls.
+    /// When the new instance fails to start or traps on any of these calls (other than
+    /// `restore-state`).
     pub fn start(&mut self, state: Option<&[u8]>) -> Result<Option<String>, GuestFault> {
         self.discard();
+        let limits = &self.services().limits;
+        let limit = limits.max_state_bytes.min(limits.memory_bytes / 4);
+        let mut not_carried = None;
+        let state = state.filter(|state| {
+            let fits = state.len() <= limit;
+            if !fits {
+                not_carried = Some(format!(
+                    "the state of {} bytes is over the limit of {limit} bytes",
+                    state.len()
+                ));
+            }
+            fits
+        });
+        self.instantiate_idle()?;
+        if let Some(state) = state {
+            match self.restore_state(state) {
+                Ok(Ok(())) => {}
+                Ok(Err(refusal)) => not_carried = Some(format!("it refused it: {refusal}")),
+                Err(fault) => {
+                    // Whatever the state held, the successor deserves its chance without
+                    // it; a module that cannot start even fresh fails below.
+                    not_carried = Some(format!("it trapped on it: {fault}"));
+                    self.instantiate_idle()?;
+                }
+            }
+        }
+        self.push_config()?;
+        self.refresh_interval()?;
+        Ok(not_carried)
+    }
+
+    /// Creates an instance if there is none (without configuring it).
+    fn instantiate_idle(&mut self) -> Result<(), GuestFault> {
         if let Slot::Idle(_) = self.slot {
             let Slot::Idle(services) = std::mem::replace(&mut self.slot, Slot::Empty) else {
                 unreachable!()
             };
             self.instantiate(services)?;
         }
-        let refusal = match state {
-            Some(state) => self.restore_state(state)?.err(),
-            None => None,
-        };
-        self.push_config()?;
-        self.refresh_interval()?;
-        Ok(refusal)
+        Ok(())
     }
 
     /// Passes a new effective configuration and asks for the interval. Returns whether
@@ -376,31 +411,54 @@ impl Supervisor {
         self.refresh_interval()?;
         result.map_err(|message| {
             HostStats::bump(&stats.tick_errors, 1);
+            let message = quote(&message, MAX_QUOTED_BYTES);
             tracing::warn!(guest = self.module.name(), error = %message, "tick reported an error");
             TickError::Guest(message)
         })
     }
 
-    /// Asks the guest for state to hand to a successor.
+    /// Asks the guest for state to hand to a successor. A state over
+    /// [`Limits::max_state_bytes`](crate::host::Limits::max_state_bytes) is dropped with
+    /// a warning (`None`): it could make any successor trap on it, and so block every
+    /// update.
     ///
     /// # Errors
     ///
     /// When the guest trapped.
     pub fn save_state(&mut self) -> Result<Option<Vec<u8>>, GuestFault> {
-        self.call("save-state", |b, s| {
+        let state = self.call("save-state", |b, s| {
             b.collector_api_guest().call_save_state(s)
-        })
+        })?;
+        let limit = self.services().limits.max_state_bytes;
+        Ok(state.and_then(|state| self.within_state_limit(state, limit)))
     }
 
-    /// Hands the guest the state of a predecessor. Returns the guest's refusal, if any.
+    /// `state` if it is at most `limit` bytes; otherwise a warning and `None`.
+    fn within_state_limit(&self, state: Vec<u8>, limit: usize) -> Option<Vec<u8>> {
+        if state.len() <= limit {
+            return Some(state);
+        }
+        HostStats::bump(&self.services().stats.states_dropped, 1);
+        tracing::warn!(
+            guest = self.module.name(),
+            bytes = state.len(),
+            limit,
+            "saved state dropped: larger than the limit; the successor starts fresh"
+        );
+        None
+    }
+
+    /// Hands the guest the state of a predecessor. Returns the guest's refusal (escaped
+    /// and cut at [`MAX_QUOTED_BYTES`] bytes), if any.
     ///
     /// # Errors
     ///
     /// When the guest trapped.
     pub fn restore_state(&mut self, state: &[u8]) -> Result<Result<(), String>, GuestFault> {
-        self.call("restore-state", |b, s| {
+        let result = self.call("restore-state", |b, s| {
             b.collector_api_guest().call_restore_state(s, state)
-        })
+        })?;
+        Ok(result.map_err(|refusal| quote(&refusal, MAX_QUOTED_BYTES)))
     }
 
     fn refresh_interval(&mut self) -> Result<bool, GuestFault> {
@@ -419,6 +477,7 @@ impl Supervisor {
             b.collector_api_guest().call_configure(s, &json)
         })?;
         if let Err(message) = result {
+            let message = quote(&message, MAX_QUOTED_BYTES);
             tracing::warn!(guest = self.module.name(), error = %message, "guest refused the configuration");
         }
         Ok(())
@@ -473,13 +532,15 @@ impl Supervisor {
         let in_call = self.module.calls.enter();
         let instance = self.module.pre.instantiate(&mut store);
         drop(in_call);
+        report_refused(self.module.name(), "instantiate", &store.data().logger);
         match instance {
             Ok(bindings) => {
                 self.slot = Slot::Live(Box::new(Live { store, bindings }));
                 Ok(())
             }
             Err(e) => {
-                let fault = GuestFault::Instantiate(format!("{e:#}"));
+                // The message may quote the guest (names from its custom sections).
+                let fault = GuestFault::Instantiate(quote(&format!("{e:#}"), MAX_LINE_BYTES));
                 let services = store.into_data().into_services();
                 HostStats::bump(&services.stats.traps, 1);
                 tracing::error!(guest = self.module.name(), error = %fault, "guest failed to start");
@@ -504,22 +565,16 @@ impl Supervisor {
             let _in_call = gate.enter();
             f(&live.bindings, &mut live.store)
         };
-        let dropped = live.store.data().logger.dropped();
-        if dropped > 0 {
-            tracing::warn!(
-                guest = self.module.name(),
-                call,
-                dropped,
-                "guest log lines over the per-call limit were dropped"
-            );
-        }
+        let logger = live.store.data().logger.clone();
+        report_refused(self.module.name(), call, &logger);
         result.map_err(|e| {
             let fault = if e.downcast_ref::<BudgetExhausted>().is_some() {
                 GuestFault::Timeout { call, budget }
             } else {
+                // A trap's backtrace holds function names from the guest's name section.
                 GuestFault::Trap {
                     call,
-                    message: format!("{e:#}"),
+                    message: quote(&format!("{e:#}"), MAX_LINE_BYTES),
                 }
             };
             self.discard();
@@ -536,6 +591,19 @@ impl Supervisor {
         if let Slot::Live(live) = std::mem::replace(&mut self.slot, Slot::Empty) {
             self.slot = Slot::Idle(live.store.into_data().into_services());
         }
+    }
+}
+
+/// The one line per call that says what the guest's log budget refused in it.
+fn report_refused(guest: &str, call: &'static str, logger: &GuestLogger) {
+    if let Some(refused) = logger.refused() {
+        tracing::warn!(
+            guest,
+            call,
+            guest_lines = refused.lines,
+            host_warnings = refused.warnings,
+            "log lines over the per-call limit were dropped"
+        );
     }
 }
 

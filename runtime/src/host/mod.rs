@@ -23,6 +23,8 @@ use crate::source::ProcessSource;
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "collector",
+    // `names` has no error in its signature: a request over the limit ends the call.
+    imports: { "collector:api/processes.names": trappable },
 });
 
 pub use collector::api::types::{Datetime, Level, TickTime};
@@ -32,8 +34,11 @@ pub use exports::collector::api::guest::Guest as GuestExports;
 /// benchmarks, which assert on them (for instance: an inactive tick enumerates nothing).
 #[derive(Debug, Default)]
 pub struct HostStats {
-    /// Calls to `processes.sample`.
+    /// Enumerations made for `processes.sample`.
     pub samples: AtomicU64,
+    /// Calls to `processes.sample` refused without an enumeration: over the per-call
+    /// count or after the call's host time budget was spent.
+    pub samples_refused: AtomicU64,
     /// Processes returned by all samples.
     pub processes_sampled: AtomicU64,
     /// Calls to `processes.names`.
@@ -50,6 +55,10 @@ pub struct HostStats {
     pub publish_failed: AtomicU64,
     /// Log lines written by guests (including their stdout and stderr).
     pub log_lines: AtomicU64,
+    /// Guest lines, and host warnings about a guest, dropped over the per-call budget.
+    pub log_dropped: AtomicU64,
+    /// Saved states dropped for being over `Limits::max_state_bytes`.
+    pub states_dropped: AtomicU64,
     /// Ticks run to completion.
     pub ticks: AtomicU64,
     /// Ticks whose guest returned an error (counted in `ticks` too).
@@ -71,10 +80,24 @@ impl HostStats {
     }
 }
 
+/// A request the host refuses by ending the call with a trap, because the function has
+/// no way to return an error (see [`Limits::max_names_per_call`]).
+#[derive(Debug, thiserror::Error)]
+#[error("`{call}` asked for {asked} {what} in one call; the limit is {limit}")]
+pub struct OverLimit {
+    pub call: &'static str,
+    pub what: &'static str,
+    pub asked: usize,
+    pub limit: usize,
+}
+
 /// Largest table a guest may have (indirect-call tables of real guests hold hundreds).
 pub const MAX_TABLE_ELEMENTS: usize = 20_000;
 
-/// Bounds on what a guest may ask of the host.
+/// Bounds on what a guest may ask of the host. The guest's own memory and time are
+/// bounded by `memory_bytes` and `call_budget`; the rest bound the work and memory the
+/// host spends on the guest's behalf, so that a hostile guest cannot make the agent
+/// around it do what its sandbox forbids.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Linear memory of one instance, in bytes.
@@ -82,6 +105,23 @@ pub struct Limits {
     /// Time a single call into the guest may spend running guest code (time spent in
     /// host functions, such as process enumeration, does not count).
     pub call_budget: Duration,
+    /// Time a single call into the guest may make the host spend in host functions
+    /// (enumerations, name look-ups, publishes). Once spent, those functions refuse
+    /// further work for the rest of the call; a guest that keeps calling then spins on
+    /// refusals, which is guest time, and is stopped at `call_budget`.
+    pub host_budget: Duration,
+    /// Most enumerations (`processes.sample`) per call into the guest; further samples
+    /// fail without enumerating.
+    pub max_samples_per_call: u32,
+    /// Most PIDs in one `processes.names` call; more ends the call with a trap, before
+    /// any look-up (a name list cannot be answered in part).
+    pub max_names_per_call: usize,
+    /// Longest subject `publish` accepts; longer ones are refused as not granted before
+    /// they are matched or logged.
+    pub max_subject_bytes: usize,
+    /// Largest state carried from a module into its successor; a larger one is dropped
+    /// with a warning and the successor starts fresh.
+    pub max_state_bytes: usize,
     /// Largest payload accepted by `publish`.
     pub max_payload_bytes: usize,
     /// Most publishes accepted per call into the guest.
@@ -95,6 +135,11 @@ impl Default for Limits {
         Self {
             memory_bytes: 64 << 20,
             call_budget: Duration::from_secs(1),
+            host_budget: Duration::from_secs(4),
+            max_samples_per_call: 4,
+            max_names_per_call: 65_536,
+            max_subject_bytes: 256,
+            max_state_bytes: 1 << 20,
             max_payload_bytes: 1 << 20,
             max_publishes_per_call: 16,
             max_log_lines_per_call: 200,
@@ -150,6 +195,8 @@ pub(crate) struct CallState {
     /// Time spent inside host functions during this call.
     pub in_host: Duration,
     pub publishes: u32,
+    /// Enumerations made during this call.
+    pub samples: u32,
 }
 
 impl CallState {
@@ -158,6 +205,7 @@ impl CallState {
             started: Instant::now(),
             in_host: Duration::ZERO,
             publishes: 0,
+            samples: 0,
         }
     }
 
@@ -212,7 +260,13 @@ impl HostState {
             .begin_call(self.services.limits.max_log_lines_per_call);
     }
 
-    /// Runs `f` as host work: its time does not count against the guest's budget.
+    /// Whether this call has spent its host time budget ([`Limits::host_budget`]).
+    pub(crate) fn host_budget_spent(&self) -> bool {
+        self.call.in_host >= self.services.limits.host_budget
+    }
+
+    /// Runs `f` as host work: its time does not count against the guest's budget, but
+    /// against the call's host budget.
     pub(crate) fn host_work<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         let start = Instant::now();
         let out = f(self);

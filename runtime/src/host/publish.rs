@@ -1,40 +1,74 @@
 //! `collector:api/publish`: guest messages to the sink, only on granted subjects and
-//! within size and per-call limits. Every refusal is logged and counted.
+//! within size and per-call limits. Every refusal is counted; refusals are logged within
+//! the guest's per-call log budget (a guest could otherwise provoke a warning per call in
+//! a loop), and the subject in them is quoted. A subject's length is checked first, so an
+//! oversize one is never matched, copied or formatted.
 
 use super::collector::api::publish::{Host, PublishError};
+use super::log::{MAX_QUOTED_BYTES, quote};
 use super::{HostState, HostStats};
+
+impl HostState {
+    /// Logs a refused publish, if the guest's log budget allows.
+    fn refused(&self, subject: &str, why: &str) {
+        if self.logger.admit_warning() {
+            tracing::warn!(
+                guest = %self.guest_name,
+                subject = %quote(subject, MAX_QUOTED_BYTES),
+                "publish refused: {why}"
+            );
+        }
+    }
+}
 
 impl Host for HostState {
     fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), PublishError> {
+        let limits = &self.services.limits;
         let stats = &self.services.stats;
-        let guest = &*self.guest_name;
-        if !self.services.grant.allows(&subject) {
+        if subject.len() > limits.max_subject_bytes {
             HostStats::bump(&stats.publish_denied, 1);
-            tracing::warn!(guest, subject, grant = %self.services.grant, "publish refused: subject not granted");
+            let why = format!(
+                "subject of {} bytes, longer than the {} allowed",
+                subject.len(),
+                limits.max_subject_bytes
+            );
+            self.refused(&subject, &why);
             return Err(PublishError::NotGranted);
         }
-        let limits = &self.services.limits;
+        if !self.services.grant.allows(&subject) {
+            HostStats::bump(&stats.publish_denied, 1);
+            let why = format!("subject not granted (grant: {})", self.services.grant);
+            self.refused(&subject, &why);
+            return Err(PublishError::NotGranted);
+        }
         if payload.len() > limits.max_payload_bytes {
             HostStats::bump(&stats.publish_limited, 1);
-            tracing::warn!(
-                guest,
-                subject,
-                bytes = payload.len(),
-                limit = limits.max_payload_bytes,
-                "publish refused: payload too large"
+            let why = format!(
+                "payload of {} bytes, over the limit of {}",
+                payload.len(),
+                limits.max_payload_bytes
             );
+            self.refused(&subject, &why);
             return Err(PublishError::TooLarge(
                 u32::try_from(limits.max_payload_bytes).unwrap_or(u32::MAX),
             ));
         }
         if self.call.publishes >= limits.max_publishes_per_call {
             HostStats::bump(&stats.publish_limited, 1);
-            tracing::warn!(
-                guest,
-                subject,
-                limit = limits.max_publishes_per_call,
-                "publish refused: too many publishes in one call"
+            let why = format!(
+                "more than {} publishes in one call",
+                limits.max_publishes_per_call
             );
+            self.refused(&subject, &why);
+            return Err(PublishError::RateLimited);
+        }
+        if self.host_budget_spent() {
+            HostStats::bump(&stats.publish_limited, 1);
+            let why = format!(
+                "this call spent its host time budget of {:?}",
+                limits.host_budget
+            );
+            self.refused(&subject, &why);
             return Err(PublishError::RateLimited);
         }
         self.call.publishes += 1;
@@ -48,7 +82,9 @@ impl Host for HostState {
             }
             Err(e) => {
                 HostStats::bump(&stats.publish_failed, 1);
-                tracing::warn!(guest = %self.guest_name, subject, error = %e, "publish failed");
+                if self.logger.admit_warning() {
+                    tracing::warn!(guest = %self.guest_name, subject, error = %e, "publish failed");
+                }
                 Err(PublishError::Failed(e.to_string()))
             }
         }

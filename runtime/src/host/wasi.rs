@@ -75,6 +75,11 @@ pub(crate) fn add_to_linker(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// Largest `get-random-bytes` request: the host allocates the bytes before they are
+/// copied into the guest, so WASI's own default (64 MiB) would let a guest make the agent
+/// allocate beyond the guest's memory cap. A guest seeds a generator with a few bytes.
+pub const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
 /// A WASI context with no capabilities whose stdout and stderr go to `logger`.
 /// `customize` may replace the randomness (the mock host makes it deterministic).
 pub(crate) fn context(
@@ -83,6 +88,7 @@ pub(crate) fn context(
 ) -> WasiCtx {
     let mut builder = WasiCtxBuilder::new();
     builder
+        .max_random_size(MAX_RANDOM_BYTES)
         .stdout(LogStream::new(logger.clone(), "stdout", Level::Info))
         .stderr(LogStream::new(logger.clone(), "stderr", Level::Warn));
     customize(&mut builder);

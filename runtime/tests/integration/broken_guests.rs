@@ -1,8 +1,7 @@
 //! Guests that trap or never return: the host logs with the guest's name, discards the
 //! instance, starts a fresh one for the next tick, and never panics or stops.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use collector_runtime::guest::{GuestFault, Supervisor, TickError};
@@ -21,32 +20,6 @@ fn supervisor(name: &str, tick_body: &str, limits: Limits) -> Supervisor {
             limits,
         ),
     )
-}
-
-/// Captures log output of the current thread.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn with_captured_logs<R>(f: impl FnOnce() -> R) -> (R, String) {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    (out, text)
 }
 
 #[test]

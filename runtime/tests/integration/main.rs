@@ -14,6 +14,7 @@ mod differential;
 mod fleet;
 mod fleet_cli;
 mod guest;
+mod hostile_guests;
 mod last_known_good;
 mod nats;
 mod swap;
