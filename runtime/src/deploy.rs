@@ -200,10 +200,21 @@ impl StateDir {
                 })?;
                 // Checked as when they came in a manifest, whoever edited the file since:
                 // a last-known-good's name becomes a file name.
-                let lkg = state
+                if let Some((key, id)) = state
                     .last_known_good
                     .iter()
-                    .map(|(name, id)| (format!("last_known_good.{name}.name"), id));
+                    .find(|(key, id)| **key != id.name)
+                {
+                    anyhow::bail!(
+                        "{} is corrupt (field `last_known_good.{key}` holds module name {:?}); fix or remove it (removing forgets the last-known-good modules)",
+                        path.display(),
+                        id.name
+                    );
+                }
+                let lkg = state
+                    .last_known_good
+                    .values()
+                    .map(|id| ("last_known_good.name".to_string(), id));
                 let failed = state
                     .failed
                     .iter()
@@ -857,17 +868,21 @@ mod tests {
         let module = |name: &str| serde_json::json!({"name": name, "version": 1, "sha256": "aa"});
         let cases = [
             (
-                serde_json::json!({"format": AGENT_STATE_FORMAT, "last_known_good": module("../../outside/victim")}),
+                serde_json::json!({"format": AGENT_STATE_FORMAT_V1, "last_known_good": module("../../outside/victim")}),
                 "last_known_good.name",
             ),
             (
-                serde_json::json!({"format": AGENT_STATE_FORMAT, "last_known_good": module(&absolute)}),
+                serde_json::json!({"format": AGENT_STATE_FORMAT_V1, "last_known_good": module(&absolute)}),
                 "last_known_good.name",
+            ),
+            (
+                serde_json::json!({"format": AGENT_STATE_FORMAT, "last_known_good": {"victim": module("../../outside/victim")}}),
+                "last_known_good.victim",
             ),
             (
                 serde_json::json!({
                     "format": AGENT_STATE_FORMAT,
-                    "last_known_good": module("process-perf"),
+                    "last_known_good": {"process-perf": module("process-perf")},
                     "failed": [
                         {"name": "process-perf", "version": 2, "sha256": "bb", "reason": "trap", "at": "2025-01-01T00:00:00Z"},
                         {"name": "../x", "version": 3, "sha256": "cc", "reason": "trap", "at": "2025-01-01T00:00:00Z"},

@@ -759,10 +759,12 @@ impl Reconciler {
         let Some(fleet) = &self.fleet else {
             return;
         };
+        let now = Instant::now();
         if fleet.client.connection_state() != async_nats::connection::State::Connected {
+            // Looked at again in a second: the loop sleeps until then, never spins.
+            self.next_status = now + Duration::from_secs(1).min(self.options.status_every);
             return;
         }
-        let now = Instant::now();
         if !self.outbox.is_empty() {
             let client = fleet.client.clone();
             let subject = obs_subject(&self.pc_id);
