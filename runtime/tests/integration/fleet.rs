@@ -480,6 +480,33 @@ fn settings_written_as_kanade_writes_them_reach_the_guest_quickly() {
     );
     let s = fleet.status("pc-a").unwrap();
     assert!(s.config_revision > 0, "{s:#?}");
+
+    // The operator's view of this PC's settings is the agent's.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_collector"))
+        .args(["config", "effective", "--pc", "pc-a", "--json", "--nats-url"])
+        .arg(&fleet.server.url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let operator: collector_shared::EffectiveConfig = serde_json::from_slice(&out.stdout).unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fleet.state_dir("pc-a").join("fleet-state.json")).unwrap(),
+    )
+    .unwrap();
+    let agent: collector_shared::EffectiveConfig =
+        serde_json::from_value(saved["config"].clone()).unwrap();
+    assert_eq!(operator, agent);
+    assert_eq!(agent.process_perf_top_n, 1);
+    // And kanade's own resolution of the same layers agrees.
+    let kanade_global: kanade_shared::wire::ConfigScope = scope;
+    let (kanade, _warnings) = kanade_shared::wire::resolve(
+        Some(&kanade_global),
+        &std::collections::BTreeMap::from([("alpha".to_string(), group)]),
+        None,
+        &["alpha".to_string(), "zeta".to_string()],
+    );
+    assert_eq!(kanade.process_perf_top_n, agent.process_perf_top_n);
+    assert_eq!(kanade.host_perf_interval, agent.host_perf_interval);
 }
 
 /// Both guests' messages, counted per subject over `window`, with the longest gap.
