@@ -105,7 +105,10 @@ impl Grant {
         let valid = subject
             .split('.')
             .all(|t| valid_token(t) && t != "*" && t != ">");
-        valid && self.patterns.iter().any(|p| matches(p, subject.split('.')))
+        let reserved = RESERVED_ROOTS
+            .iter()
+            .any(|root| subject.split('.').next() == Some(root));
+        valid && !reserved && self.patterns.iter().any(|p| matches(p, subject.split('.')))
     }
 }
 
@@ -115,6 +118,10 @@ impl fmt::Display for Grant {
         f.write_str(&shown.join(", "))
     }
 }
+
+/// First tokens no grant covers: `heartbeat.<pc_id>` is the kanade agent's liveness
+/// signal, and a guest's publish there would make a dead agent look alive.
+pub const RESERVED_ROOTS: &[&str] = &["heartbeat"];
 
 fn valid_token(t: &str) -> bool {
     !t.is_empty() && !t.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -148,6 +155,15 @@ mod tests {
         assert!(!g.allows("process_perf.pc-2"));
         assert!(!g.allows("process_perf.pc-1.extra"));
         assert!(!g.allows("pc-1"));
+    }
+
+    #[test]
+    fn no_grant_covers_kanade_heartbeats() {
+        let g = Grant::new(&[DEFAULT_GRANT, ">"], "pc-1").unwrap();
+        assert!(g.allows("process_perf.pc-1"));
+        assert!(!g.allows("heartbeat.pc-1"));
+        assert!(!g.allows("heartbeat"));
+        assert!(g.allows("heartbeats.pc-1"));
     }
 
     #[test]

@@ -16,10 +16,7 @@ use crate::engine::{CallGate, Sandbox, ticks_for};
 use crate::host::log::{GuestLogger, MAX_LINE_BYTES, MAX_QUOTED_BYTES, quote};
 use crate::host::{Collector, CollectorPre, HostState, HostStats, Services, TickTime, wasi};
 
-/// The WIT package guests are built against (`collector:api`), without version.
-pub const WIT_PACKAGE: &str = "collector:api";
-/// The version of that package this host implements.
-pub const WIT_VERSION: &str = "0.1.0";
+pub use crate::wit::{WIT_PACKAGE, WIT_VERSION};
 
 /// Interfaces of `collector:api` a guest may import.
 const API_IMPORTS: &[&str] = &["types", "processes", "publish", "log", "identity"];

@@ -232,6 +232,20 @@ fn test(extra: &[String]) -> Result<()> {
             "warnings",
         ]),
     )?;
+    run_step(
+        "linting the operator build without the sandbox (--no-default-features)",
+        cargo().args([
+            "clippy",
+            "--quiet",
+            "--package",
+            "collector",
+            "--no-default-features",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
     for package in ["guest-process-perf", "guest-top-memory"] {
         run_step(
             &format!("linting {package} for {GUEST_TARGET}"),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::grant::{DEFAULT_GRANT, Grant, PatternError};
-use crate::guest::{WIT_PACKAGE, WIT_VERSION};
+use crate::wit::{WIT_PACKAGE, WIT_VERSION};
 
 /// The `format` of manifests this host understands.
 pub const FORMAT: &str = "collector-bundle/1";

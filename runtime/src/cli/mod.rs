@@ -5,7 +5,9 @@ mod fleet;
 mod module;
 mod module_fleet;
 mod ops;
+#[cfg(feature = "sandbox")]
 mod run;
+#[cfg(feature = "sandbox")]
 mod test;
 
 use std::process::ExitCode;
@@ -26,7 +28,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[cfg(feature = "sandbox")]
     Run(Box<run::RunArgs>),
+    #[cfg(feature = "sandbox")]
     Test(test::TestArgs),
     Module(module::ModuleArgs),
     Fleet(fleet::FleetArgs),
@@ -40,13 +44,16 @@ pub fn main() -> ExitCode {
     // Operator commands print their own report; the NATS client's connection events
     // would only get in the way.
     init_logging(match &cli.command {
+        #[cfg(feature = "sandbox")]
         Command::Test(_) => "error",
         Command::Fleet(_) | Command::Config(_) => "warn",
         Command::Module(m) if m.talks_to_nats() => "warn",
         _ => "info",
     });
     let result = match cli.command {
+        #[cfg(feature = "sandbox")]
         Command::Run(args) => run::run(*args),
+        #[cfg(feature = "sandbox")]
         Command::Test(args) => test::run(args),
         Command::Module(args) => module::run(args),
         Command::Fleet(args) => fleet::run(args).map(|()| ExitCode::SUCCESS),

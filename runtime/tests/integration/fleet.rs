@@ -483,11 +483,22 @@ fn settings_written_as_kanade_writes_them_reach_the_guest_quickly() {
 
     // The operator's view of this PC's settings is the agent's.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_collector"))
-        .args(["config", "effective", "--pc", "pc-a", "--json", "--nats-url"])
+        .args([
+            "config",
+            "effective",
+            "--pc",
+            "pc-a",
+            "--json",
+            "--nats-url",
+        ])
         .arg(&fleet.server.url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let operator: collector_shared::EffectiveConfig = serde_json::from_slice(&out.stdout).unwrap();
     let saved: serde_json::Value = serde_json::from_slice(
         &std::fs::read(fleet.state_dir("pc-a").join("fleet-state.json")).unwrap(),
