@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{AgentHandle, HealthyHook, ModuleSpec, RollbackHook};
+use crate::agent::{HealthyHook, ModuleSpec, RollbackHook};
 use crate::bundle::{self, MAGIC, MAX_BUNDLE_LEN, Manifest, TrustStore, VersionStore};
 use crate::engine::Sandbox;
 use crate::fsutil::{Links, MAX_STATE_FILE_LEN, open_regular, read_regular, write_atomic};
@@ -73,6 +73,15 @@ pub struct Accepted {
     pub manifest: Option<Manifest>,
     /// The bundle file's bytes, kept to become the last-known-good.
     pub bundle: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("id", &self.id)
+            .field("grant", &self.grant)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a file was not accepted. The message names the file, and the module and version
@@ -715,14 +724,22 @@ fn is_hidden(p: &Path) -> bool {
         .is_none_or(|n| n.starts_with('.') || n.ends_with('~') || n.ends_with(".tmp"))
 }
 
-/// Watches `dir` every `poll` for a newer bundle of the running module and hands it to
-/// the agent. Verification and compilation happen on this thread, never on the tick path.
-/// Stops when the agent is gone.
+/// Where the `--modules` watcher hands accepted modules: the reconciler.
+pub trait ModuleTarget: Send + 'static {
+    /// Takes a module that passed every check and was recorded as accepted.
+    fn offer(&self, accepted: Accepted);
+    /// Whether offers are still wanted (the watcher stops when this turns false).
+    fn is_running(&self) -> bool;
+}
+
+/// Watches `dir` every `poll` for a newer bundle of the running module and offers it to
+/// `agent`. Verification and compilation happen on this thread, never on the tick path.
+/// Stops when the target is gone.
 pub fn watch(
     deployer: Arc<Deployer>,
     dir: PathBuf,
     running: ModuleId,
-    agent: AgentHandle,
+    agent: impl ModuleTarget,
     poll: Duration,
 ) -> JoinHandle<()> {
     std::thread::Builder::new()
@@ -752,9 +769,8 @@ pub fn watch(
                 if let Some(next) = deployer.best_of(&changed, Some(&current.name), Some(&current)) {
                     match deployer.record_accepted(&next) {
                         Ok(()) => {
-                            tracing::info!(from = %current, to = %next.id, "new module accepted; swapping at the next tick boundary");
                             current = next.id.clone();
-                            agent.swap(deployer.spec(next));
+                            agent.offer(next);
                         }
                         Err(e) => {
                             tracing::error!(module = %next.id, error = %e, "cannot record the accepted version; not swapping (retrying at the next poll)");

@@ -1,5 +1,6 @@
-//! The one component that reconciles what the fleet wants of this PC (settings and module
-//! assignments, from NATS or from the copy kept in the state directory) with what runs:
+//! The one component that reconciles what is wanted of this PC (the fleet's settings and
+//! module assignments, from NATS or from the copy kept in the state directory; or local
+//! modules from `--guest`, `--modules` and the last-known-good) with what runs:
 //! one agent per module, each on its own thread with its own supervisor, ticker, grant,
 //! limits, probation and state. It downloads and checks assigned bundles off every tick
 //! path, hands accepted ones to the module's agent (which swaps them in at a tick
@@ -75,6 +76,8 @@ pub enum Event {
     Fleet(Box<FleetView>),
     /// Settings from `--config FILE`.
     Config(Box<EffectiveConfig>),
+    /// A local module (from `--modules`) that passed every check and was recorded.
+    Offer(Box<Accepted>),
     /// A module completed its probation.
     Healthy(ModuleId),
     /// A module was rolled back (or replaced before it proved healthy).
@@ -99,6 +102,15 @@ impl ReconcilerHandle {
     /// Asks every module to stop; [`Reconciler::run`] returns once they have.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Event::Shutdown);
+    }
+}
+
+impl crate::deploy::ModuleTarget for ReconcilerHandle {
+    fn offer(&self, accepted: Accepted) {
+        let _ = self.tx.send(Event::Offer(Box::new(accepted)));
+    }
+    fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
     }
 }
 
@@ -308,6 +320,7 @@ impl Reconciler {
         match event {
             Event::Fleet(view) => self.on_view(*view),
             Event::Config(config) => self.set_config(*config),
+            Event::Offer(accepted) => self.deploy(*accepted),
             Event::Healthy(id) => {
                 if let Some(r) = self.modules.get_mut(&id.name)
                     && r.id == id
@@ -558,7 +571,7 @@ impl Reconciler {
 
     /// Starts an agent thread for a module that does not run yet. `probation`: it
     /// becomes the last-known-good once healthy (false for the last-known-good itself).
-    fn start(&mut self, accepted: Accepted, probation: bool) {
+    pub fn start(&mut self, accepted: Accepted, probation: bool) {
         let name = accepted.id.name.clone();
         let id = accepted.id.clone();
         let mut services = (self.make_services)();
@@ -574,6 +587,7 @@ impl Reconciler {
         } = spec;
         let supervisor = Supervisor::new(module, services);
         let (mut agent, handle) = Agent::new(supervisor, self.options.agent.clone());
+        let thread_label = label.clone();
         agent.set_label(label);
         if probation && let Some(hook) = on_healthy {
             agent.on_first_healthy(hook);
@@ -582,7 +596,17 @@ impl Reconciler {
         let thread = std::thread::Builder::new()
             .name(format!("module-{name}"))
             .spawn(move || {
-                agent.run(config);
+                let services = agent.run(config);
+                let stats = &services.stats;
+                tracing::info!(
+                    module = %thread_label,
+                    ticks = HostStats::get(&stats.ticks),
+                    published = HostStats::get(&stats.published),
+                    publish_denied = HostStats::get(&stats.publish_denied),
+                    publish_failed = HostStats::get(&stats.publish_failed),
+                    traps = HostStats::get(&stats.traps),
+                    "module summary"
+                );
             })
             .expect("spawn a module's agent thread");
         self.modules.insert(

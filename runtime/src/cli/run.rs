@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::agent::{Agent, AgentOptions};
+use crate::agent::AgentOptions;
 use crate::bundle::TrustStore;
 use crate::config_file;
 use crate::deploy::{self, Accepted, Deployer, FleetState, Policy, StateDir};
@@ -18,7 +18,6 @@ use crate::engine::Sandbox;
 use crate::fleet::NatsArgs;
 use crate::fleet::watch::{self, WatchOptions};
 use crate::grant::DEFAULT_GRANT;
-use crate::guest::Supervisor;
 use crate::host::{HostStats, Limits, Services};
 use crate::reconcile::{FleetLink, Reconciler, ReconcilerOptions};
 use crate::sink::{NatsSink, Sink, StdoutSink};
@@ -228,30 +227,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .flatten()
     });
     let local = args.guest.is_some() || args.modules.is_some() || client.is_none();
-    match client {
-        Some(client) if !local => run_fleet(
-            &args,
-            &pc_id,
-            deployer,
-            runtime,
-            client,
-            sink,
-            config,
-            config_text,
-            saved,
-        ),
-        client => run_single(
-            &args,
-            &pc_id,
-            deployer,
-            runtime,
-            client,
-            sink,
-            config,
-            config_text,
-            saved,
-        ),
-    }
+    run_agent(
+        &args,
+        &pc_id,
+        deployer,
+        runtime,
+        client,
+        sink,
+        config,
+        config_text,
+        saved,
+        local,
+    )
 }
 
 /// Calls `stop` on SIGINT or SIGTERM (what service managers and container runtimes send).
@@ -276,116 +263,42 @@ fn on_signal(runtime: &tokio::runtime::Runtime, stop: impl FnOnce() + Send + 'st
     });
 }
 
-/// One module from local files (`--guest`, `--modules`, the last-known-good); settings
-/// from `--config`, else from the fleet when connected, else the defaults.
+/// Runs the agent: local modules (`--guest`, `--modules`, the last-known-good) when
+/// `local`, else the fleet's assignments; settings from `--config`, else from the fleet
+/// when connected, else the defaults. Everything goes through the reconciler.
 #[allow(clippy::too_many_arguments)]
-fn run_single(
+fn run_agent(
     args: &RunArgs,
     pc_id: &str,
     deployer: Arc<Deployer>,
     runtime: tokio::runtime::Runtime,
     client: Option<async_nats::Client>,
     sink: Arc<dyn Sink>,
-    mut config: collector_shared::EffectiveConfig,
-    config_text: Option<String>,
-    saved: Option<FleetState>,
-) -> anyhow::Result<ExitCode> {
-    let fleet_config = client.is_some() && args.config.is_none();
-    if fleet_config && let Some(saved) = saved.as_ref().and_then(|s| s.config.clone()) {
-        tracing::info!("using the settings saved from the fleet until it answers");
-        config = saved;
-    }
-    let (first, is_last_known_good) = first_module(args, &deployer)?;
-    // The last-known-good was recorded when it was first accepted, and may be older than
-    // a module accepted since (and rolled back): recording it again would be refused.
-    if !is_last_known_good {
-        deployer
-            .record_accepted(&first)
-            .context("cannot record the accepted version in --state-dir")?;
-    }
-    tracing::info!(module = %first.id, pc_id, grant = %first.grant, "module loaded");
-
-    let source = TimeBoxed::new(Box::new(SysinfoSource::new()?), args.enumeration_timeout);
-    let mut services = Services::new(Box::new(source), sink, pc_id);
-    services.grant = first.grant.clone();
-    services.limits = first.limits.clone();
-    let first_id = first.id.clone();
-    let healthy_hook = if is_last_known_good {
-        None
-    } else {
-        deployer.healthy_hook(&first)
-    };
-    let supervisor = Supervisor::new(first.module, services);
-    let (mut agent, handle) = Agent::new(
-        supervisor,
-        AgentOptions {
-            min_interval: args.min_interval,
-            health_ticks: args.health_ticks,
-            ..AgentOptions::default()
-        },
-    );
-    agent.set_label(first_id.to_string());
-    if let Some(hook) = healthy_hook {
-        agent.on_first_healthy(hook);
-    }
-    if let (Some(path), Some(text)) = (args.config.clone(), config_text) {
-        config_file::watch(path, text, handle.clone(), args.config_poll);
-    }
-    if let (true, Some(client)) = (fleet_config, client) {
-        let target = handle.clone();
-        let deployer = deployer.clone();
-        let options = WatchOptions {
-            assignments: false,
-            ..WatchOptions::new(pc_id)
-        };
-        runtime.spawn(watch::run(client, options, move |view| {
-            if let Some(config) = view.config {
-                let saved = FleetState::new(Some(config.clone()), view.config_revision, None, 0);
-                if let Some(state) = deployer.state()
-                    && let Err(e) = state.save_fleet_state(&saved)
-                {
-                    tracing::error!(error = %e, "cannot save the fleet's settings in the state directory");
-                }
-                target.configure(config);
-            }
-        }));
-    }
-    if let Some(dir) = args.modules.clone() {
-        deploy::watch(deployer, dir, first_id, handle.clone(), args.modules_poll);
-    }
-    let stop = handle.clone();
-    on_signal(&runtime, move || stop.shutdown());
-    let services = agent.run(config);
-    let stats = &services.stats;
-    tracing::info!(
-        ticks = HostStats::get(&stats.ticks),
-        published = HostStats::get(&stats.published),
-        publish_denied = HostStats::get(&stats.publish_denied),
-        publish_failed = HostStats::get(&stats.publish_failed),
-        traps = HostStats::get(&stats.traps),
-        "summary"
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Modules from the fleet's assignments, each on its own agent, under the reconciler.
-#[allow(clippy::too_many_arguments)]
-fn run_fleet(
-    args: &RunArgs,
-    pc_id: &str,
-    deployer: Arc<Deployer>,
-    runtime: tokio::runtime::Runtime,
-    client: async_nats::Client,
-    sink: Arc<dyn Sink>,
     config: collector_shared::EffectiveConfig,
     config_text: Option<String>,
     saved: Option<FleetState>,
+    local: bool,
 ) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        !args.trust.is_empty(),
-        "--trust: fleet mode runs signed bundles only; give the public key(s) that sign them"
-    );
-    let fleet_config = args.config.is_none();
+    let fleet_config = client.is_some() && args.config.is_none();
+    let first = if local {
+        let (first, is_last_known_good) = first_module(args, &deployer)?;
+        // The last-known-good was recorded when it was first accepted, and may be older
+        // than a module accepted since (and rolled back): recording it again would be
+        // refused.
+        if !is_last_known_good {
+            deployer
+                .record_accepted(&first)
+                .context("cannot record the accepted version in --state-dir")?;
+        }
+        tracing::info!(module = %first.id, pc_id, grant = %first.grant, "module loaded");
+        Some((first, is_last_known_good))
+    } else {
+        anyhow::ensure!(
+            !args.trust.is_empty(),
+            "--trust: fleet mode runs signed bundles only; give the public key(s) that sign them"
+        );
+        None
+    };
     let source = TimeBoxed::new(Box::new(SysinfoSource::new()?), args.enumeration_timeout);
     let shared = SharedSource::new(Box::new(source), SHARED_SAMPLE_WINDOW);
     let services_pc_id = pc_id.to_string();
@@ -407,35 +320,54 @@ fn run_fleet(
         status_every: args.status_interval,
         ..ReconcilerOptions::default()
     };
+    let has_state = deployer.state().is_some();
     let (mut reconciler, handle) = Reconciler::new(
         pc_id,
-        deployer,
+        deployer.clone(),
         options,
         make_services,
-        Some(FleetLink {
-            client: client.clone(),
+        client.clone().map(|client| FleetLink {
+            client,
             runtime: runtime.handle().clone(),
         }),
         config,
         fleet_config,
     );
-    if let Some(saved) = saved {
+    if let Some(mut saved) = saved {
+        if local {
+            // Local modules: only the saved settings apply.
+            saved.modules = None;
+        }
         reconciler.restore(saved);
+    }
+    let first_id = first.as_ref().map(|(first, _)| first.id.clone());
+    if let Some((first, is_last_known_good)) = first {
+        // With a state directory a first module is on probation too (it becomes the
+        // last-known-good once healthy); the last-known-good itself is not.
+        reconciler.start(first, has_state && !is_last_known_good);
     }
     if let (Some(path), Some(text)) = (args.config.clone(), config_text) {
         config_file::watch(path, text, handle.clone(), args.config_poll);
     }
-    let target = handle.clone();
-    let options = WatchOptions {
-        config: fleet_config,
-        ..WatchOptions::new(pc_id)
-    };
-    let watcher = runtime.spawn(watch::run(client, options, move |view| target.fleet(view)));
+    let watcher = client.filter(|_| fleet_config || !local).map(|client| {
+        let target = handle.clone();
+        let options = WatchOptions {
+            config: fleet_config,
+            assignments: !local,
+            ..WatchOptions::new(pc_id)
+        };
+        runtime.spawn(watch::run(client, options, move |view| target.fleet(view)))
+    });
+    if let (Some(dir), Some(first_id)) = (args.modules.clone(), first_id) {
+        deploy::watch(deployer, dir, first_id, handle.clone(), args.modules_poll);
+    }
     let stop = handle.clone();
     on_signal(&runtime, move || stop.shutdown());
     let stats = reconciler.stats();
     reconciler.run();
-    watcher.abort();
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     let (enumerations, samples) = shared.counts();
     tracing::info!(
         deployed = HostStats::get(&stats.deployed),

@@ -604,7 +604,7 @@ fn two_modules_run_side_by_side_and_one_trapping_never_costs_the_other_a_tick() 
     let status = agent.terminate(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     // Ticks on one grid: the two sampling modules share most enumerations.
-    let summary = agent.stderr_line_containing("summary");
+    let summary = agent.stderr_line_containing("enumerations=");
     let field = |name: &str| -> u64 {
         let at = summary
             .find(&format!("{name}="))
