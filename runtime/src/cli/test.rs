@@ -26,6 +26,27 @@ pub struct TestArgs {
     /// Scenario files, or directories of them.
     #[arg(value_name = "SCENARIO", required = true)]
     scenarios: Vec<PathBuf>,
+
+    /// Run only the scenarios whose name or file name contains this text (repeat for
+    /// several: a scenario runs when any matches).
+    #[arg(long, value_name = "TEXT")]
+    filter: Vec<String>,
+
+    /// Print one JSON document instead of the text report, for CI systems:
+    /// `{"guest":…,"passed":N,"failed":M,"scenarios":[{"name","file","passed","steps","failure"}]}`.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One scenario's outcome, as `--json` prints it.
+#[derive(Debug, serde::Serialize)]
+struct Outcome {
+    name: String,
+    file: String,
+    passed: bool,
+    steps: usize,
+    /// What went wrong (the text report's message), when it failed.
+    failure: Option<String>,
 }
 
 pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
@@ -35,32 +56,71 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("guest {}", args.guest.display()))?,
     );
     let files = expand(&args.scenarios)?;
-    let (mut passed, mut failed) = (0, 0);
+    let wanted = |name: &str, file: &std::path::Path| {
+        args.filter.is_empty()
+            || args
+                .filter
+                .iter()
+                .any(|f| name.contains(f.as_str()) || file.to_string_lossy().contains(f.as_str()))
+    };
+    let mut outcomes = Vec::new();
     for file in &files {
         let scenario = match Scenario::load(file) {
             Ok(s) => s,
-            Err(e) => {
-                failed += 1;
-                println!("FAIL {}\n  malformed scenario:", file.display());
-                for line in e.to_string().lines() {
-                    println!("    {line}");
-                }
+            Err(e) if wanted("", file) => {
+                outcomes.push(Outcome {
+                    name: file.display().to_string(),
+                    file: file.display().to_string(),
+                    passed: false,
+                    steps: 0,
+                    failure: Some(format!("malformed scenario:\n{e}")),
+                });
                 continue;
             }
+            Err(_) => continue,
         };
+        if !wanted(&scenario.name, file) {
+            continue;
+        }
         let report = scenario::run(module.clone(), &scenario)?;
-        match &report.failure {
-            None => {
-                passed += 1;
-                println!("ok   {} ({} steps)", report.name, report.steps);
-            }
-            Some(f) => {
-                failed += 1;
-                println!("FAIL {} ({})\n  {f}", report.name, file.display());
+        outcomes.push(Outcome {
+            passed: report.passed(),
+            failure: report.failure.as_ref().map(ToString::to_string),
+            name: report.name,
+            file: file.display().to_string(),
+            steps: report.steps,
+        });
+    }
+    anyhow::ensure!(
+        !outcomes.is_empty(),
+        "--filter {}: no scenario among {} matches",
+        args.filter.join(", "),
+        files.len()
+    );
+    let passed = outcomes.iter().filter(|o| o.passed).count();
+    let failed = outcomes.len() - passed;
+    if args.json {
+        let report = serde_json::json!({
+            "guest": args.guest.display().to_string(),
+            "passed": passed,
+            "failed": failed,
+            "scenarios": outcomes,
+        });
+        println!("{report}");
+    } else {
+        for o in &outcomes {
+            match &o.failure {
+                None => println!("ok   {} ({} steps)", o.name, o.steps),
+                Some(f) => {
+                    println!("FAIL {} ({})", o.name, o.file);
+                    for line in f.lines() {
+                        println!("  {line}");
+                    }
+                }
             }
         }
+        println!("{passed} passed, {failed} failed");
     }
-    println!("{passed} passed, {failed} failed");
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {

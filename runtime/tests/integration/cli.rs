@@ -214,6 +214,47 @@ fn collector_test_passes_good_scenarios_and_explains_a_wrong_expectation() {
         "the published JSON is shown: {stdout}"
     );
     assert_eq!(stdout.lines().last(), Some("1 passed, 1 failed"));
+
+    // For CI systems: one JSON document, and a filter on names.
+    let json_run = |filter: &str| {
+        let out = collector()
+            .arg("test")
+            .arg(&guest)
+            .arg(dir.path())
+            .args(["--json", "--filter", filter])
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.success(), report)
+    };
+    let (ok, report) = json_run("good");
+    assert!(ok, "{report}");
+    assert_eq!(
+        (report["passed"].as_u64(), report["failed"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(report["scenarios"][0]["name"], "good");
+    assert_eq!(report["scenarios"][0]["steps"], 4);
+    let (ok, report) = json_run("wrong");
+    assert!(!ok, "{report}");
+    assert_eq!(report["scenarios"].as_array().map(Vec::len), Some(1));
+    assert!(
+        report["scenarios"][0]["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("expected 8, got 7")),
+        "{report}"
+    );
+    let out = collector()
+        .arg("test")
+        .arg(&guest)
+        .arg(dir.path())
+        .args(["--filter", "nothing-matches"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--filter nothing-matches"), "{stderr}");
 }
 
 #[test]
