@@ -84,16 +84,22 @@ impl Broker {
                 return vec![
                     "--nats-nkey".into(),
                     self.pc_b_seed.to_str().unwrap().into(),
+                    "--nats-inbox-prefix".into(),
+                    "_INBOX_pc-b".into(),
                 ];
             }
             _ => panic!("no such user {who}"),
         };
-        vec![
+        let mut flags = vec![
             "--nats-user".into(),
             who.into(),
             "--nats-password".into(),
             password.into(),
-        ]
+        ];
+        if who == "pc-a" {
+            flags.extend(["--nats-inbox-prefix".into(), "_INBOX_pc-a".into()]);
+        }
+        flags
     }
 
     /// Runs `collector <args>` as `who`.
@@ -148,6 +154,10 @@ impl Broker {
                 )
             }
         }
+        .custom_inbox_prefix(match who {
+            "pc-a" | "pc-b" => format!("_INBOX_{who}"),
+            _ => "_INBOX".into(),
+        })
         .request_timeout(Some(Duration::from_secs(2)))
         .event_callback(move |event| {
             let sink = sink.clone();
@@ -432,6 +442,9 @@ fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
             .unwrap();
         agent.flush().await.unwrap();
     });
+    // Nor can it listen to the replies sent to other clients.
+    let _snoop = broker.rt.block_on(agent.subscribe("_INBOX.>")).unwrap();
+    broker.rt.block_on(agent.flush()).unwrap();
     let first = next(&broker.rt, &mut data, QUIET).expect("pc-a's own data arrives");
     assert_eq!(first.subject.as_str(), "process_perf.pc-a");
     assert_eq!(&first.payload[..], b"own");
@@ -439,7 +452,9 @@ fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
     assert!(next(&broker.rt, &mut events, QUIET).is_none());
     let told = errors.lock().unwrap().join("\n");
     assert!(
-        told.contains("process_perf.pc-b") && told.contains("obs.pc-b"),
+        told.contains("process_perf.pc-b")
+            && told.contains("obs.pc-b")
+            && told.contains("Subscription to \"_INBOX.>\""),
         "the client was not told of its violations: {told}"
     );
 
