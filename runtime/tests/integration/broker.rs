@@ -368,6 +368,12 @@ fn agents_run_the_whole_fleet_flow_with_only_their_own_rights() {
         listed.contains("pc-a") && listed.contains("pc-b"),
         "{listed}"
     );
+    // The operator's other reads need nothing more either.
+    let modules = broker.ok("operator", &["module", "list"]);
+    assert!(modules.contains("process-perf"), "{modules}");
+    broker.ok("operator", &["module", "effective", "--pc", "pc-b"]);
+    broker.ok("operator", &["config", "effective", "--pc", "pc-b"]);
+    broker.ok("operator", &["config", "get"]);
     assert_eq!(broker.violations(), Vec::<String>::new());
 }
 
