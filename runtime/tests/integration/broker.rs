@@ -239,6 +239,17 @@ impl Broker {
         for bucket in [CONFIG_BUCKET, ASSIGNMENTS_BUCKET, STATUS_BUCKET] {
             assert!(out.contains(&format!("{bucket}: created")), "{out}");
         }
+        // Idempotent, with the history each bucket needs.
+        let again = self.ok("operator", &["fleet", "init"]);
+        assert!(again.contains("collector_status: already there"), "{again}");
+        let js = self.js("operator");
+        for (bucket, history) in [(ASSIGNMENTS_BUCKET, 5), (STATUS_BUCKET, 1)] {
+            let kept = self.rt.block_on(async {
+                let store = js.get_key_value(bucket).await.unwrap();
+                store.status().await.unwrap().history()
+            });
+            assert_eq!(kept, history, "{bucket}");
+        }
         let bundle = bundle_file(self.dir.path(), 1);
         self.ok(
             "publisher",
@@ -514,4 +525,48 @@ fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
         &["module", "publish", "--trust", s(&broker.trust), &v2],
     );
     assert!(broker.published("process-perf/2"));
+}
+
+#[test]
+fn an_agent_downloads_a_large_object_through_flow_control() {
+    // Big enough that the server pauses the download for flow control, which the agent
+    // must be allowed to answer ($JS.FC.>), or the download stalls.
+    let broker = Broker::start();
+    broker.with_module();
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let publisher = broker.js("publisher");
+    broker.rt.block_on(async {
+        let store = publisher.get_object_store(MODULES_STORE).await.unwrap();
+        store.put("big/1", &mut &big[..]).await.unwrap();
+    });
+    let agent = broker.js("pc-a");
+    let got = broker.rt.block_on(async {
+        use tokio::io::AsyncReadExt as _;
+        let store = agent.get_object_store(MODULES_STORE).await.unwrap();
+        let mut reader = store.get("big/1").await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), reader.read_to_end(&mut got))
+            .await
+            .expect("the download stalled")
+            .unwrap();
+        got
+    });
+    assert!(got == big, "{} bytes of {}", got.len(), big.len());
+    assert_eq!(broker.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn an_inbox_prefix_must_be_a_plain_subject() {
+    // Checked before connecting: a wildcard would widen what the client listens to.
+    for bad in ["_INBOX.>", "_INBOX.*.x", "a..b", "", "has space"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_collector"))
+            .args(["fleet", "status", "--nats-inbox-prefix", bad])
+            .env("NATS_URL", "nats://127.0.0.1:1")
+            .env_remove("NATS_INBOX_PREFIX")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        assert!(stderr.contains("--nats-inbox-prefix"), "{bad:?}: {stderr}");
+    }
 }
