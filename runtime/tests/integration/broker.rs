@@ -236,7 +236,7 @@ impl Broker {
     /// The fleet's buckets (operator) and one published module (publisher).
     fn with_module(&self) -> String {
         let out = self.ok("operator", &["fleet", "init"]);
-        for bucket in [CONFIG_BUCKET, ASSIGNMENTS_BUCKET, STATUS_BUCKET] {
+        for bucket in [ASSIGNMENTS_BUCKET, STATUS_BUCKET] {
             assert!(out.contains(&format!("{bucket}: created")), "{out}");
         }
         // Idempotent, with the history each bucket needs.
@@ -313,6 +313,22 @@ fn wait_status(
 #[test]
 fn agents_run_the_whole_fleet_flow_with_only_their_own_rights() {
     let broker = Broker::start();
+    // kanade makes its own settings bucket, perhaps without direct gets: agents then
+    // read it through the stream's message API.
+    let kanade = broker.js("kanade");
+    broker
+        .rt
+        .block_on(kanade.create_stream(jetstream::stream::Config {
+            name: format!("KV_{CONFIG_BUCKET}"),
+            subjects: vec![format!("$KV.{CONFIG_BUCKET}.>")],
+            max_messages_per_subject: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            allow_direct: false,
+            ..Default::default()
+        }))
+        .unwrap();
     broker.with_module();
     broker.ok(
         "operator",
