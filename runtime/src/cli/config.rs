@@ -17,7 +17,7 @@ use crate::fleet::scope::Scope;
 use crate::fleet::{AgentGroups, CONFIG_BUCKET, GROUPS_BUCKET, NatsArgs, kv};
 
 /// kanade keeps one revision per key of its configuration buckets.
-const KANADE_HISTORY: i64 = 1;
+pub(super) const KANADE_HISTORY: i64 = 1;
 
 /// Read and change the fleet's settings (kanade's `agent_config` KV).
 ///

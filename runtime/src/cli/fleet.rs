@@ -1,6 +1,7 @@
 //! `collector fleet`: what the agents of a fleet report about themselves, read from
 //! their records in the `collector_status` KV, summarised for an operator deciding
-//! whether a rollout may go on.
+//! whether a rollout may go on; and `fleet init`, which creates the buckets up front so
+//! that agents never need the right to create one (docs/securing-a-deployment.md).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,7 +14,7 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use super::ops;
 use crate::fleet::status::AgentStatus;
-use crate::fleet::{NatsArgs, STATUS_BUCKET, kv};
+use crate::fleet::{ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, NatsArgs, STATUS_BUCKET, kv};
 
 /// How many status records are fetched at once.
 const PARALLEL_READS: usize = 64;
@@ -30,6 +31,20 @@ pub struct FleetArgs {
 #[derive(Debug, Subcommand)]
 enum FleetCommand {
     Status(StatusArgs),
+    Init(InitArgs),
+}
+
+/// Create the fleet's KV buckets that do not exist yet: agent_config, agent_groups,
+/// collector_config and collector_status.
+///
+/// Agents create the status bucket themselves when it is missing, which needs a right a
+/// least-privilege agent does not have; run this once, as the operator, before the first
+/// agent joins. Existing buckets are left as they are. The module store is created by
+/// the first `collector module publish`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
 }
 
 /// Show every agent's status record (the `collector_status` KV).
@@ -66,7 +81,36 @@ pub struct StatusArgs {
 pub fn run(args: FleetArgs) -> anyhow::Result<()> {
     match args.command {
         FleetCommand::Status(args) => status(args),
+        FleetCommand::Init(args) => init(args),
     }
+}
+
+/// The buckets `fleet init` creates, with the history each keeps: kanade's own as
+/// kanade creates them, assignments with a few revisions to look back at, status with
+/// only the latest record.
+fn buckets() -> [(&'static str, i64); 4] {
+    [
+        (CONFIG_BUCKET, super::config::KANADE_HISTORY),
+        (GROUPS_BUCKET, super::config::KANADE_HISTORY),
+        (ASSIGNMENTS_BUCKET, super::module_fleet::ASSIGNMENTS_HISTORY),
+        (STATUS_BUCKET, 1),
+    ]
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    ops::block_on(async {
+        let js = ops::jetstream(&args.nats).await?;
+        for (bucket, history) in buckets() {
+            let existed = kv::open_kv(&js, bucket).await?.is_some();
+            kv::open_or_create_kv(&js, bucket, history).await?;
+            if existed {
+                println!("{bucket}: already there");
+            } else {
+                println!("{bucket}: created (history {history})");
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The records, sorted by PC id, and the keys whose record could not be read.

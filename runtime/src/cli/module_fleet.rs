@@ -23,7 +23,7 @@ use crate::fleet::{self, ASSIGNMENTS_BUCKET, MODULES_STORE, NatsArgs, kv};
 
 /// Revisions kept per key of `collector_config`: enough to see what a scope said
 /// before the last few rollouts.
-const ASSIGNMENTS_HISTORY: i64 = 5;
+pub(super) const ASSIGNMENTS_HISTORY: i64 = 5;
 
 /// Publish a signed bundle to the fleet's module store.
 ///

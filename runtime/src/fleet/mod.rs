@@ -98,6 +98,12 @@ pub struct NatsArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+
+    /// Prefix of this client's reply subjects (default `_INBOX`). Give each agent its
+    /// own, such as `_INBOX_pc-a`, and let it subscribe only there, so that no agent can
+    /// read the replies sent to others (docs/securing-a-deployment.md).
+    #[arg(long, value_name = "PREFIX", env = "NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
 }
 
 impl NatsArgs {
@@ -142,6 +148,17 @@ impl NatsArgs {
             .name(name)
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(Duration::from_secs(5)));
+        if let Some(prefix) = &self.nats_inbox_prefix {
+            anyhow::ensure!(
+                !prefix.is_empty()
+                    && prefix
+                        .split('.')
+                        .all(|t| !t.is_empty() && t != "*" && t != ">")
+                    && !prefix.chars().any(|c| c.is_whitespace() || c.is_control()),
+                "--nats-inbox-prefix {prefix:?}: expected dot-separated subject tokens without wildcards or spaces"
+            );
+            opts = opts.custom_inbox_prefix(prefix);
+        }
         if let Some(path) = &self.nats_creds {
             opts = opts
                 .credentials_file(path)

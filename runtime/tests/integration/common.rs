@@ -196,10 +196,29 @@ pub struct NatsServer {
     port: u16,
     bin: PathBuf,
     dir: tempfile::TempDir,
+    /// A config file (`-c`) and the environment it reads secrets from, instead of the
+    /// default open server.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A server run from config text `conf`, whose `{{PORT}}` and `{{STORE_DIR}}` are
+    /// filled in, with `env` in its environment (for `$VARIABLE` secrets). It logs to
+    /// [`NatsServer::log`].
+    pub fn start_with_config(conf: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(Some((conf, env)))
+    }
+
+    /// What a server started with a config logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn start_with(config: Option<(&str, &[(&str, &str)])>) -> Self {
         let bin = std::env::var_os("COLLECTOR_NATS_SERVER")
             .map(PathBuf::from)
             .or_else(|| {
@@ -221,7 +240,21 @@ impl NatsServer {
             port,
             bin,
             dir: tempfile::tempdir().unwrap(),
+            config: None,
         };
+        if let Some((conf, env)) = config {
+            let store = server.dir.path().join("jetstream");
+            let text = conf
+                .replace("{{PORT}}", &port.to_string())
+                .replace("{{STORE_DIR}}", store.to_str().unwrap());
+            let path = server.dir.path().join("nats-server.conf");
+            std::fs::write(&path, text).unwrap();
+            let env = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            server.config = Some((path, env));
+        }
         server.resume();
         server
     }
@@ -237,16 +270,30 @@ impl NatsServer {
     /// Starts the server again on the same port and store.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "the server is running");
-        let child = Command::new(&self.bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path())
+        let mut command = Command::new(&self.bin);
+        match &self.config {
+            Some((path, env)) => {
+                command
+                    .arg("-c")
+                    .arg(path)
+                    .arg("-l")
+                    .arg(self.dir.path().join("server.log"))
+                    .envs(env.iter().map(|(k, v)| (k, v)));
+            }
+            None => {
+                command
+                    .args([
+                        "-a",
+                        "127.0.0.1",
+                        "-p",
+                        &self.port.to_string(),
+                        "-js",
+                        "-sd",
+                    ])
+                    .arg(self.dir.path());
+            }
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

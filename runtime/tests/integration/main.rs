@@ -7,6 +7,7 @@ mod common;
 mod adversarial;
 mod agent;
 mod broken_guests;
+mod broker;
 mod bundle_cli;
 mod cache;
 mod cli;

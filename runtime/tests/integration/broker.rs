@@ -1,0 +1,588 @@
+//! Least privilege on the broker: nats-server runs the shipped docs/nats-server.conf
+//! (only its address and store directory changed), and each role is held to it. Agents
+//! run the whole fleet flow with their own credentials and nothing more (the server logs
+//! no violation), while an agent's credentials cannot publish a module, change settings
+//! or assignments, or speak for another PC; an operator cannot touch the module store.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use collector_runtime::fleet::status::AgentStatus;
+use collector_runtime::fleet::{ASSIGNMENTS_BUCKET, CONFIG_BUCKET, MODULES_STORE, STATUS_BUCKET};
+use futures_util::StreamExt as _;
+
+use crate::common::{AgentProcess, NatsServer, key, signed, write_public};
+
+/// The template as shipped.
+const TEMPLATE: &str = include_str!("../../../docs/nats-server.conf");
+
+const PC_A_PASSWORD: &str = "pc-a-secret";
+const OPERATOR_PASSWORD: &str = "operator-secret";
+const PUBLISHER_PASSWORD: &str = "publisher-secret";
+const KANADE_PASSWORD: &str = "kanade-secret";
+
+/// How long a message that should not arrive is waited for.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// A server run from the template, with pc-b's nkey seed in a file.
+struct Broker {
+    server: NatsServer,
+    dir: tempfile::TempDir,
+    pc_b_seed: PathBuf,
+    trust: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Broker {
+    fn start() -> Self {
+        let conf = TEMPLATE
+            .replace("listen: 0.0.0.0:4222", "listen: 127.0.0.1:{{PORT}}")
+            .replace(
+                r#"store_dir: "/var/lib/nats/jetstream""#,
+                r#"store_dir: "{{STORE_DIR}}""#,
+            );
+        assert!(
+            conf.contains("{{PORT}}") && conf.contains("{{STORE_DIR}}"),
+            "the template's listen or store_dir line changed; update this test"
+        );
+        let pc_b = nkeys::KeyPair::new_user();
+        let server = NatsServer::start_with_config(
+            &conf,
+            &[
+                ("PC_A_PASSWORD", PC_A_PASSWORD),
+                ("PC_B_NKEY", &pc_b.public_key()),
+                ("OPERATOR_PASSWORD", OPERATOR_PASSWORD),
+                ("PUBLISHER_PASSWORD", PUBLISHER_PASSWORD),
+                ("KANADE_PASSWORD", KANADE_PASSWORD),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let pc_b_seed = dir.path().join("pc-b.nk");
+        std::fs::write(&pc_b_seed, format!("{}\n", pc_b.seed().unwrap())).unwrap();
+        let trust = write_public(dir.path(), "signer", &key(1));
+        Self {
+            server,
+            dir,
+            pc_b_seed,
+            trust,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+        }
+    }
+
+    /// The `--nats-*` flags of `who`.
+    fn creds(&self, who: &str) -> Vec<String> {
+        let password = match who {
+            "pc-a" => PC_A_PASSWORD,
+            "operator" => OPERATOR_PASSWORD,
+            "publisher" => PUBLISHER_PASSWORD,
+            "kanade" => KANADE_PASSWORD,
+            "pc-b" => {
+                return vec![
+                    "--nats-nkey".into(),
+                    self.pc_b_seed.to_str().unwrap().into(),
+                    "--nats-inbox-prefix".into(),
+                    "_INBOX_pc-b".into(),
+                ];
+            }
+            _ => panic!("no such user {who}"),
+        };
+        let mut flags = vec![
+            "--nats-user".into(),
+            who.into(),
+            "--nats-password".into(),
+            password.into(),
+        ];
+        if who == "pc-a" {
+            flags.extend(["--nats-inbox-prefix".into(), "_INBOX_pc-a".into()]);
+        }
+        flags
+    }
+
+    /// Runs `collector <args>` as `who`.
+    fn collector(&self, who: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_collector"))
+            .args(args)
+            .args(self.creds(who))
+            .env("NATS_URL", &self.server.url)
+            .env("NO_COLOR", "1")
+            .env_remove("NATS_USER")
+            .env_remove("NATS_PASSWORD")
+            .env_remove("NATS_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, who: &str, args: &[&str]) -> String {
+        let out = self.collector(who, args);
+        assert!(
+            out.status.success(),
+            "{who}: {args:?} failed:\n{}\nserver violations: {:#?}",
+            String::from_utf8_lossy(&out.stderr),
+            self.violations()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn denied(&self, who: &str, args: &[&str]) {
+        let out = self.collector(who, args);
+        assert!(
+            !out.status.success(),
+            "{who}: {args:?} should be refused by the broker:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// A client connected as `who`, and the server errors it was sent (permission
+    /// violations arrive there, asynchronously).
+    fn client(&self, who: &str) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        let opts = match who {
+            "pc-b" => {
+                let seed = std::fs::read_to_string(&self.pc_b_seed).unwrap();
+                async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+            }
+            _ => {
+                let creds = self.creds(who);
+                async_nats::ConnectOptions::with_user_and_password(
+                    creds[1].clone(),
+                    creds[3].clone(),
+                )
+            }
+        }
+        .custom_inbox_prefix(match who {
+            "pc-a" | "pc-b" => format!("_INBOX_{who}"),
+            _ => "_INBOX".into(),
+        })
+        .request_timeout(Some(Duration::from_secs(2)))
+        .event_callback(move |event| {
+            let sink = sink.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    sink.lock().unwrap().push(e.to_string());
+                }
+            }
+        });
+        let client = self
+            .rt
+            .block_on(opts.connect(&self.server.url))
+            .unwrap_or_else(|e| panic!("{who} cannot connect: {e}"));
+        (client, errors)
+    }
+
+    fn js(&self, who: &str) -> jetstream::Context {
+        let (client, _) = self.client(who);
+        let _rt = self.rt.enter();
+        jetstream::new(client)
+    }
+
+    /// A key as the operator reads it.
+    fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let js = self.js("operator");
+        self.rt.block_on(async {
+            let store = js.get_key_value(bucket).await.unwrap();
+            store.get(key).await.unwrap().map(|b| b.to_vec())
+        })
+    }
+
+    /// Whether the module store holds `object`, as the operator sees it.
+    fn published(&self, object: &str) -> bool {
+        let js = self.js("operator");
+        self.rt.block_on(async {
+            let store = js.get_object_store(MODULES_STORE).await.unwrap();
+            store.info(object).await.is_ok()
+        })
+    }
+
+    fn status(&self, pc: &str) -> Option<AgentStatus> {
+        self.get(STATUS_BUCKET, pc)
+            .map(|bytes| serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// A `collector run` for `pc`, fleet mode, with its own credentials.
+    fn agent(&self, pc: &str) -> AgentProcess {
+        let state = self.dir.path().join(format!("state-{pc}"));
+        let mut args: Vec<String> = vec![
+            "--nats-url".into(),
+            self.server.url.clone(),
+            "--trust".into(),
+            self.trust.to_str().unwrap().into(),
+            "--state-dir".into(),
+            state.to_str().unwrap().into(),
+            "--health-ticks".into(),
+            "2".into(),
+            "--status-interval".into(),
+            "1s".into(),
+        ];
+        args.extend(self.creds(pc));
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        AgentProcess::start_as(pc, &args)
+    }
+
+    /// The lines of the server log that report a permission violation.
+    fn violations(&self) -> Vec<String> {
+        self.server
+            .log()
+            .lines()
+            .filter(|l| l.contains("Violation"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The fleet's buckets (operator) and one published module (publisher).
+    fn with_module(&self) -> String {
+        let out = self.ok("operator", &["fleet", "init"]);
+        for bucket in [ASSIGNMENTS_BUCKET, STATUS_BUCKET] {
+            assert!(out.contains(&format!("{bucket}: created")), "{out}");
+        }
+        // Idempotent, with the history each bucket needs.
+        let again = self.ok("operator", &["fleet", "init"]);
+        assert!(again.contains("collector_status: already there"), "{again}");
+        let js = self.js("operator");
+        for (bucket, history) in [(ASSIGNMENTS_BUCKET, 5), (STATUS_BUCKET, 1)] {
+            let kept = self.rt.block_on(async {
+                let store = js.get_key_value(bucket).await.unwrap();
+                store.status().await.unwrap().history()
+            });
+            assert_eq!(kept, history, "{bucket}");
+        }
+        let bundle = bundle_file(self.dir.path(), 1);
+        self.ok(
+            "publisher",
+            &["module", "publish", "--trust", s(&self.trust), &bundle],
+        );
+        bundle
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The process-perf guest signed as `version`, written to a file.
+fn bundle_file(dir: &Path, version: u64) -> String {
+    let bytes = signed(
+        "process-perf",
+        version,
+        &std::fs::read(crate::common::guest_wasm()).unwrap(),
+        &[&key(1)],
+    );
+    let path = dir.join(format!("process-perf-{version}.bundle"));
+    std::fs::write(&path, bytes).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// The next message of `sub` within `limit`.
+fn next(
+    rt: &tokio::runtime::Runtime,
+    sub: &mut async_nats::Subscriber,
+    limit: Duration,
+) -> Option<async_nats::Message> {
+    rt.block_on(async { tokio::time::timeout(limit, sub.next()).await })
+        .ok()
+        .flatten()
+}
+
+fn wait_status(
+    broker: &Broker,
+    pc: &str,
+    what: &str,
+    cond: impl Fn(&AgentStatus) -> bool,
+) -> AgentStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = broker.status(pc);
+        if let Some(s) = &status
+            && cond(s)
+        {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pc}: {what} not reached; last status: {status:#?}\nserver violations: {:#?}",
+            broker.violations()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn agents_run_the_whole_fleet_flow_with_only_their_own_rights() {
+    let broker = Broker::start();
+    // kanade makes its own settings bucket, perhaps without direct gets: agents then
+    // read it through the stream's message API.
+    let kanade = broker.js("kanade");
+    broker
+        .rt
+        .block_on(kanade.create_stream(jetstream::stream::Config {
+            name: format!("KV_{CONFIG_BUCKET}"),
+            subjects: vec![format!("$KV.{CONFIG_BUCKET}.>")],
+            max_messages_per_subject: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            allow_direct: false,
+            ..Default::default()
+        }))
+        .unwrap();
+    broker.with_module();
+    broker.ok(
+        "operator",
+        &[
+            "config",
+            "set",
+            "process_perf_enabled=true",
+            "host_perf_interval=200ms",
+            "process_perf_top_n=2",
+        ],
+    );
+    broker.ok(
+        "operator",
+        &["config", "groups", "--pc", "pc-b", "--set", "canary"],
+    );
+    broker.ok(
+        "operator",
+        &["module", "rollout", "process-perf", "1", "--global"],
+    );
+
+    // kanade's backend consumes the agents' data and events.
+    let (kanade, _) = broker.client("kanade");
+    let mut data = broker
+        .rt
+        .block_on(kanade.subscribe("process_perf.>"))
+        .unwrap();
+    let mut events = broker.rt.block_on(kanade.subscribe("obs.>")).unwrap();
+    broker.rt.block_on(kanade.flush()).unwrap();
+
+    // pc-a signs in with a user and password, pc-b with an nkey.
+    let _a = broker.agent("pc-a");
+    let _b = broker.agent("pc-b");
+    for pc in ["pc-a", "pc-b"] {
+        let status = wait_status(&broker, pc, "process-perf 1 running", |s| {
+            s.modules
+                .iter()
+                .any(|m| m.name == "process-perf" && m.version == 1 && !m.probation)
+        });
+        assert!(status.config_revision > 0, "{status:#?}");
+        assert!(status.assignment_revision > 0, "{status:#?}");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        let msg = next(&broker.rt, &mut data, Duration::from_secs(10))
+            .expect("both agents' process_perf data reaches kanade");
+        seen.insert(msg.subject.to_string());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["process_perf.pc-a", "process_perf.pc-b"]
+    );
+    let event =
+        next(&broker.rt, &mut events, Duration::from_secs(10)).expect("module events reach kanade");
+    assert!(
+        ["obs.pc-a", "obs.pc-b"].contains(&event.subject.as_str()),
+        "{}",
+        event.subject
+    );
+
+    // The agents asked for nothing they were not allowed: not one violation logged.
+    assert_eq!(broker.violations(), Vec::<String>::new());
+    let listed = broker.ok("operator", &["fleet", "status"]);
+    assert!(
+        listed.contains("pc-a") && listed.contains("pc-b"),
+        "{listed}"
+    );
+    // The operator's other reads need nothing more either.
+    let modules = broker.ok("operator", &["module", "list"]);
+    assert!(modules.contains("process-perf"), "{modules}");
+    broker.ok("operator", &["module", "effective", "--pc", "pc-b"]);
+    broker.ok("operator", &["config", "effective", "--pc", "pc-b"]);
+    broker.ok("operator", &["config", "get"]);
+    assert_eq!(broker.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
+    let broker = Broker::start();
+    let bundle = broker.with_module();
+    broker.ok(
+        "operator",
+        &["module", "rollout", "process-perf", "1", "--global"],
+    );
+    let assignments = broker.get(ASSIGNMENTS_BUCKET, "global").unwrap();
+
+    // Through the operator commands, as an agent: every write is refused.
+    let v2 = bundle_file(broker.dir.path(), 2);
+    // (Each refusal costs a request timeout: the broker drops a denied message without
+    // an answer, so pc-b, the nkey user, only tries the module store.)
+    broker.denied(
+        "pc-a",
+        &["module", "publish", "--trust", s(&broker.trust), &v2],
+    );
+    broker.denied(
+        "pc-a",
+        &["module", "rollout", "process-perf", "1", "--pc", "pc-a"],
+    );
+    broker.denied(
+        "pc-a",
+        &["config", "set", "--pc", "pc-a", "process_perf_top_n=9"],
+    );
+    broker.denied(
+        "pc-b",
+        &["module", "publish", "--trust", s(&broker.trust), &v2],
+    );
+    assert!(!broker.published("process-perf/2"));
+    assert_eq!(
+        broker.get(ASSIGNMENTS_BUCKET, "global").unwrap(),
+        assignments
+    );
+    assert_eq!(broker.get(ASSIGNMENTS_BUCKET, "pcs.pc-a"), None);
+    assert_eq!(broker.get(CONFIG_BUCKET, "pcs.pc-a"), None);
+    let log = broker.violations().join("\n");
+    for needle in [
+        "user:pc-a",
+        "nkey:U",
+        "$O.collector_modules",
+        "$KV.collector_config",
+        "$KV.agent_config",
+    ] {
+        assert!(log.contains(needle), "no violation with {needle:?}:\n{log}");
+    }
+
+    // Directly: kanade listens on every PC's subjects.
+    let (kanade, _) = broker.client("kanade");
+    let mut data = broker
+        .rt
+        .block_on(kanade.subscribe("process_perf.>"))
+        .unwrap();
+    let mut events = broker.rt.block_on(kanade.subscribe("obs.>")).unwrap();
+    broker.rt.block_on(kanade.flush()).unwrap();
+    let (agent, errors) = broker.client("pc-a");
+    broker.rt.block_on(async {
+        agent
+            .publish("process_perf.pc-b", "forged".into())
+            .await
+            .unwrap();
+        agent.publish("obs.pc-b", "forged".into()).await.unwrap();
+        agent.flush().await.unwrap();
+        // Its own subject passes: the listener would have seen a forgery.
+        agent
+            .publish("process_perf.pc-a", "own".into())
+            .await
+            .unwrap();
+        agent.flush().await.unwrap();
+    });
+    // Nor can it listen to the replies sent to other clients.
+    let _snoop = broker.rt.block_on(agent.subscribe("_INBOX.>")).unwrap();
+    broker.rt.block_on(agent.flush()).unwrap();
+    let first = next(&broker.rt, &mut data, QUIET).expect("pc-a's own data arrives");
+    assert_eq!(first.subject.as_str(), "process_perf.pc-a");
+    assert_eq!(&first.payload[..], b"own");
+    assert!(next(&broker.rt, &mut data, QUIET).is_none());
+    assert!(next(&broker.rt, &mut events, QUIET).is_none());
+    let told = errors.lock().unwrap().join("\n");
+    assert!(
+        told.contains("process_perf.pc-b")
+            && told.contains("obs.pc-b")
+            && told.contains("Subscription to \"_INBOX.>\""),
+        "the client was not told of its violations: {told}"
+    );
+
+    // JetStream writes get no acknowledgement: they fail, and nothing is stored.
+    let js = broker.js("pc-a");
+    broker.rt.block_on(async {
+        let status = js.get_key_value(STATUS_BUCKET).await.unwrap();
+        assert!(status.put("pc-a", "{}".into()).await.is_ok(), "its own key");
+        assert!(status.put("pc-b", "{}".into()).await.is_err());
+        let config = js.get_key_value(ASSIGNMENTS_BUCKET).await.unwrap();
+        assert!(config.put("global", "{}".into()).await.is_err());
+        assert!(config.delete("global").await.is_err());
+        assert!(js.delete_stream("KV_collector_config").await.is_err());
+        assert!(config.purge("global").await.is_err());
+        assert!(
+            js.create_key_value(kv::Config {
+                bucket: "elsewhere".into(),
+                ..Default::default()
+            })
+            .await
+            .is_err()
+        );
+        // Other agents' records are not readable either.
+        assert!(status.get("pc-a").await.is_err());
+    });
+    assert_eq!(broker.get(STATUS_BUCKET, "pc-b"), None);
+    assert_eq!(
+        broker.get(ASSIGNMENTS_BUCKET, "global").unwrap(),
+        assignments
+    );
+
+    // The operator assigns but cannot publish; kanade neither.
+    broker.ok(
+        "operator",
+        &["module", "rollout", "process-perf", "1", "--pc", "pc-a"],
+    );
+    for who in ["operator", "kanade"] {
+        broker.denied(
+            who,
+            &["module", "publish", "--trust", s(&broker.trust), &v2],
+        );
+    }
+    assert!(!broker.published("process-perf/2"));
+    // The publisher can, and republishing the same bytes is harmless.
+    broker.ok(
+        "publisher",
+        &["module", "publish", "--trust", s(&broker.trust), &bundle],
+    );
+    broker.ok(
+        "publisher",
+        &["module", "publish", "--trust", s(&broker.trust), &v2],
+    );
+    assert!(broker.published("process-perf/2"));
+}
+
+#[test]
+fn an_agent_downloads_a_large_object_through_flow_control() {
+    // Big enough that the server pauses the download for flow control, which the agent
+    // must be allowed to answer ($JS.FC.>), or the download stalls.
+    let broker = Broker::start();
+    broker.with_module();
+    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let publisher = broker.js("publisher");
+    broker.rt.block_on(async {
+        let store = publisher.get_object_store(MODULES_STORE).await.unwrap();
+        store.put("big/1", &mut &big[..]).await.unwrap();
+    });
+    let agent = broker.js("pc-a");
+    let got = broker.rt.block_on(async {
+        use tokio::io::AsyncReadExt as _;
+        let store = agent.get_object_store(MODULES_STORE).await.unwrap();
+        let mut reader = store.get("big/1").await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), reader.read_to_end(&mut got))
+            .await
+            .expect("the download stalled")
+            .unwrap();
+        got
+    });
+    assert!(got == big, "{} bytes of {}", got.len(), big.len());
+    assert_eq!(broker.violations(), Vec::<String>::new());
+}
+
+#[test]
+fn an_inbox_prefix_must_be_a_plain_subject() {
+    // Checked before connecting: a wildcard would widen what the client listens to.
+    for bad in ["_INBOX.>", "_INBOX.*.x", "a..b", "", "has space"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_collector"))
+            .args(["fleet", "status", "--nats-inbox-prefix", bad])
+            .env("NATS_URL", "nats://127.0.0.1:1")
+            .env_remove("NATS_INBOX_PREFIX")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        assert!(stderr.contains("--nats-inbox-prefix"), "{bad:?}: {stderr}");
+    }
+}
