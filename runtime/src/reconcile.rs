@@ -842,7 +842,7 @@ impl Reconciler {
                 self.next_status = now + self.options.status_every;
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot write the status record to {STATUS_BUCKET}");
+                tracing::warn!(error = %e, "cannot write the status record to {STATUS_BUCKET} (an operator creates the fleet's buckets with `collector fleet init`)");
                 self.next_status = now + Duration::from_secs(5).min(self.options.status_every);
             }
             Err(_) => {
