@@ -11,6 +11,8 @@ pub mod deploy;
 pub mod engine;
 pub mod fleet;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grant;
 pub mod guest;
 pub mod host;
