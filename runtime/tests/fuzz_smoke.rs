@@ -6,6 +6,7 @@
 //! binary because of the capped allocator: an allocation sized from an unchecked length
 //! aborts it.
 //!
+//! `COLLECTOR_FUZZ_MUTATIONS=N` runs N mutations of each seed instead of the default.
 //! `COLLECTOR_FUZZ_BLESS=1` rewrites the generated seeds (after a change to the bundle
 //! format or the fuzzing keys).
 
@@ -21,7 +22,15 @@ static ALLOC: CappedAlloc = CappedAlloc;
 
 /// Mutations tried per seed file and target: enough to leave the seeds' happy paths,
 /// few enough that the whole file stays around a second in a debug build.
+/// `COLLECTOR_FUZZ_MUTATIONS=N` asks for more (a long uninstrumented run).
 const MUTATIONS_PER_SEED: usize = 24;
+
+fn mutations_per_seed() -> usize {
+    std::env::var("COLLECTOR_FUZZ_MUTATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(MUTATIONS_PER_SEED)
+}
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
@@ -177,7 +186,7 @@ fn mutated_seeds_do_not_crash() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for (name, target) in TARGETS {
         for (path, seed) in seeds(name) {
-            for i in 0..MUTATIONS_PER_SEED {
+            for i in 0..mutations_per_seed() {
                 let input = mutate(&mut rng, &seed);
                 run(
                     name,
