@@ -379,10 +379,14 @@ fn fuzz(args: &[String]) -> Result<()> {
     )?;
     let mut crashed = Vec::new();
     for target in &targets {
-        let status = fuzz_cmd()
-            .args(["run", target])
-            .args(build_flags)
-            .arg("--")
+        let mut cmd = fuzz_cmd();
+        cmd.args(["run", target]).args(build_flags).arg("--");
+        // The words of the target's format, so the fuzzer need not guess field names.
+        let dict = fuzz_dir.join("dict").join(format!("{target}.dict"));
+        if dict.exists() {
+            cmd.arg(format!("-dict={}", dict.display()));
+        }
+        let status = cmd
             .arg(format!("-max_total_time={seconds}"))
             .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"])
             .args(&libfuzzer_args)
