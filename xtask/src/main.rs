@@ -276,6 +276,16 @@ fn test(extra: &[String]) -> Result<()> {
             .env("COLLECTOR_GUEST_WASM", &guest)
             .stdout(std::process::Stdio::null()),
     )?;
+    run_step(
+        &format!(
+            "fuzz smoke run: each fuzz target on its seeds, its regressions and \
+             {FUZZ_SMOKE_MUTATIONS} mutations per seed (no instrumented build)"
+        ),
+        cargo()
+            .args(["test", "--quiet", "--workspace", "--test", "fuzz_smoke"])
+            .env("COLLECTOR_FUZZ_MUTATIONS", FUZZ_SMOKE_MUTATIONS.to_string())
+            .stdout(std::process::Stdio::null()),
+    )?;
     run_scenarios(&guest, "guest-process-perf/scenarios")?;
     run_scenarios(&top_memory, "docs/examples/guest-top-memory/scenarios")?;
     eprintln!("xtask: all checks passed");
@@ -306,6 +316,9 @@ fn bench(extra: &[String]) -> Result<()> {
 
 /// The cargo-fuzz release `fuzz` installs into target/tools/cargo-fuzz when missing.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Mutations per seed in `test`'s fuzz smoke run: a few seconds, more than the plain
+/// `cargo test` default, within the same build.
+const FUZZ_SMOKE_MUTATIONS: u32 = 300;
 /// Seconds each target runs when `--seconds` is not given.
 const FUZZ_DEFAULT_SECONDS: u64 = 60;
 
