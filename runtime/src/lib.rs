@@ -20,6 +20,8 @@ pub mod deploy;
 pub mod engine;
 pub mod fleet;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grant;
 #[cfg(feature = "sandbox")]
 pub mod guest;

@@ -17,6 +17,7 @@ commands:
   run           build the guest and run the agent with an example config (JSON lines on stdout)
   test          check formatting and lints, build the guest, and run every test of the workspace
   bench         measure what the sandbox costs against native baselines; writes BENCHMARKS.md
+  fuzz          run the libFuzzer targets: fuzz [--seconds N] [TARGET...] [-- LIBFUZZER-ARGS]
   help          show this text
 
 `test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -288,6 +290,16 @@ fn test(extra: &[String]) -> Result<()> {
             .env("COLLECTOR_GUEST_WASM", &guest)
             .stdout(std::process::Stdio::null()),
     )?;
+    run_step(
+        &format!(
+            "fuzz smoke run: each fuzz target on its seeds, its regressions and \
+             {FUZZ_SMOKE_MUTATIONS} mutations per seed (no instrumented build)"
+        ),
+        cargo()
+            .args(["test", "--quiet", "--workspace", "--test", "fuzz_smoke"])
+            .env("COLLECTOR_FUZZ_MUTATIONS", FUZZ_SMOKE_MUTATIONS.to_string())
+            .stdout(std::process::Stdio::null()),
+    )?;
     run_scenarios(&guest, "guest-process-perf/scenarios")?;
     run_scenarios(&top_memory, "docs/examples/guest-top-memory/scenarios")?;
     eprintln!("xtask: all checks passed");
@@ -314,6 +326,144 @@ fn bench(extra: &[String]) -> Result<()> {
             .args(extra)
             .env("COLLECTOR_GUEST_WASM", &guest),
     )
+}
+
+/// The cargo-fuzz release `fuzz` installs into target/tools/cargo-fuzz when missing.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Mutations per seed in `test`'s fuzz smoke run: a few seconds, more than the plain
+/// `cargo test` default, within the same build.
+const FUZZ_SMOKE_MUTATIONS: u32 = 300;
+/// Seconds each target runs when `--seconds` is not given.
+const FUZZ_DEFAULT_SECONDS: u64 = 60;
+
+/// Runs the libFuzzer targets of runtime/fuzz, one after the other, each for `--seconds`
+/// (default 60), growing their corpora in runtime/fuzz/corpus/<target>/ and writing
+/// crashing inputs to runtime/fuzz/artifacts/<target>/. Builds on the stable toolchain:
+/// RUSTC_BOOTSTRAP lets it accept the instrumentation flags cargo-fuzz passes.
+fn fuzz(args: &[String]) -> Result<()> {
+    let fuzz_dir = root().join("runtime/fuzz");
+    let all: Vec<String> = {
+        let mut names: Vec<String> = std::fs::read_dir(fuzz_dir.join("fuzz_targets"))
+            .context("read runtime/fuzz/fuzz_targets")?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".rs")
+                    .map(String::from)
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let mut seconds = FUZZ_DEFAULT_SECONDS;
+    let mut targets = Vec::new();
+    let mut libfuzzer_args: Vec<String> = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let n = rest.next().context("--seconds needs a number")?;
+                seconds = n.parse().with_context(|| format!("--seconds {n}"))?;
+            }
+            "--" => libfuzzer_args.extend(rest.by_ref().cloned()),
+            t if all.iter().any(|a| a == t) => targets.push(t.to_string()),
+            other => bail!(
+                "unknown fuzz target or flag `{other}`; targets: {}",
+                all.join(", ")
+            ),
+        }
+    }
+    if targets.is_empty() {
+        targets = all;
+    }
+    let cargo_fuzz = ensure_cargo_fuzz()?;
+    // No sanitizer: the parsers are safe Rust, an ASan build of wasmtime takes far longer,
+    // and oversized allocations are caught by the targets' own capped allocator. Overflow
+    // checks and debug assertions stay on. 16 codegen units: a single one (cargo-fuzz's
+    // default) makes the build of wasmtime several times slower for a little speed.
+    let build_flags = [
+        "--fuzz-dir",
+        "runtime/fuzz",
+        "--sanitizer",
+        "none",
+        "--debug-assertions",
+        "--codegen-units",
+        "16",
+        "--target-dir",
+        "target/fuzz",
+    ];
+    let fuzz_cmd = || {
+        let mut cmd = Command::new(&cargo_fuzz);
+        cmd.current_dir(root())
+            .arg("fuzz")
+            .env("RUSTC_BOOTSTRAP", "1");
+        cmd
+    };
+    run_step(
+        "building the fuzz targets (instrumented; the first build takes several minutes)",
+        fuzz_cmd().arg("build").args(build_flags),
+    )?;
+    let mut crashed = Vec::new();
+    for target in &targets {
+        let mut cmd = fuzz_cmd();
+        cmd.args(["run", target]).args(build_flags).arg("--");
+        // The words of the target's format, so the fuzzer need not guess field names.
+        let dict = fuzz_dir.join("dict").join(format!("{target}.dict"));
+        if dict.exists() {
+            cmd.arg(format!("-dict={}", dict.display()));
+        }
+        let status = cmd
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"])
+            .args(&libfuzzer_args)
+            .status()
+            .context("cannot start cargo-fuzz")?;
+        eprintln!("xtask: fuzz target {target}: {seconds} s, {status}");
+        if !status.success() {
+            crashed.push(target.as_str());
+        }
+    }
+    if !crashed.is_empty() {
+        bail!(
+            "fuzz targets failed: {}. The inputs are in runtime/fuzz/artifacts/<target>/; \
+             replay one with `target/tools/cargo-fuzz/bin/cargo-fuzz fuzz run --fuzz-dir \
+             runtime/fuzz --sanitizer none <target> <file>`, fix the parser, and copy the \
+             input into runtime/fuzz/regressions/<target>/ for the smoke test",
+            crashed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Finds cargo-fuzz (target/tools/cargo-fuzz, then PATH), installing the pinned release
+/// into target/tools/cargo-fuzz when there is none.
+fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    let local = root().join("target/tools/cargo-fuzz/bin/cargo-fuzz");
+    for candidate in [local.clone(), PathBuf::from("cargo-fuzz")] {
+        let works = Command::new(&candidate)
+            .args(["fuzz", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if works {
+            return Ok(candidate);
+        }
+    }
+    let installed = run_step(
+        &format!("installing cargo-fuzz {CARGO_FUZZ_VERSION} into target/tools/cargo-fuzz"),
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(root())
+            .args(["install", "--locked", "--version", CARGO_FUZZ_VERSION])
+            .args(["--root", "target/tools/cargo-fuzz", "cargo-fuzz"]),
+    );
+    if installed.is_err() || !local.exists() {
+        bail!(
+            "`cargo xtask fuzz` needs cargo-fuzz. Install it with:\n    \
+             cargo install --locked --version {CARGO_FUZZ_VERSION} --root target/tools/cargo-fuzz cargo-fuzz\n\
+             (it also needs a C++ compiler for libFuzzer: `apt-get install g++`)"
+        );
+    }
+    Ok(local)
 }
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
