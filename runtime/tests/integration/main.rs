@@ -10,6 +10,7 @@ mod broken_guests;
 mod bundle_cli;
 mod cache;
 mod cli;
+mod crash;
 mod differential;
 mod fleet;
 mod fleet_cli;
