@@ -17,6 +17,8 @@ commands:
   run           build the guest and run the agent with an example config (JSON lines on stdout)
   test          check formatting and lints, build the guest, and run every test of the workspace
   bench         measure what the sandbox costs against native baselines; writes BENCHMARKS.md
+  soak          run the release agent for --minutes N (10) with a swap every 3 s, sampling its
+                RSS, open fds and threads; fails on growth; --write puts it in BENCHMARKS.md
   help          show this text
 
 `test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("soak") => soak(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -301,6 +304,14 @@ fn bench(extra: &[String]) -> Result<()> {
             .env("COLLECTOR_GUEST_WASM", &guest),
     )
 }
+
+/// Runs the release agent for minutes with hot swaps and watches its resources for
+/// growth (in soak.rs: it is long).
+fn soak(extra: &[String]) -> Result<()> {
+    soak::run(extra)
+}
+
+mod soak;
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
 fn run_scenarios(guest: &Path, dir: &str) -> Result<()> {
