@@ -265,6 +265,8 @@ fn sigkill_at_random_points_of_swaps_and_saves_always_leaves_a_state_that_restar
     let mut lkg_version = 0u64;
     // Where the kills fell, to show they spread over the windows that matter.
     let (mut on_probation, mut mid_write) = (0u32, 0u32);
+    // The highest versions the agent's log reported, to show the log checks bite.
+    let (mut seen_floor, mut seen_lkg) = (0u64, 0u64);
     let mut slowest_restart = Duration::ZERO;
     let started = Instant::now();
     for i in 0..iterations {
@@ -335,6 +337,8 @@ fn sigkill_at_random_points_of_swaps_and_saves_always_leaves_a_state_that_restar
             "{what}: the last-known-good went back to v{lkg_now} (was v{lkg_version}, \
              reported saved: {reported_lkg:?})"
         );
+        seen_floor = seen_floor.max(reported_floor);
+        seen_lkg = seen_lkg.max(reported_lkg.unwrap_or(0));
         on_probation += u32::from(checked.floor > lkg_now);
         mid_write += u32::from(checked.mid_write);
         floor = checked.floor;
@@ -347,7 +351,8 @@ fn sigkill_at_random_points_of_swaps_and_saves_always_leaves_a_state_that_restar
         started.elapsed()
     );
     assert!(
-        lkg_version > 1 && floor > 1,
-        "swaps and saves happened between kills"
+        lkg_version > 1 && floor > 1 && seen_lkg > 1 && seen_floor > 1,
+        "swaps and saves happened between kills, and the log reported them: floor v{floor} \
+         (logged v{seen_floor}), last-known-good v{lkg_version} (logged v{seen_lkg})"
     );
 }
