@@ -1,6 +1,6 @@
 //! Crash consistency through the `collector` binary: an agent fed new bundle versions
 //! as fast as it swaps them is killed with SIGKILL at random points (during swaps,
-//! last-known-good saves and anti-rollback writes), over and over. After every kill the
+//! last-known-good saves, anti-rollback writes and start-up), over and over. After every kill the
 //! state directory must open, its version floor must not have gone back nor lost what
 //! the agent reported, the last-known-good it names must verify, nothing half-written may
 //! pile up, and the agent restarted on it must publish again.
@@ -18,7 +18,8 @@ use collector_runtime::host::Limits;
 use crate::common::*;
 
 const MODULE: &str = "process-perf";
-/// Kills in the default run: about 20 s on a 2-core machine. More with
+/// Iterations in the default run, a kill each (and a quarter of them a second kill while
+/// the agent starts): about 25 s on a 2-core machine. More with
 /// `COLLECTOR_CRASH_ITERATIONS=N`.
 const DEFAULT_ITERATIONS: u64 = 60;
 /// Longest a restarted agent may take to publish its first line.
@@ -261,21 +262,26 @@ fn sigkill_at_random_points_of_swaps_and_saves_always_leaves_a_state_that_restar
     };
     drop_next(&mut dropped);
 
-    let mut floor = 0u64;
-    let mut lkg_version = 0u64;
-    // Where the kills fell, to show they spread over the windows that matter.
-    let (mut on_probation, mut mid_write) = (0u32, 0u32);
-    // The highest versions the agent's log reported, to show the log checks bite.
-    let (mut seen_floor, mut seen_lkg) = (0u64, 0u64);
+    let mut seen = Seen::default();
     let mut slowest_restart = Duration::ZERO;
     let started = Instant::now();
     for i in 0..iterations {
         let mut rng = Rng(seed.wrapping_add(i));
         let what = format!("iteration {i} (seed {seed:#x}+{i})");
+        if i > 0 && rng.next().is_multiple_of(4) {
+            // Killed while starting: loading the last-known-good, filling the compile
+            // cache, taking the newest bundle of the directory.
+            let highest_dropped = drop_next(&mut dropped);
+            let agent = AgentProcess::start(&args);
+            std::thread::sleep(rng.millis(0, 400));
+            let log = kill(agent, Vec::new());
+            let what = format!("{what}, killed while starting");
+            seen.after_kill(&state, &deployer_for, &log, highest_dropped, &what);
+        }
         let restart = Instant::now();
         let agent = AgentProcess::start(&args);
         let log = startup_log(&agent, &what);
-        if lkg_version > 0 {
+        if seen.lkg_version > 0 {
             assert!(
                 log.iter()
                     .any(|l| l.contains("starting with the last-known-good module")),
@@ -306,19 +312,67 @@ fn sigkill_at_random_points_of_swaps_and_saves_always_leaves_a_state_that_restar
             highest_dropped = drop_next(&mut dropped);
         }
         let log = kill(agent, log);
+        seen.after_kill(&state, &deployer_for, &log, highest_dropped, &what);
+    }
+    let Seen {
+        kills,
+        floor,
+        lkg_version,
+        on_probation,
+        mid_write,
+        logged_floor,
+        logged_lkg,
+    } = seen;
+    eprintln!(
+        "crash: {kills} kills in {iterations} iterations, {:.1?}; final floor v{floor}, \
+         last-known-good v{lkg_version}; {on_probation} kills with a module on probation, \
+         {mid_write} inside a write; slowest restart {slowest_restart:.1?}",
+        started.elapsed()
+    );
+    assert!(
+        lkg_version > 1 && floor > 1 && logged_lkg > 1 && logged_floor > 1,
+        "swaps and saves happened between kills, and the log reported them: floor v{floor} \
+         (logged v{logged_floor}), last-known-good v{lkg_version} (logged v{logged_lkg})"
+    );
+}
 
-        let checked = check_state(&state, &deployer_for, &what);
-        let reported_floor = versions_after(&log, &format!("to={MODULE} v")).unwrap_or(0);
-        let reported_lkg = versions_after(
-            &log.iter()
-                .filter(|l| l.contains("saved as the last-known-good module"))
-                .cloned()
-                .collect::<Vec<_>>(),
-            &format!("module={MODULE} v"),
-        );
+/// What the kills so far left, to check that the next one never goes back.
+#[derive(Default)]
+struct Seen {
+    kills: u32,
+    floor: u64,
+    lkg_version: u64,
+    /// Where the kills fell, to show they spread over the windows that matter.
+    on_probation: u32,
+    mid_write: u32,
+    /// The highest versions the agent's log reported, to show the log checks bite.
+    logged_floor: u64,
+    logged_lkg: u64,
+}
+
+impl Seen {
+    /// Checks the state a kill left, against what came before and what the killed
+    /// agent had logged (all of it written before it died).
+    fn after_kill(
+        &mut self,
+        state: &Path,
+        deployer_for: &dyn Fn(StateDir) -> std::sync::Arc<Deployer>,
+        log: &[String],
+        highest_dropped: u64,
+        what: &str,
+    ) {
+        let checked = check_state(state, deployer_for, what);
+        let reported_floor = versions_after(log, &format!("to={MODULE} v")).unwrap_or(0);
+        let saves: Vec<String> = log
+            .iter()
+            .filter(|l| l.contains("saved as the last-known-good module"))
+            .cloned()
+            .collect();
+        let reported_lkg = versions_after(&saves, &format!("module={MODULE} v")).unwrap_or(0);
         assert!(
-            checked.floor >= floor,
-            "{what}: the version floor went back from {floor} to {}",
+            checked.floor >= self.floor,
+            "{what}: the version floor went back from {} to {}",
+            self.floor,
             checked.floor
         );
         assert!(
@@ -333,26 +387,17 @@ fn sigkill_at_random_points_of_swaps_and_saves_always_leaves_a_state_that_restar
         );
         let lkg_now = checked.last_known_good.as_ref().map_or(0, |id| id.version);
         assert!(
-            lkg_now >= lkg_version && lkg_now >= reported_lkg.unwrap_or(0),
-            "{what}: the last-known-good went back to v{lkg_now} (was v{lkg_version}, \
-             reported saved: {reported_lkg:?})"
+            lkg_now >= self.lkg_version && lkg_now >= reported_lkg,
+            "{what}: the last-known-good went back to v{lkg_now} (was v{}, logged saved: \
+             v{reported_lkg})",
+            self.lkg_version
         );
-        seen_floor = seen_floor.max(reported_floor);
-        seen_lkg = seen_lkg.max(reported_lkg.unwrap_or(0));
-        on_probation += u32::from(checked.floor > lkg_now);
-        mid_write += u32::from(checked.mid_write);
-        floor = checked.floor;
-        lkg_version = lkg_now;
+        self.kills += 1;
+        self.logged_floor = self.logged_floor.max(reported_floor);
+        self.logged_lkg = self.logged_lkg.max(reported_lkg);
+        self.on_probation += u32::from(checked.floor > lkg_now);
+        self.mid_write += u32::from(checked.mid_write);
+        self.floor = checked.floor;
+        self.lkg_version = lkg_now;
     }
-    eprintln!(
-        "crash: {iterations} kills in {:.1?}; final floor v{floor}, last-known-good \
-         v{lkg_version}; {on_probation} kills with a module on probation, {mid_write} inside a \
-         write; slowest restart {slowest_restart:.1?}",
-        started.elapsed()
-    );
-    assert!(
-        lkg_version > 1 && floor > 1 && seen_lkg > 1 && seen_floor > 1,
-        "swaps and saves happened between kills, and the log reported them: floor v{floor} \
-         (logged v{seen_floor}), last-known-good v{lkg_version} (logged v{seen_lkg})"
-    );
 }
