@@ -143,6 +143,16 @@ fn main() {
     let report = render(&rows, &bytes, full);
     println!("{report}");
     if let Some(out) = out {
+        // The Soak section (last) comes from `cargo xtask soak --write`, a 10-minute run
+        // this harness does not redo: it is kept.
+        let soak = std::fs::read_to_string(&out).ok().and_then(|text| {
+            text.find("\n## Soak\n")
+                .map(|i| format!("\n{}", &text[i..]))
+        });
+        let report = match soak {
+            Some(soak) => format!("{}{soak}", report.trim_end_matches('\n')),
+            None => report,
+        };
         std::fs::write(&out, &report).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
         eprintln!("bench: wrote {}", out.display());
     }

@@ -348,16 +348,38 @@ impl StateDir {
     /// a crash at any point leaves a state whose bundle exists.
     fn set_last_known_good(&mut self, id: &ModuleId, bundle: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(self.dir.join(LKG_DIR))?;
+        // What an earlier crash left goes first, so a crash during this save leaves at
+        // most one file besides the current bundle, however many crashes came before.
+        self.remove_unreferenced_bundles();
         write_atomic(&self.lkg_path(id), bundle, None)?;
-        let previous = self
-            .state
+        self.state
             .last_known_good
             .insert(id.name.clone(), id.clone());
         self.save()?;
-        if let Some(old) = previous.filter(|old| old != id) {
-            let _ = std::fs::remove_file(self.lkg_path(&old));
-        }
+        self.remove_unreferenced_bundles();
         Ok(())
+    }
+
+    /// Removes the files of the last-known-good directory the state does not point to:
+    /// the previous bundle, and what a crash left (a previous bundle the state no longer
+    /// named, a bundle half-written under its temporary name). Only this agent writes
+    /// there, under the state lock, so nothing else is being written meanwhile.
+    fn remove_unreferenced_bundles(&self) {
+        let keep: std::collections::HashSet<PathBuf> = self
+            .state
+            .last_known_good
+            .values()
+            .map(|id| self.lkg_path(id))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(self.dir.join(LKG_DIR)) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if !keep.contains(&path) && entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 
     fn record_failure(&mut self, id: &ModuleId, reason: &str) -> std::io::Result<()> {
@@ -831,6 +853,27 @@ mod tests {
             std::fs::read(lkg.join("process-perf-v2.bundle")).unwrap(),
             b"two"
         );
+    }
+
+    #[test]
+    fn bundles_a_crash_left_behind_are_removed_at_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = StateDir::open(dir.path()).unwrap();
+        state.set_last_known_good(&id(2, "bb"), b"two").unwrap();
+        let lkg = dir.path().join(LKG_DIR);
+        // Killed after the state pointed to v2 but before v1 was removed, and later while
+        // v3 was being written.
+        std::fs::write(lkg.join("process-perf-v1.bundle"), b"one").unwrap();
+        std::fs::write(lkg.join(".process-perf-v3.bundle.tmp"), b"thr").unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert_eq!(state.last_known_good("process-perf"), Some(&id(2, "bb")));
+        let mut state = state;
+        state.set_last_known_good(&id(4, "dd"), b"four").unwrap();
+        let files: Vec<_> = std::fs::read_dir(&lkg)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files, ["process-perf-v4.bundle"]);
     }
 
     #[test]

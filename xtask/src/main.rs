@@ -18,6 +18,8 @@ commands:
   test          check formatting and lints, build the guest, and run every test of the workspace
   bench         measure what the sandbox costs against native baselines; writes BENCHMARKS.md
   fuzz          run the libFuzzer targets: fuzz [--seconds N] [TARGET...] [-- LIBFUZZER-ARGS]
+  soak          run the release agent for --minutes N (10) with a swap every 3 s, sampling its
+                RSS, open fds and threads; fails on growth; --write puts it in BENCHMARKS.md
   help          show this text
 
 `test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("soak") => soak(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -465,6 +468,14 @@ fn ensure_cargo_fuzz() -> Result<PathBuf> {
     }
     Ok(local)
 }
+
+/// Runs the release agent for minutes with hot swaps and watches its resources for
+/// growth (in soak.rs: it is long).
+fn soak(extra: &[String]) -> Result<()> {
+    soak::run(extra)
+}
+
+mod soak;
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
 fn run_scenarios(guest: &Path, dir: &str) -> Result<()> {

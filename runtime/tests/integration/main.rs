@@ -11,6 +11,7 @@ mod broker;
 mod bundle_cli;
 mod cache;
 mod cli;
+mod crash;
 mod differential;
 mod fleet;
 mod fleet_cli;
