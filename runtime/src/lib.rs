@@ -20,6 +20,7 @@ pub mod deploy;
 pub mod engine;
 pub mod fleet;
 pub mod fsutil;
+#[cfg(feature = "sandbox")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grant;
