@@ -10,9 +10,10 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use collector_runtime::agent::{Agent, AgentHandle, AgentOptions};
+use collector_runtime::agent::{Agent, AgentHandle, AgentOptions, ModuleSpec};
 use collector_runtime::bundle::{self, Bundle, Manifest, SecretKey};
 use collector_runtime::engine::Sandbox;
+use collector_runtime::grant::{DEFAULT_GRANT, Grant};
 use collector_runtime::guest::{GuestModule, Supervisor};
 use collector_runtime::host::{Datetime, HostStats, Limits, Services, TickTime};
 use collector_runtime::sink::MemorySink;
@@ -580,4 +581,31 @@ pub fn with_captured_logs<R>(f: impl FnOnce() -> R) -> (R, String) {
     let out = tracing::subscriber::with_default(subscriber, f);
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     (out, text)
+}
+
+/// What the hooks of a swapped-in module reported.
+#[derive(Default, Clone)]
+pub struct Outcome(pub Arc<Mutex<Vec<String>>>);
+
+impl Outcome {
+    pub fn events(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+pub fn spec(module: Arc<GuestModule>, label: &str, outcome: &Outcome) -> ModuleSpec {
+    let healthy = outcome.clone();
+    let rolled = outcome.clone();
+    ModuleSpec {
+        module,
+        grant: Grant::new(&[DEFAULT_GRANT], PC_ID).unwrap(),
+        limits: Limits::default(),
+        label: label.into(),
+        on_healthy: Some(Box::new(move || {
+            healthy.0.lock().unwrap().push("healthy".into())
+        })),
+        on_rolled_back: Some(Box::new(move |why| {
+            rolled.0.lock().unwrap().push(format!("rolled back: {why}"))
+        })),
+    }
 }

@@ -7,12 +7,10 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use collector_runtime::agent::ModuleSpec;
-use collector_runtime::grant::{DEFAULT_GRANT, Grant};
 use collector_runtime::guest::{GuestFault, GuestModule, Supervisor, TickError};
 use collector_runtime::host::{HostStats, Limits};
 use collector_runtime::sink::MemorySink;
@@ -487,33 +485,6 @@ fn random_bytes_are_capped_before_the_host_allocates_them() {
 }
 
 // ---- 3. A predecessor can poison its successors ----
-
-/// What the hooks of a swapped-in module reported.
-#[derive(Default, Clone)]
-struct Outcome(Arc<Mutex<Vec<String>>>);
-
-impl Outcome {
-    fn events(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-fn spec(module: Arc<GuestModule>, label: &str, outcome: &Outcome) -> ModuleSpec {
-    let healthy = outcome.clone();
-    let rolled = outcome.clone();
-    ModuleSpec {
-        module,
-        grant: Grant::new(&[DEFAULT_GRANT], PC_ID).unwrap(),
-        limits: Limits::default(),
-        label: label.into(),
-        on_healthy: Some(Box::new(move || {
-            healthy.0.lock().unwrap().push("healthy".into())
-        })),
-        on_rolled_back: Some(Box::new(move |why| {
-            rolled.0.lock().unwrap().push(format!("rolled back: {why}"))
-        })),
-    }
-}
 
 /// `save-state`: `some` of `len` zero bytes at address 65536.
 fn save_state_of(len: u32) -> String {

@@ -2,44 +2,14 @@
 //! tick skipped or doubled and inherits the rate baseline; a successor that traps on its
 //! first ticks, or cannot start, is rolled back to the last healthy module.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use collector_runtime::agent::ModuleSpec;
-use collector_runtime::grant::{DEFAULT_GRANT, Grant};
-use collector_runtime::guest::GuestModule;
-use collector_runtime::host::{HostStats, Limits};
+use collector_runtime::host::HostStats;
 use collector_runtime::sink::MemorySink;
 use collector_shared::ProcessPerf;
 
 use crate::common::*;
-
-/// What the hooks of a swapped-in module reported.
-#[derive(Default, Clone)]
-struct Outcome(Arc<Mutex<Vec<String>>>);
-
-impl Outcome {
-    fn events(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-fn spec(module: Arc<GuestModule>, label: &str, outcome: &Outcome) -> ModuleSpec {
-    let healthy = outcome.clone();
-    let rolled = outcome.clone();
-    ModuleSpec {
-        module,
-        grant: Grant::new(&[DEFAULT_GRANT], PC_ID).unwrap(),
-        limits: Limits::default(),
-        label: label.into(),
-        on_healthy: Some(Box::new(move || {
-            healthy.0.lock().unwrap().push("healthy".into())
-        })),
-        on_rolled_back: Some(Box::new(move |why| {
-            rolled.0.lock().unwrap().push(format!("rolled back: {why}"))
-        })),
-    }
-}
 
 fn start(health_ticks: u32) -> (ThreadAgent, MemorySink) {
     let (sup, sink) = real_supervisor();
