@@ -2,12 +2,13 @@
 //! background thread that advances its epoch (the clock behind per-call time budgets).
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use wasmtime::component::Linker;
+use sha2::Digest as _;
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine};
 
 use crate::cache::CompileCache;
@@ -21,8 +22,18 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<HostState>,
     cache: Option<CompileCache>,
+    /// Compiled components shared by every module of this sandbox, when on.
+    shared: Option<SharedCompiles>,
     _ticker: EpochTicker,
 }
+
+/// Components compiled once for a whole process: the most recent few, by content hash.
+/// Agents that load the same bytes at the same moment wait for one compile.
+type SharedCompiles = Mutex<Vec<(String, Arc<OnceLock<Result<Component, String>>>)>>;
+
+/// Compiled components kept by [`Sandbox::share_compiled`]: the versions of a rollout
+/// and of its rollback.
+const SHARED_COMPILES: usize = 4;
 
 impl Sandbox {
     /// A sandbox that compiles every component it loads.
@@ -41,6 +52,58 @@ impl Sandbox {
     /// When the engine cannot be created or the cache directory cannot be opened.
     pub fn with_cache(cache_dir: &Path) -> anyhow::Result<Arc<Self>> {
         Self::build(Some(cache_dir))
+    }
+
+    /// A sandbox for a process that hosts many agents (a fleet simulation): the same
+    /// component bytes are compiled (or read from `cache_dir`) once, and every module
+    /// loading them shares the compiled code, as separate machines each hold their own.
+    ///
+    /// # Errors
+    ///
+    /// As [`Sandbox::with_cache`].
+    pub fn share_compiled(cache_dir: &Path) -> anyhow::Result<Arc<Self>> {
+        let mut sandbox = Self::build(Some(cache_dir))?;
+        Arc::get_mut(&mut sandbox)
+            .expect("just built, not shared yet")
+            .shared = Some(Mutex::new(Vec::new()));
+        Ok(sandbox)
+    }
+
+    /// Compiles `bytes`, through the compile cache and the shared compiles when on.
+    pub(crate) fn compile(&self, name: &str, bytes: &[u8]) -> Result<Component, String> {
+        let Some(shared) = &self.shared else {
+            return self.compile_uncached(name, bytes);
+        };
+        let key = hex::encode(sha2::Sha256::digest(bytes));
+        let slot = {
+            let mut slots = shared.lock().expect("shared compiles lock");
+            match slots.iter().find(|(k, _)| *k == key) {
+                Some((_, slot)) => slot.clone(),
+                None => {
+                    let slot = Arc::new(OnceLock::new());
+                    if slots.len() == SHARED_COMPILES {
+                        slots.remove(0);
+                    }
+                    slots.push((key, slot.clone()));
+                    slot
+                }
+            }
+        };
+        slot.get_or_init(|| self.compile_uncached(name, bytes))
+            .clone()
+    }
+
+    fn compile_uncached(&self, name: &str, bytes: &[u8]) -> Result<Component, String> {
+        match &self.cache {
+            Some(cache) => {
+                let (component, outcome) = cache
+                    .load(&self.engine, bytes)
+                    .map_err(|e| format!("{e:#}"))?;
+                tracing::debug!(guest = name, ?outcome, "compile cache");
+                Ok(component)
+            }
+            None => Component::from_binary(&self.engine, bytes).map_err(|e| format!("{e:#}")),
+        }
     }
 
     fn build(cache_dir: Option<&Path>) -> anyhow::Result<Arc<Self>> {
@@ -65,6 +128,7 @@ impl Sandbox {
             engine,
             linker,
             cache,
+            shared: None,
             _ticker: ticker,
         }))
     }

@@ -229,6 +229,7 @@ pub fn bundle_signed_verdict(data: &[u8]) -> bool {
         },
         name: input.string(),
         version: input.u64(),
+        rollback_floor: (flags & 4 != 0).then(|| input.u64()),
         sha256: crate::bundle::sha256_hex(component),
         length: component.len() as u64,
         wit: if flags & 2 == 0 {

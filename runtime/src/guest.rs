@@ -87,17 +87,7 @@ impl GuestModule {
     /// (filesystem, sockets...), or do not export the `collector` world.
     pub fn from_bytes(sandbox: &Arc<Sandbox>, name: &str, bytes: &[u8]) -> Result<Self, LoadError> {
         check_header(bytes)?;
-        let component = match sandbox.cache() {
-            Some(cache) => {
-                let (component, outcome) = cache
-                    .load(sandbox.engine(), bytes)
-                    .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-                tracing::debug!(guest = name, ?outcome, "compile cache");
-                component
-            }
-            None => Component::from_binary(sandbox.engine(), bytes)
-                .map_err(|e| LoadError::Invalid(format!("{e:#}")))?,
-        };
+        let component = sandbox.compile(name, bytes).map_err(LoadError::Invalid)?;
         Self::from_component(sandbox, name, &component)
     }
 

@@ -142,6 +142,18 @@ pub struct ReconcilerStats {
     pub deployed: std::sync::atomic::AtomicU64,
     /// Bundles refused.
     pub refused: std::sync::atomic::AtomicU64,
+    /// Bundles downloaded whole, and the time spent: downloading, verifying and
+    /// compiling (or loading from the compile cache), recording the accepted version.
+    pub downloads: std::sync::atomic::AtomicU64,
+    pub fetch_micros: std::sync::atomic::AtomicU64,
+    pub load_micros: std::sync::atomic::AtomicU64,
+    pub record_micros: std::sync::atomic::AtomicU64,
+}
+
+/// Adds the time since `start` to a counter of microseconds.
+fn add_micros(counter: &std::sync::atomic::AtomicU64, start: Instant) {
+    let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    HostStats::bump(counter, micros);
 }
 
 /// A module's agent.
@@ -484,6 +496,7 @@ impl Reconciler {
             }
             tracing::info!(module = %name, version, "the refused object was replaced; trying it again");
         }
+        let started = Instant::now();
         let fetched = fleet.runtime.block_on(fetch::fetch(
             &js,
             name,
@@ -508,7 +521,12 @@ impl Reconciler {
             }
         };
         let digest = fetched.digest.clone();
-        let accepted = match self.deployer.load_remote_bundle(&source, fetched.bytes) {
+        HostStats::bump(&self.stats.downloads, 1);
+        add_micros(&self.stats.fetch_micros, started);
+        let started = Instant::now();
+        let loaded = self.deployer.load_remote_bundle(&source, fetched.bytes);
+        add_micros(&self.stats.load_micros, started);
+        let accepted = match loaded {
             Ok(a) => a,
             Err(refused) => {
                 self.refuse(name, version, &source, refused.reason, digest);
@@ -520,7 +538,10 @@ impl Reconciler {
             self.refuse(name, version, &source, reason, digest);
             return;
         }
-        if let Err(e) = self.deployer.record_accepted(&accepted) {
+        let started = Instant::now();
+        let recorded = self.deployer.record_accepted(&accepted);
+        add_micros(&self.stats.record_micros, started);
+        if let Err(e) = recorded {
             self.retry(name, format!("cannot record the accepted version: {e}"));
             return;
         }

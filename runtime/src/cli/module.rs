@@ -92,6 +92,13 @@ struct SignArgs {
     #[arg(long, value_name = "N")]
     version: u64,
 
+    /// Let agents that accepted this version go back to versions down to N when an
+    /// operator assigns one (`collector module rollout NAME N`), with no new signature.
+    /// Without it they refuse anything lower. A floor only ever rises: sign a security
+    /// fix with --rollback-floor equal to its version to close the way back.
+    #[arg(long, value_name = "N")]
+    rollback_floor: Option<u64>,
+
     /// Make the bundle expire this long after now (for instance `90days`); agents refuse
     /// it afterwards. Without it the bundle never expires.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -220,6 +227,15 @@ fn sign(args: SignArgs) -> anyhow::Result<()> {
     let mut manifest = Manifest::describe(&args.name, args.version, &component, issued_at);
     manifest.grants.publish = args.grants;
     manifest.limits.memory_mib = args.memory_mib;
+    if let Some(floor) = args.rollback_floor {
+        if floor > args.version {
+            bail!(
+                "--rollback-floor {floor}: expected at most the version ({})",
+                args.version
+            );
+        }
+        manifest.rollback_floor = Some(floor);
+    }
     if let Some(timeout) = args.call_timeout {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         if ms == 0 || Duration::from_millis(ms) != timeout {
@@ -430,6 +446,9 @@ fn summary(manifest: &Manifest, signers: &[bundle::KeyId], threshold: Option<usi
         "  module:    {} version {}",
         manifest.name, manifest.version
     );
+    if let Some(floor) = manifest.rollback_floor.filter(|f| *f < manifest.version) {
+        let _ = writeln!(out, "  rollback:  agents may go back to version {floor}");
+    }
     let _ = writeln!(
         out,
         "  component: {} bytes, sha256 {}",

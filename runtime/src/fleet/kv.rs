@@ -17,6 +17,32 @@ use async_nats::jetstream::{self, Context};
 /// rewriting the key.
 pub const MAX_CAS_ATTEMPTS: u32 = 16;
 
+/// How many servers store the JetStream stream `stream`, or `None` when it does not
+/// exist.
+///
+/// # Errors
+///
+/// When the server cannot be asked.
+pub async fn stream_replicas(js: &Context, stream: &str) -> anyhow::Result<Option<usize>> {
+    match js.get_stream(stream).await {
+        Ok(mut s) => {
+            let info = s
+                .info()
+                .await
+                .with_context(|| format!("cannot read JetStream stream {stream}"))?;
+            Ok(Some(info.config.num_replicas))
+        }
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(anyhow!(e).context(format!("cannot look up JetStream stream {stream}"))),
+        },
+    }
+}
+
 /// Whether the JetStream stream `stream` exists.
 ///
 /// # Errors
@@ -57,6 +83,21 @@ pub async fn open_kv(js: &Context, bucket: &str) -> anyhow::Result<Option<Store>
 ///
 /// When it can be neither opened nor created.
 pub async fn open_or_create_kv(js: &Context, bucket: &str, history: i64) -> anyhow::Result<Store> {
+    create_kv(js, bucket, history, 1).await
+}
+
+/// The KV bucket `bucket`, created with `history` revisions per key, stored on
+/// `replicas` servers of a cluster, when missing. An existing bucket is left as it is.
+///
+/// # Errors
+///
+/// When it can be neither opened nor created (for instance more replicas than servers).
+pub async fn create_kv(
+    js: &Context,
+    bucket: &str,
+    history: i64,
+    replicas: usize,
+) -> anyhow::Result<Store> {
     if let Some(store) = open_kv(js, bucket).await? {
         return Ok(store);
     }
@@ -64,6 +105,7 @@ pub async fn open_or_create_kv(js: &Context, bucket: &str, history: i64) -> anyh
         .create_key_value(jetstream::kv::Config {
             bucket: bucket.to_string(),
             history,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await;
@@ -98,12 +140,27 @@ pub async fn open_objects(js: &Context, name: &str) -> anyhow::Result<Option<Obj
 ///
 /// When it can be neither opened nor created.
 pub async fn open_or_create_objects(js: &Context, name: &str) -> anyhow::Result<ObjectStore> {
+    create_objects(js, name, 1).await
+}
+
+/// The object store `name`, created on `replicas` servers of a cluster when missing. An
+/// existing store is left as it is.
+///
+/// # Errors
+///
+/// When it can be neither opened nor created.
+pub async fn create_objects(
+    js: &Context,
+    name: &str,
+    replicas: usize,
+) -> anyhow::Result<ObjectStore> {
     if let Some(store) = open_objects(js, name).await? {
         return Ok(store);
     }
     let created = js
         .create_object_store(jetstream::object_store::Config {
             bucket: name.to_string(),
+            num_replicas: replicas,
             ..Default::default()
         })
         .await;

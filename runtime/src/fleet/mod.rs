@@ -56,7 +56,7 @@ pub struct AgentGroups {
 
 /// How to reach and authenticate to NATS; shared by `collector run` and the operator
 /// commands. Secrets may come from the environment instead of the command line.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct NatsArgs {
     /// NATS server URL; several, comma-separated, for a cluster (the client fails over).
     #[arg(long, value_name = "URL", env = "NATS_URL")]
