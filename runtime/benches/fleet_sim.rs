@@ -1077,20 +1077,29 @@ impl Report {
 
     /// The BENCHMARKS.md section and the plot.
     fn write(&self, o: &Options, root: &Path) -> Result<()> {
-        let svg = self.plot();
-        let plot = root.join("docs/fleet-convergence.svg");
-        std::fs::write(&plot, svg).map_err(|e| format!("{}: {e}", plot.display()))?;
-        let mut section = String::from("## Fleet scale\n\n");
+        // One section per kind of run: with and without a server lost.
+        let (heading, file) = match o.kill_node_at {
+            None => ("## Fleet scale", "fleet-convergence.svg"),
+            Some(_) => (
+                "## Fleet scale, one server of three killed",
+                "fleet-convergence-node-loss.svg",
+            ),
+        };
+        let plot = root.join("docs").join(file);
+        std::fs::write(&plot, self.plot()).map_err(|e| format!("{}: {e}", plot.display()))?;
+        let mut section = format!("{heading}\n\n");
         let _ = writeln!(
             section,
-            "`cargo xtask cluster up && cargo xtask fleet-sim --agents {}{}` (release \
-             build); `cargo xtask test` runs a smoke version (3 servers, 20 agents, one \
-             server killed). Each agent runs the agent's fleet path with its own NATS \
+            "`cargo xtask cluster up && cargo xtask fleet-sim --agents {}{}{} --write` \
+             (release build); `cargo xtask test` runs a smoke version (3 servers, 20 agents, \
+             one server killed). Each agent runs the agent's fleet path with its own NATS \
              connection and state directory; the process enumeration and the compiled code \
              of a component are shared, as on one machine. Times run from the assignment \
-             write (`collector module rollout`) until the agent's status record says it \
-             runs the version.\n",
+             write (`collector module rollout` returned) until the agent's status record \
+             says it runs the version; fetch, verify + compile and record are means per \
+             download.\n",
             o.agents,
+            if o.modules > 1 { " --modules 2" } else { "" },
             o.kill_node_at
                 .map(|d| format!(" --kill-node-at {}", d.as_secs_f64()))
                 .unwrap_or_default()
@@ -1098,11 +1107,11 @@ impl Report {
         section.push_str(&self.table(o));
         let _ = writeln!(
             section,
-            "\n![Agents on the new version over time](docs/fleet-convergence.svg)\n"
+            "\n![Agents on the new version over time](docs/{file})\n"
         );
         let path = root.join("BENCHMARKS.md");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let text = replace_section(&text, "## Fleet scale", &section);
+        let text = replace_section(&text, heading, &section);
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         eprintln!("fleet-sim: wrote {} and {}", path.display(), plot.display());
         Ok(())

@@ -143,10 +143,13 @@ fn main() {
     let report = render(&rows, &bytes, full);
     println!("{report}");
     if let Some(out) = out {
-        // The Soak section (last) comes from `cargo xtask soak --write`, a 10-minute run
-        // this harness does not redo: it is kept.
+        // The sections after this harness's own come from longer runs it does not redo
+        // (`cargo xtask fleet-sim --write`, `cargo xtask soak --write`): they are kept.
         let soak = std::fs::read_to_string(&out).ok().and_then(|text| {
-            text.find("\n## Soak\n")
+            ["\n## Fleet scale", "\n## Soak\n"]
+                .iter()
+                .filter_map(|h| text.find(h))
+                .min()
                 .map(|i| format!("\n{}", &text[i..]))
         });
         let report = match soak {

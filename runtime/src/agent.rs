@@ -280,18 +280,13 @@ impl Agent {
         };
         let fallback = match self.probation.take() {
             // A swapped-in module still on probation is dropped; the healthy module to
-            // return to stays the older one.
+            // return to stays the older one. Being replaced is not failing: the module
+            // is not marked as rolled back (an operator may assign it again).
             Some(Probation {
                 fallback: Some(older),
-                on_rolled_back,
                 ..
             }) => {
-                if let Some(hook) = on_rolled_back {
-                    hook(&format!(
-                        "replaced by {} before it proved healthy",
-                        self.label
-                    ));
-                }
+                tracing::info!(module = %old_label, "replaced before it proved healthy");
                 older
             }
             // A first module still on probation: the best there is to return to, and it

@@ -80,7 +80,7 @@ pub enum Event {
     Offer(Box<Accepted>),
     /// A module completed its probation.
     Healthy(ModuleId),
-    /// A module was rolled back (or replaced before it proved healthy).
+    /// A module was rolled back.
     RolledBack(ModuleId, String),
     /// Stop every module and return.
     Shutdown,

@@ -222,6 +222,77 @@ fn tampering_rollback_and_unsignable_input_are_refused_with_reasons() {
         &["pp.bundle", "version 3 is older than version 5"],
     );
 
+    // Unless a bundle it accepted was signed with a rollback floor at or below 3: then
+    // going back to 3 is allowed, with the bytes 3 was accepted with only.
+    let floored = dir.path().join("floored.bundle");
+    ok(&[
+        "module",
+        "sign",
+        "--key",
+        s(&signer),
+        "--name",
+        "process-perf",
+        "--version",
+        "5",
+        "--rollback-floor",
+        "3",
+        s(&guest),
+        "--out",
+        s(&floored),
+    ]);
+    let inspected = ok(&["module", "inspect", s(&floored)]);
+    assert!(
+        inspected.contains("agents may go back to version 3"),
+        "{inspected}"
+    );
+    std::fs::write(
+        state.join("bundle-versions.json"),
+        format!(
+            r#"{{"format": "collector-versions/1", "modules": {{"process-perf": {{"version": 5, "sha256": "{}", "floor": 3}}}}}}"#,
+            collector_runtime::bundle::sha256_hex(&std::fs::read(&guest).unwrap())
+        ),
+    )
+    .unwrap();
+    let verify_against_state = |bundle: &Path| {
+        collector(&[
+            "module",
+            "verify",
+            "--trust",
+            &pub_key,
+            "--state-dir",
+            s(&state),
+            s(bundle),
+        ])
+    };
+    assert!(verify_against_state(&bundle).status.success());
+    let older = dir.path().join("v2.bundle");
+    sign("2", &older);
+    let out = verify_against_state(&older);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("allow going back only to version 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fails(
+        &[
+            "module",
+            "sign",
+            "--key",
+            s(&signer),
+            "--name",
+            "process-perf",
+            "--version",
+            "2",
+            "--rollback-floor",
+            "3",
+            s(&guest),
+            "--out",
+            s(&older),
+        ],
+        &["--rollback-floor 3", "at most the version (2)"],
+    );
+
     // A bare component is not a bundle, and garbage is never signed.
     fails(
         &["module", "verify", "--trust", &pub_key, s(&guest)],
