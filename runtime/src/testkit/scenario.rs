@@ -232,16 +232,17 @@ impl Scenario {
     ///
     /// # Errors
     ///
-    /// A [`ScenarioError`] naming the file, the line and what was expected.
+    /// A [`ScenarioError`] naming the file, the step, the line, the field and what was
+    /// expected.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ScenarioError> {
         let file = path.display().to_string();
         let fail = |line: usize, message: String| ScenarioError {
             file: file.clone(),
             message: format!("line {line}: {message}"),
         };
-        let spec: FileSpec = toml::from_str(text).map_err(|e| ScenarioError {
+        let spec = decode(text).map_err(|message| ScenarioError {
             file: file.clone(),
-            message: e.to_string().trim_end().to_string(),
+            message,
         })?;
         let mut options = MockOptions::default();
         if let Some(pc_id) = spec.pc_id {
@@ -259,11 +260,15 @@ impl Scenario {
         let steps = spec
             .step
             .into_iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(index, s)| {
                 let line = line_of(text, s.span().start);
                 let step = s.into_inner();
                 let label = step.label.clone();
-                let action = step_action(step).map_err(|m| fail(line, m))?;
+                let action = step_action(step).map_err(|m| ScenarioError {
+                    file: file.clone(),
+                    message: format!("step {} (line {line}): {m}", index + 1),
+                })?;
                 Ok(Step {
                     line,
                     label,
@@ -283,6 +288,59 @@ impl Scenario {
             steps,
         })
     }
+}
+
+/// Decodes the file's structure. Errors say where: the step (by number, as failure
+/// reports count them) and the field path within it, the line, and what was expected.
+fn decode(text: &str) -> Result<FileSpec, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| located(text, None, &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().clone();
+        located(text, Some(&path), e.inner())
+    })
+}
+
+/// `step N (line L): `field`: message`, or `line L: `field`: message` outside the steps.
+fn located(text: &str, path: Option<&serde_path_to_error::Path>, e: &toml::de::Error) -> String {
+    use serde_path_to_error::Segment;
+    let mut step = None;
+    let mut field = String::new();
+    for (i, segment) in path.into_iter().flat_map(|p| p.iter()).enumerate() {
+        match segment {
+            Segment::Seq { index } if i == 1 && field == "step" => {
+                step = Some(index + 1);
+                field.clear();
+            }
+            Segment::Seq { index } => field.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                // Spanned values show up as private keys; they are no field of the file.
+                if !key.starts_with("$__") {
+                    if !field.is_empty() {
+                        field.push('.');
+                    }
+                    field.push_str(key);
+                }
+            }
+            Segment::Unknown => {}
+        }
+    }
+    let mut out = String::new();
+    if let Some(n) = step {
+        out.push_str(&format!("step {n} "));
+    }
+    match e.span() {
+        Some(span) if step.is_some() => {
+            out.push_str(&format!("(line {}): ", line_of(text, span.start)))
+        }
+        Some(span) => out.push_str(&format!("line {}: ", line_of(text, span.start))),
+        None if step.is_some() => out = out.trim_end().to_string() + ": ",
+        None => {}
+    }
+    if !field.is_empty() {
+        out.push_str(&format!("`{field}`: "));
+    }
+    out.push_str(e.message().trim_end());
+    out
 }
 
 /// 1-based line number of a byte offset.
@@ -659,6 +717,10 @@ mod tests {
         Scenario::parse(Path::new("s.toml"), text)
     }
 
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn parses_every_action() {
         let s = parse(
@@ -702,54 +764,78 @@ expect_log = { level = "warn", contains = "x" }
         let keys: Vec<_> = s.steps.iter().map(|s| s.action.key()).collect();
         assert_eq!(keys, ACTIONS);
         assert_eq!(s.steps[0].line, 4);
-        let Action::Processes(p) = &s.steps[1].action else {
-            panic!()
+        let step = |key: &str| {
+            s.steps
+                .iter()
+                .find(|s| s.action.key() == key)
+                .unwrap_or_else(|| panic!("no {key} step"))
+        };
+        let Action::Processes(p) = &step("processes").action else {
+            unreachable!()
         };
         assert!(p[0].cpu_pct.is_nan());
         assert_eq!(p[1].cpu_pct, 3.0);
-        assert_eq!(s.steps[7].label.as_deref(), Some("first message"));
+        let Action::ExpectPublish { options, .. } = &step("expect_publish").action else {
+            unreachable!()
+        };
+        assert_eq!(
+            step("expect_publish").label.as_deref(),
+            Some("first message")
+        );
+        assert!(options.ordered);
+        assert_eq!(options.tolerance, 0.5);
     }
 
     #[test]
-    fn malformed_files_name_the_line_and_what_was_expected() {
-        let err = parse("[[step]]\ntick = true\n[[step]]\ntick = true\nadvance = \"1s\"\n")
-            .unwrap_err()
-            .to_string();
+    fn malformed_files_name_the_step_the_field_and_what_was_expected() {
+        let err = error("[[step]]\ntick = true\n[[step]]\ntick = true\nadvance = \"1s\"\n");
         assert!(
-            err.starts_with("s.toml: line 3: a step holds exactly one action"),
+            err.starts_with("s.toml: step 2 (line 3): a step holds exactly one action"),
             "{err}"
         );
 
-        let err = parse("[[step]]\nexpect_publsh = {}\n")
-            .unwrap_err()
-            .to_string();
+        let err = error("[[step]]\ntick = true\n[[step]]\nexpect_publsh = {}\n");
         assert!(
-            err.contains("line 2") && err.contains("unknown field `expect_publsh`"),
+            err.starts_with("s.toml: step 2 (line 4): ")
+                && err.contains("unknown field `expect_publsh`"),
             "{err}"
         );
 
-        let err = parse("[[step]]\nadvance = \"soon\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = error("[[step]]\nadvance = \"soon\"\n");
         assert!(
-            err.contains("line 1: `advance`: expected a duration"),
+            err.contains("step 1 (line 1): `advance`: expected a duration"),
             "{err}"
         );
 
-        let err = parse("[[step]]\nconfig = { process_perf_top_n = \"x\" }\n")
-            .unwrap_err()
-            .to_string();
+        let err = error("[[step]]\ntick = true\n\n[[step]]\nexpect_samples = \"two\"\n");
+        assert!(
+            err.starts_with("s.toml: step 2 (line 5): `expect_samples`: ")
+                && err.contains("expected u64"),
+            "{err}"
+        );
+
+        let err = error(
+            "[[step]]\nexpect_publish = { json = {}, tolerance = 0.1 }\n[[step]]\nexpect_publish = { tolerance = \"1%\" }\n",
+        );
+        assert!(
+            err.starts_with("s.toml: step 2 (line 4): `expect_publish.tolerance`: ")
+                && err.contains("expected f64"),
+            "{err}"
+        );
+
+        let err = error("start = 5\n[[step]]\ntick = true\n");
+        assert!(err.starts_with("s.toml: line 1: `start`: "), "{err}");
+
+        let err = error("[[step]]\nconfig = { process_perf_top_n = \"x\" }\n");
         assert!(err.contains("field `process_perf_top_n`"), "{err}");
 
-        let err = parse("[[step]]\nconfig = { top_n = 3 }\n")
-            .unwrap_err()
-            .to_string();
+        let err = error("[[step]]\nconfig = { top_n = 3 }\n");
         assert!(err.contains("unknown field `top_n`"), "{err}");
 
-        let err = parse("name = \"x\"\n").unwrap_err().to_string();
+        let err = error("name = \"x\"\n");
         assert!(err.contains("no steps"), "{err}");
 
-        let err = parse("[[step]]\n").unwrap_err().to_string();
+        let err = error("[[step]]\n");
         assert!(err.contains("a step needs one action"), "{err}");
     }
 }

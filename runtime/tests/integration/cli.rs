@@ -279,3 +279,55 @@ fn collector_test_reports_a_malformed_scenario_with_file_and_line() {
     assert!(stdout.contains("expected u64"), "{stdout}");
     assert_eq!(stdout.lines().last(), Some("0 passed, 1 failed"));
 }
+
+/// Scenarios that use every addition to the format with a wrong expectation: each must
+/// fail, and say which file, step and field, and what was expected against what happened.
+const WRONG_SCENARIOS: &[(&str, &str, &[&str])] = &[(
+    "malformed",
+    r#"[[step]]
+tick = true
+[[step]]
+expect_publish = { tolerance = "1%" }
+"#,
+    &[
+        "malformed scenario",
+        "malformed.toml: step 2 (line 4): `expect_publish.tolerance`: invalid type: string \"1%\", expected f64",
+    ],
+)];
+
+#[test]
+fn collector_test_explains_wrong_expectations_of_every_format_addition() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, _) in WRONG_SCENARIOS {
+        std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+    }
+    let out = collector()
+        .arg("test")
+        .arg(guest_wasm())
+        .arg(dir.path())
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["passed"], 0, "{report:#}");
+    assert_eq!(report["failed"], WRONG_SCENARIOS.len(), "{report:#}");
+    for (name, _, wanted) in WRONG_SCENARIOS {
+        let scenario = report["scenarios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| {
+                s["file"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("/{name}.toml"))
+            })
+            .unwrap_or_else(|| panic!("{name} is not in the report: {report:#}"));
+        let failure = scenario["failure"].as_str().unwrap_or_default();
+        for w in *wanted {
+            assert!(failure.contains(w), "{name}: {w:?} not in:\n{failure}");
+        }
+    }
+}
