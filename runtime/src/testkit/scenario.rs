@@ -139,6 +139,9 @@ struct ExpectPublishSpec {
     #[serde(default)]
     ordered: bool,
     tolerance: Option<f64>,
+    relative_tolerance: Option<f64>,
+    #[serde(default)]
+    exact_keys: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -416,10 +419,25 @@ fn step_action(step: StepSpec) -> Result<Action, String> {
             .transpose()?;
         let mut options = MatchOptions {
             ordered: e.ordered,
+            exact_keys: e.exact_keys,
             ..MatchOptions::default()
         };
-        if let Some(t) = e.tolerance {
-            options.tolerance = t;
+        for (key, given, slot) in [
+            ("tolerance", e.tolerance, &mut options.tolerance),
+            (
+                "relative_tolerance",
+                e.relative_tolerance,
+                &mut options.relative_tolerance,
+            ),
+        ] {
+            if let Some(t) = given {
+                if !(t >= 0.0 && t.is_finite()) {
+                    return Err(format!(
+                        "`expect_publish.{key}`: expected a finite number >= 0, got {t}"
+                    ));
+                }
+                *slot = t;
+            }
         }
         actions.push(Action::ExpectPublish {
             subject: e.subject,
@@ -743,7 +761,7 @@ run = "10s"
 fail_publish = true
 [[step]]
 label = "first message"
-expect_publish = { subject = "x", json = { pid = 1 }, ordered = true, tolerance = 0.5 }
+expect_publish = { subject = "x", json = { pid = 1 }, ordered = true, tolerance = 0.5, relative_tolerance = 0.01, exact_keys = true }
 [[step]]
 expect_no_publish = true
 [[step]]
@@ -784,6 +802,9 @@ expect_log = { level = "warn", contains = "x" }
         );
         assert!(options.ordered);
         assert_eq!(options.tolerance, 0.5);
+        // Relative tolerance and exact keys.
+        assert_eq!(options.relative_tolerance, 0.01);
+        assert!(options.exact_keys);
     }
 
     #[test]
@@ -837,5 +858,27 @@ expect_log = { level = "warn", contains = "x" }
 
         let err = error("[[step]]\n");
         assert!(err.contains("a step needs one action"), "{err}");
+    }
+
+    #[test]
+    fn malformed_new_actions_say_what_was_expected() {
+        for (step, wanted) in [
+            (
+                "expect_publish = { relative_tolerance = -0.1 }",
+                "`expect_publish.relative_tolerance`: expected a finite number >= 0, got -0.1",
+            ),
+            (
+                "expect_publish = { tolerance = inf }",
+                "`expect_publish.tolerance`: expected a finite number >= 0, got inf",
+            ),
+        ] {
+            let err = error(&format!(
+                "pc_id = \"pc-1\"\n[[step]]\ntick = true\n[[step]]\n{step}\n"
+            ));
+            assert!(
+                err.starts_with("s.toml: step 2 (line 4): ") && err.contains(wanted),
+                "{step}: {err}"
+            );
+        }
     }
 }

@@ -282,18 +282,58 @@ fn collector_test_reports_a_malformed_scenario_with_file_and_line() {
 
 /// Scenarios that use every addition to the format with a wrong expectation: each must
 /// fail, and say which file, step and field, and what was expected against what happened.
-const WRONG_SCENARIOS: &[(&str, &str, &[&str])] = &[(
-    "malformed",
-    r#"[[step]]
+const WRONG_SCENARIOS: &[(&str, &str, &[&str])] = &[
+    (
+        "relative",
+        r#"[[step]]
+config = { process_perf_enabled = true, host_perf_interval = "7s" }
+[[step]]
+processes = [{ pid = 3, read = 0 }]
+[[step]]
+run = "0s"
+[[step]]
+processes = [{ pid = 3, read = 1000000 }]
+[[step]]
+run = "7s"
+[[step]]
+expect_publish = {}
+[[step]]
+expect_publish = { relative_tolerance = 0.001, json = { processes = [{ disk_read_bytes_per_sec = 142000 }] } }
+"#,
+        &[
+            "step 7 (line 13) expect_publish",
+            "at processes[0]: expected {\"disk_read_bytes_per_sec\":142000}, got no matching element",
+        ],
+    ),
+    (
+        "extra-keys",
+        r#"[[step]]
+config = { process_perf_enabled = true }
+[[step]]
+processes = [{ pid = 3 }]
+[[step]]
+tick = true
+[[step]]
+expect_publish = { exact_keys = true, ordered = true, json = { pc_id = "test-pc", at = "$any", processes = [{ pid = 3, name = "", cpu_pct = 0 }] } }
+"#,
+        &[
+            "step 4 (line 7) expect_publish",
+            "at processes[0].rss_bytes: expected no such key (exact_keys: the pattern does not name it), got 0",
+        ],
+    ),
+    (
+        "malformed",
+        r#"[[step]]
 tick = true
 [[step]]
 expect_publish = { tolerance = "1%" }
 "#,
-    &[
-        "malformed scenario",
-        "malformed.toml: step 2 (line 4): `expect_publish.tolerance`: invalid type: string \"1%\", expected f64",
-    ],
-)];
+        &[
+            "malformed scenario",
+            "malformed.toml: step 2 (line 4): `expect_publish.tolerance`: invalid type: string \"1%\", expected f64",
+        ],
+    ),
+];
 
 #[test]
 fn collector_test_explains_wrong_expectations_of_every_format_addition() {
