@@ -56,6 +56,9 @@ pub struct MockProcess {
     pub rss_bytes: u64,
     pub disk_read_bytes: u64,
     pub disk_written_bytes: u64,
+    /// The process exits right after the next sample: that sample lists it, a `names`
+    /// call after it gets the empty string, and later samples no longer list it.
+    pub exits_after_sample: bool,
 }
 
 impl MockProcess {
@@ -68,6 +71,7 @@ impl MockProcess {
             rss_bytes: 0,
             disk_read_bytes: 0,
             disk_written_bytes: 0,
+            exits_after_sample: false,
         }
     }
 
@@ -89,12 +93,20 @@ impl MockProcess {
         self.disk_written_bytes = written;
         self
     }
+
+    /// Makes the process exit between the next sample and the name look-up after it.
+    pub fn exits_after_sample(mut self) -> Self {
+        self.exits_after_sample = true;
+        self
+    }
 }
 
 /// The scripted process table, shared between the mock host and its process source.
 #[derive(Debug, Default)]
 struct Script {
     processes: Vec<MockProcess>,
+    /// While set, every sample fails with this reason.
+    sample_failure: Option<String>,
 }
 
 /// A [`ProcessSource`] reading the script.
@@ -102,7 +114,10 @@ struct ScriptedSource(Arc<Mutex<Script>>);
 
 impl ProcessSource for ScriptedSource {
     fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
-        let script = self.0.lock().expect("script lock");
+        let mut script = self.0.lock().expect("script lock");
+        if let Some(reason) = &script.sample_failure {
+            return Err(reason.clone());
+        }
         let p = &script.processes;
         let mut table = ProcessTable {
             pids: p.iter().map(|p| p.pid).collect(),
@@ -112,6 +127,8 @@ impl ProcessSource for ScriptedSource {
             disk_written_bytes: p.iter().map(|p| p.disk_written_bytes).collect(),
         };
         table.retain_fields(fields);
+        // Gone before the guest can ask for its name: the race every real host has.
+        script.processes.retain(|p| !p.exits_after_sample);
         Ok(table)
     }
 
@@ -250,6 +267,11 @@ impl MockHost {
     /// Replaces the process table.
     pub fn set_processes(&mut self, processes: Vec<MockProcess>) {
         self.script.lock().expect("script lock").processes = processes;
+    }
+
+    /// Makes every sample fail with `reason` (`Some`), or succeed again (`None`).
+    pub fn set_sample_failing(&mut self, reason: Option<String>) {
+        self.script.lock().expect("script lock").sample_failure = reason;
     }
 
     /// Overlays `scope` on the current effective configuration and hands the result to

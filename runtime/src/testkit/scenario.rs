@@ -38,6 +38,7 @@ use crate::host::{HostStats, Level};
 pub const ACTIONS: &[&str] = &[
     "config",
     "processes",
+    "fail_sample",
     "advance",
     "set_wall",
     "tick",
@@ -80,6 +81,7 @@ struct StepSpec {
     label: Option<String>,
     config: Option<toml::Table>,
     processes: Option<Vec<ProcessSpec>>,
+    fail_sample: Option<toml::Value>,
     advance: Option<String>,
     set_wall: Option<String>,
     tick: Option<bool>,
@@ -108,6 +110,8 @@ struct ProcessSpec {
     read: u64,
     #[serde(default)]
     written: u64,
+    #[serde(default)]
+    exits_after_sample: bool,
 }
 
 /// A TOML number written either as integer or float (`5`, `5.0`, `nan`).
@@ -156,6 +160,8 @@ struct ExpectLogSpec {
 pub enum Action {
     Config(ConfigScope),
     Processes(Vec<MockProcess>),
+    /// `Some(reason)` makes samples fail, `None` succeed again.
+    FailSample(Option<String>),
     Advance(Duration),
     SetWall(DateTime<Utc>),
     Tick,
@@ -183,6 +189,7 @@ impl Action {
         match self {
             Action::Config(_) => "config",
             Action::Processes(_) => "processes",
+            Action::FailSample(_) => "fail_sample",
             Action::Advance(_) => "advance",
             Action::SetWall(_) => "set_wall",
             Action::Tick => "tick",
@@ -384,13 +391,30 @@ fn step_action(step: StepSpec) -> Result<Action, String> {
             procs
                 .into_iter()
                 .map(|p| {
-                    MockProcess::new(p.pid, &p.name)
+                    let process = MockProcess::new(p.pid, &p.name)
                         .cpu(p.cpu.as_f32())
                         .rss(p.rss)
-                        .disk(p.read, p.written)
+                        .disk(p.read, p.written);
+                    if p.exits_after_sample {
+                        process.exits_after_sample()
+                    } else {
+                        process
+                    }
                 })
                 .collect(),
         ));
+    }
+    if let Some(value) = step.fail_sample {
+        actions.push(Action::FailSample(match value {
+            toml::Value::Boolean(true) => Some("simulated sampling failure".into()),
+            toml::Value::Boolean(false) => None,
+            toml::Value::String(reason) if !reason.is_empty() => Some(reason),
+            other => {
+                return Err(format!(
+                    "`fail_sample`: expected `true`, `false` or a non-empty reason string, got {other}"
+                ));
+            }
+        }));
     }
     if let Some(d) = step.advance {
         actions.push(Action::Advance(parse_duration("advance", &d)?));
@@ -591,6 +615,7 @@ fn run_step(
             host.configure(scope)
                 .map_err(|e| format!("the guest trapped while being configured: {e}"))?;
         }
+        Action::FailSample(reason) => host.set_sample_failing(reason.clone()),
         Action::Processes(p) => host.set_processes(p.clone()),
         Action::Advance(d) => host.advance(*d),
         Action::SetWall(t) => host.set_wall(*t),
@@ -748,7 +773,9 @@ start = "2026-05-01T00:00:00Z"
 [[step]]
 config = { process_perf_enabled = true, host_perf_interval = "2s" }
 [[step]]
-processes = [{ pid = 1, name = "a", cpu = nan, rss = 5 }, { pid = 2, cpu = 3 }]
+processes = [{ pid = 1, name = "a", cpu = nan, rss = 5 }, { pid = 2, cpu = 3, exits_after_sample = true }]
+[[step]]
+fail_sample = "permission denied"
 [[step]]
 advance = "1m"
 [[step]]
@@ -805,6 +832,19 @@ expect_log = { level = "warn", contains = "x" }
         // Relative tolerance and exact keys.
         assert_eq!(options.relative_tolerance, 0.01);
         assert!(options.exact_keys);
+        // Failing samples and exiting processes.
+        assert!(!p[0].exits_after_sample && p[1].exits_after_sample);
+        let Action::FailSample(reason) = &step("fail_sample").action else {
+            unreachable!()
+        };
+        assert_eq!(reason.as_deref(), Some("permission denied"));
+    }
+
+    #[test]
+    fn fail_sample_takes_a_flag_or_a_reason() {
+        let s = parse("[[step]]\nfail_sample = true\n[[step]]\nfail_sample = false\n").unwrap();
+        assert!(matches!(&s.steps[0].action, Action::FailSample(Some(_))));
+        assert!(matches!(&s.steps[1].action, Action::FailSample(None)));
     }
 
     #[test]
@@ -844,6 +884,14 @@ expect_log = { level = "warn", contains = "x" }
             "{err}"
         );
 
+        let err =
+            error("[[step]]\nprocesses = [{ pid = 1 }, { pid = 2, exits_after_sample = 1 }]\n");
+        assert!(
+            err.contains("step 1 (line 2): `processes[1].exits_after_sample`: ")
+                && err.contains("expected a boolean"),
+            "{err}"
+        );
+
         let err = error("start = 5\n[[step]]\ntick = true\n");
         assert!(err.starts_with("s.toml: line 1: `start`: "), "{err}");
 
@@ -863,6 +911,10 @@ expect_log = { level = "warn", contains = "x" }
     #[test]
     fn malformed_new_actions_say_what_was_expected() {
         for (step, wanted) in [
+            (
+                "fail_sample = 3",
+                "`fail_sample`: expected `true`, `false` or a non-empty reason string, got 3",
+            ),
             (
                 "expect_publish = { relative_tolerance = -0.1 }",
                 "`expect_publish.relative_tolerance`: expected a finite number >= 0, got -0.1",

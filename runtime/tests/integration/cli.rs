@@ -284,6 +284,39 @@ fn collector_test_reports_a_malformed_scenario_with_file_and_line() {
 /// fail, and say which file, step and field, and what was expected against what happened.
 const WRONG_SCENARIOS: &[(&str, &str, &[&str])] = &[
     (
+        "exit",
+        r#"[[step]]
+config = { process_perf_enabled = true }
+[[step]]
+processes = [{ pid = 2, name = "cc1", cpu = 9.0, exits_after_sample = true }]
+[[step]]
+tick = true
+[[step]]
+expect_publish = { ordered = true, json = { processes = [{ pid = 2, name = "cc1" }] } }
+"#,
+        &[
+            "step 4 (line 7) expect_publish",
+            "at processes[0].name: expected \"cc1\", got \"\"",
+        ],
+    ),
+    (
+        "fail-sample",
+        r#"[[step]]
+config = { process_perf_enabled = true }
+[[step]]
+fail_sample = "no procfs"
+[[step]]
+tick = true
+[[step]]
+label = "wrongly expects a message"
+expect_publish = {}
+"#,
+        &[
+            "step 4 (line 7) expect_publish \"wrongly expects a message\"",
+            "expected a publish, but the guest published nothing more",
+        ],
+    ),
+    (
         "relative",
         r#"[[step]]
 config = { process_perf_enabled = true, host_perf_interval = "7s" }
