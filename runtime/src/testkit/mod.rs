@@ -1,7 +1,7 @@
 //! A mock host for guest authors: run any guest component with no agent, no broker and no
 //! real processes. The process table is scripted, time is virtual (wall and monotonic),
-//! configuration changes are scripted, and every publish, log line and host call is
-//! recorded for assertions.
+//! configuration changes are scripted (as the fleet's layers: global, groups, PC), and
+//! every publish, log line and host call is recorded for assertions.
 //!
 //! The guest runs in the same sandbox as in production (same linker, limits, traps and
 //! ticker), so what passes here behaves the same in the agent.
@@ -30,9 +30,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use collector_shared::config::resolve;
 use collector_shared::{ConfigScope, EffectiveConfig};
 
 use crate::engine::Sandbox;
+use crate::fleet::scope::Layers;
 use crate::guest::{GuestFault, GuestModule, Supervisor, TickError};
 use crate::host::{Datetime, HostStats, LogBook, LogLine, Services, TickTime};
 use crate::sink::MemorySink;
@@ -196,6 +198,11 @@ pub struct MockHost {
     clock: SharedClock,
     sink: MemorySink,
     log_book: LogBook,
+    pc_id: String,
+    /// The configuration as the fleet layers it; `configure` writes the PC's own layer.
+    layers: Layers<ConfigScope>,
+    groups: Vec<String>,
+    /// The resolution of `layers`, handed to the guest.
     config: EffectiveConfig,
     ticker: Ticker,
     /// Publishes already seen by the caller (the sink is drained into here).
@@ -257,6 +264,9 @@ impl MockHost {
             clock,
             sink,
             log_book,
+            pc_id: options.pc_id,
+            layers: Layers::default(),
+            groups: Vec::new(),
             config: EffectiveConfig::default(),
             ticker: Ticker::new(Duration::ZERO, Duration::ZERO),
             published: Vec::new(),
@@ -274,15 +284,90 @@ impl MockHost {
         self.script.lock().expect("script lock").sample_failure = reason;
     }
 
-    /// Overlays `scope` on the current effective configuration and hands the result to
-    /// the guest. Returns whether the guest's interval changed (the ticker then restarts,
-    /// as in the agent).
+    /// Overlays `scope` on the current effective configuration (it is merged into the
+    /// PC's own layer, the last one to resolve) and hands the result to the guest, changed
+    /// or not. Returns whether the guest's interval changed (the ticker then restarts, as
+    /// in the agent).
     ///
     /// # Errors
     ///
     /// When the guest trapped.
     pub fn configure(&mut self, scope: &ConfigScope) -> Result<bool, GuestFault> {
-        scope.apply_to(&mut self.config);
+        let pc = self.layers.pc.take().unwrap_or_default();
+        self.layers.pc = Some(edit_scope(&pc, |fields| fields.extend(scope_fields(scope))));
+        self.config = self.resolved();
+        self.hand_over()
+    }
+
+    /// Removes `fields` from the PC's own layer (as `collector config unset --pc`), so
+    /// that they fall back to the groups, the global layer or the built-in defaults.
+    /// Returns whether the effective configuration changed; only then is the guest
+    /// configured, as the agent does with the fleet's settings.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn unset(&mut self, fields: &[String]) -> Result<bool, GuestFault> {
+        if let Some(pc) = self.layers.pc.take() {
+            self.layers.pc = Some(edit_scope(&pc, |map| {
+                for f in fields {
+                    map.remove(f);
+                }
+            }));
+        }
+        self.reconfigure()
+    }
+
+    /// Delivers one entry of the fleet's settings bucket, as the agent's watch does:
+    /// `value` is the whole new value of the layer `key` (`global`, `groups.<name>` or
+    /// `pcs.<pc_id>`), `None` deletes the layer. Another PC's key changes nothing.
+    /// Returns whether the effective configuration changed; only then is the guest
+    /// configured.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn put_layer(&mut self, key: &str, value: Option<ConfigScope>) -> Result<bool, GuestFault> {
+        // Revision 0 skips the replay marks: the mock delivers each entry once, in order.
+        self.layers.apply(&self.pc_id, key, 0, value);
+        self.reconfigure()
+    }
+
+    /// Sets the PC's group memberships (its `agent_groups` value). Returns whether the
+    /// effective configuration changed; only then is the guest configured.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn set_groups(&mut self, groups: Vec<String>) -> Result<bool, GuestFault> {
+        self.groups = groups;
+        self.reconfigure()
+    }
+
+    /// Resolves the layers; hands the result over only when it differs from the last one.
+    fn reconfigure(&mut self) -> Result<bool, GuestFault> {
+        let config = self.resolved();
+        if config == self.config {
+            return Ok(false);
+        }
+        self.config = config;
+        self.hand_over()?;
+        Ok(true)
+    }
+
+    fn resolved(&self) -> EffectiveConfig {
+        let layers = &self.layers;
+        resolve(
+            layers.global.as_ref(),
+            layers.groups_of(&self.groups),
+            layers.pc.as_ref(),
+        )
+        .config
+    }
+
+    /// Gives the guest the current effective configuration; restarts the ticker when
+    /// the interval changed.
+    fn hand_over(&mut self) -> Result<bool, GuestFault> {
         let changed = self.supervisor.configure(&self.config)?;
         if changed {
             self.ticker.restart(self.clock.get().mono);
@@ -336,7 +421,7 @@ impl MockHost {
     pub fn tick(&mut self) -> Result<(), TickError> {
         // As in the agent, a guest is always configured before its first tick.
         if !self.supervisor.is_configured() {
-            self.configure(&ConfigScope::default())?;
+            self.hand_over()?;
         }
         let c = self.clock.get();
         let now = TickTime {
@@ -446,4 +531,24 @@ impl MockHost {
                 }),
         );
     }
+}
+
+/// The fields a scope sets, as JSON.
+fn scope_fields(scope: &ConfigScope) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(scope) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => unreachable!("a ConfigScope serializes to an object"),
+    }
+}
+
+/// `scope` with its fields edited as a JSON object; `ConfigScope` has no per-field
+/// setter by name, and its serde form is the one the fleet stores.
+fn edit_scope(
+    scope: &ConfigScope,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> ConfigScope {
+    let mut fields = scope_fields(scope);
+    edit(&mut fields);
+    serde_json::from_value(serde_json::Value::Object(fields))
+        .expect("fields of valid scopes make a valid scope")
 }

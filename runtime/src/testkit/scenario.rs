@@ -31,12 +31,16 @@ use toml::Spanned;
 
 use super::json_match::{self, MatchOptions};
 use super::{MockHost, MockOptions, MockProcess, Published, default_start};
+use crate::fleet::scope::Scope;
 use crate::guest::GuestModule;
 use crate::host::{HostStats, Level};
 
 /// Every action a step may hold, in the order they are documented.
 pub const ACTIONS: &[&str] = &[
     "config",
+    "unset",
+    "layer",
+    "groups",
     "processes",
     "fail_sample",
     "advance",
@@ -80,6 +84,9 @@ struct StepSpec {
     /// Shown in failure reports.
     label: Option<String>,
     config: Option<toml::Table>,
+    unset: Option<Vec<String>>,
+    layer: Option<LayerSpec>,
+    groups: Option<Vec<String>>,
     processes: Option<Vec<ProcessSpec>>,
     fail_sample: Option<toml::Value>,
     advance: Option<String>,
@@ -94,6 +101,14 @@ struct StepSpec {
     expect_name_lookups: Option<u64>,
     expect_ticks: Option<u64>,
     expect_log: Option<ExpectLogSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerSpec {
+    scope: String,
+    value: Option<toml::Table>,
+    delete: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +174,10 @@ struct ExpectLogSpec {
 #[derive(Debug, Clone)]
 pub enum Action {
     Config(ConfigScope),
+    Unset(Vec<String>),
+    /// A put (`Some`) or delete (`None`) of the layer with this key.
+    Layer(String, Option<ConfigScope>),
+    Groups(Vec<String>),
     Processes(Vec<MockProcess>),
     /// `Some(reason)` makes samples fail, `None` succeed again.
     FailSample(Option<String>),
@@ -188,6 +207,9 @@ impl Action {
     pub fn key(&self) -> &'static str {
         match self {
             Action::Config(_) => "config",
+            Action::Unset(_) => "unset",
+            Action::Layer(..) => "layer",
+            Action::Groups(_) => "groups",
             Action::Processes(_) => "processes",
             Action::FailSample(_) => "fail_sample",
             Action::Advance(_) => "advance",
@@ -275,7 +297,7 @@ impl Scenario {
                 let line = line_of(text, s.span().start);
                 let step = s.into_inner();
                 let label = step.label.clone();
-                let action = step_action(step).map_err(|m| ScenarioError {
+                let action = step_action(step, &options.pc_id).map_err(|m| ScenarioError {
                     file: file.clone(),
                     message: format!("step {} (line {line}): {m}", index + 1),
                 })?;
@@ -372,19 +394,83 @@ fn parse_duration(key: &str, s: &str) -> Result<Duration, String> {
     })
 }
 
-fn step_action(step: StepSpec) -> Result<Action, String> {
+/// A table of configuration fields, as a scope; `key` names it in errors.
+fn config_scope(key: &str, table: &toml::Table) -> Result<ConfigScope, String> {
+    let json = serde_json::to_string(table).map_err(|e| format!("`{key}`: {e}"))?;
+    let (scope, unknown) = ConfigScope::from_json(&json).map_err(|e| format!("`{key}`: {e}"))?;
+    if let Some(field) = unknown.first() {
+        return Err(format!(
+            "`{key}`: unknown field `{field}`, expected one of {}",
+            ConfigScope::FIELDS.join(", ")
+        ));
+    }
+    Ok(scope)
+}
+
+/// A layer key of the fleet's grammar that reaches this PC.
+fn layer_key(scope: &str, pc_id: &str) -> Result<String, String> {
+    match Scope::parse(scope) {
+        Some(Scope::Pc(other)) if other != pc_id => Err(format!(
+            "`layer.scope`: {scope:?} is another PC's layer (this scenario's pc_id is {pc_id:?}); the fleet never delivers it"
+        )),
+        Some(parsed) => Ok(parsed.key()),
+        None => Err(format!(
+            "`layer.scope`: expected \"global\", \"groups.<name>\" or \"pcs.{pc_id}\", got {scope:?}"
+        )),
+    }
+}
+
+fn step_action(step: StepSpec, pc_id: &str) -> Result<Action, String> {
     let mut actions = Vec::new();
     if let Some(table) = step.config {
-        let json = serde_json::to_string(&table).map_err(|e| format!("`config`: {e}"))?;
-        let (scope, unknown) =
-            ConfigScope::from_json(&json).map_err(|e| format!("`config`: {e}"))?;
-        if let Some(field) = unknown.first() {
+        actions.push(Action::Config(config_scope("config", &table)?));
+    }
+    if let Some(fields) = step.unset {
+        if let Some(f) = fields
+            .iter()
+            .find(|f| !ConfigScope::FIELDS.contains(&f.as_str()))
+        {
             return Err(format!(
-                "`config`: unknown field `{field}`, expected one of {}",
+                "`unset`: unknown field `{f}`, expected one of {}",
                 ConfigScope::FIELDS.join(", ")
             ));
         }
-        actions.push(Action::Config(scope));
+        if fields.is_empty() {
+            return Err("`unset`: expected at least one field name".into());
+        }
+        actions.push(Action::Unset(fields));
+    }
+    if let Some(layer) = step.layer {
+        let key = layer_key(&layer.scope, pc_id)?;
+        let value = match (layer.value, layer.delete) {
+            (Some(table), None) => Some(config_scope("layer.value", &table)?),
+            (None, Some(true)) => None,
+            (None, Some(false)) => {
+                return Err("`layer.delete`: must be `true` (or give `value` instead)".into());
+            }
+            (Some(_), Some(_)) => {
+                return Err(
+                    "`layer`: `value` puts the layer and `delete` removes it; give one of them"
+                        .into(),
+                );
+            }
+            (None, None) => {
+                return Err(
+                    "`layer`: expected `value = { ... }` (the layer's whole new value) or `delete = true`"
+                        .into(),
+                );
+            }
+        };
+        actions.push(Action::Layer(key, value));
+    }
+    if let Some(mut groups) = step.groups {
+        if groups.iter().any(String::is_empty) {
+            return Err("`groups`: a group name cannot be empty".into());
+        }
+        // As kanade stores memberships: sorted, without duplicates.
+        groups.sort();
+        groups.dedup();
+        actions.push(Action::Groups(groups));
     }
     if let Some(procs) = step.processes {
         actions.push(Action::Processes(
@@ -610,10 +696,19 @@ fn run_step(
     pending: &mut VecDeque<Published>,
     total_ticks: &mut u64,
 ) -> Result<(), String> {
+    let trapped = |e| format!("the guest trapped while being configured: {e}");
     match action {
         Action::Config(scope) => {
-            host.configure(scope)
-                .map_err(|e| format!("the guest trapped while being configured: {e}"))?;
+            host.configure(scope).map_err(trapped)?;
+        }
+        Action::Unset(fields) => {
+            host.unset(fields).map_err(trapped)?;
+        }
+        Action::Layer(key, value) => {
+            host.put_layer(key, value.clone()).map_err(trapped)?;
+        }
+        Action::Groups(groups) => {
+            host.set_groups(groups.clone()).map_err(trapped)?;
         }
         Action::FailSample(reason) => host.set_sample_failing(reason.clone()),
         Action::Processes(p) => host.set_processes(p.clone()),
@@ -773,6 +868,12 @@ start = "2026-05-01T00:00:00Z"
 [[step]]
 config = { process_perf_enabled = true, host_perf_interval = "2s" }
 [[step]]
+unset = ["process_perf_top_n"]
+[[step]]
+layer = { scope = "groups.canary", value = { process_perf_top_n = 3 } }
+[[step]]
+groups = ["zeta", "canary", "zeta"]
+[[step]]
 processes = [{ pid = 1, name = "a", cpu = nan, rss = 5 }, { pid = 2, cpu = 3, exits_after_sample = true }]
 [[step]]
 fail_sample = "permission denied"
@@ -838,6 +939,22 @@ expect_log = { level = "warn", contains = "x" }
             unreachable!()
         };
         assert_eq!(reason.as_deref(), Some("permission denied"));
+        // Configuration layers.
+        let Action::Unset(fields) = &step("unset").action else {
+            unreachable!()
+        };
+        assert_eq!(fields, &["process_perf_top_n"]);
+        let Action::Layer(key, Some(scope)) = &step("layer").action else {
+            unreachable!()
+        };
+        assert_eq!(
+            (key.as_str(), scope.process_perf_top_n),
+            ("groups.canary", Some(3))
+        );
+        let Action::Groups(groups) = &step("groups").action else {
+            unreachable!()
+        };
+        assert_eq!(groups, &["canary", "zeta"], "sorted and deduplicated");
     }
 
     #[test]
@@ -845,6 +962,14 @@ expect_log = { level = "warn", contains = "x" }
         let s = parse("[[step]]\nfail_sample = true\n[[step]]\nfail_sample = false\n").unwrap();
         assert!(matches!(&s.steps[0].action, Action::FailSample(Some(_))));
         assert!(matches!(&s.steps[1].action, Action::FailSample(None)));
+    }
+
+    #[test]
+    fn a_layer_is_put_or_deleted_whole() {
+        let s =
+            parse("pc_id = \"pc-1\"\n[[step]]\nlayer = { scope = \"pcs.pc-1\", delete = true }\n")
+                .unwrap();
+        assert!(matches!(&s.steps[0].action, Action::Layer(k, None) if k == "pcs.pc-1"));
     }
 
     #[test]
@@ -911,6 +1036,32 @@ expect_log = { level = "warn", contains = "x" }
     #[test]
     fn malformed_new_actions_say_what_was_expected() {
         for (step, wanted) in [
+            (
+                "unset = [\"top_n\"]",
+                "`unset`: unknown field `top_n`, expected one of",
+            ),
+            ("unset = []", "`unset`: expected at least one field name"),
+            (
+                "layer = { scope = \"group.canary\", value = {} }",
+                "`layer.scope`: expected \"global\", \"groups.<name>\" or \"pcs.pc-1\", got \"group.canary\"",
+            ),
+            (
+                "layer = { scope = \"pcs.pc-2\", value = {} }",
+                "`layer.scope`: \"pcs.pc-2\" is another PC's layer",
+            ),
+            (
+                "layer = { scope = \"global\" }",
+                "`layer`: expected `value = { ... }`",
+            ),
+            (
+                "layer = { scope = \"global\", value = {}, delete = true }",
+                "give one of them",
+            ),
+            (
+                "layer = { scope = \"global\", value = { process_perf_top_n = -1 } }",
+                "`layer.value`: field `process_perf_top_n`",
+            ),
+            ("groups = [\"\"]", "`groups`: a group name cannot be empty"),
             (
                 "fail_sample = 3",
                 "`fail_sample`: expected `true`, `false` or a non-empty reason string, got 3",

@@ -317,6 +317,40 @@ expect_publish = {}
         ],
     ),
     (
+        "layers",
+        r#"pc_id = "pc-1"
+[[step]]
+layer = { scope = "global", value = { process_perf_enabled = true } }
+[[step]]
+layer = { scope = "groups.canary", value = { process_perf_top_n = 1 } }
+[[step]]
+processes = [{ pid = 1, cpu = 2.0 }, { pid = 2, cpu = 1.0 }]
+[[step]]
+tick = true
+[[step]]
+label = "the PC is in no group: the canary layer does not apply"
+expect_publish = { json = { processes = [{ pid = 1 }] } }
+"#,
+        &[
+            "step 5 (line 10) expect_publish",
+            "at processes: expected 1 elements, got 2 elements",
+        ],
+    ),
+    (
+        "unset",
+        r#"[[step]]
+config = { process_perf_enabled = true, host_perf_interval = "10s" }
+[[step]]
+unset = ["host_perf_interval"]
+[[step]]
+expect_interval = "10s"
+"#,
+        &[
+            "step 3 (line 5) expect_interval",
+            "expected interval 10s, the guest asks for 1m",
+        ],
+    ),
+    (
         "relative",
         r#"[[step]]
 config = { process_perf_enabled = true, host_perf_interval = "7s" }
@@ -356,14 +390,15 @@ expect_publish = { exact_keys = true, ordered = true, json = { pc_id = "test-pc"
     ),
     (
         "malformed",
-        r#"[[step]]
+        r#"pc_id = "pc-1"
+[[step]]
 tick = true
 [[step]]
-expect_publish = { tolerance = "1%" }
+layer = { scope = "group.canary", value = {} }
 "#,
         &[
             "malformed scenario",
-            "malformed.toml: step 2 (line 4): `expect_publish.tolerance`: invalid type: string \"1%\", expected f64",
+            "malformed.toml: step 2 (line 4): `layer.scope`: expected \"global\", \"groups.<name>\" or \"pcs.pc-1\", got \"group.canary\"",
         ],
     ),
 ];
