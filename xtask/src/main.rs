@@ -3,7 +3,7 @@
 //! builds the guest component and runs the checks CI relies on.
 
 use std::env;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -303,8 +303,11 @@ fn test(extra: &[String]) -> Result<()> {
             .env("COLLECTOR_FUZZ_MUTATIONS", FUZZ_SMOKE_MUTATIONS.to_string())
             .stdout(std::process::Stdio::null()),
     )?;
-    run_scenarios(&guest, "guest-process-perf/scenarios")?;
-    run_scenarios(&top_memory, "docs/examples/guest-top-memory/scenarios")?;
+    // The default guest's swap scenarios also hand over to the example guest.
+    let mut module = OsString::from("--module=top-memory=");
+    module.push(&top_memory);
+    run_scenarios(&guest, "guest-process-perf/scenarios", &[&module])?;
+    run_scenarios(&top_memory, "docs/examples/guest-top-memory/scenarios", &[])?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }
@@ -478,11 +481,13 @@ fn soak(extra: &[String]) -> Result<()> {
 mod soak;
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
-fn run_scenarios(guest: &Path, dir: &str) -> Result<()> {
+fn run_scenarios(guest: &Path, dir: &str, extra: &[&OsStr]) -> Result<()> {
     let dir_path = root().join(dir);
+    let mut args = vec!["test".as_ref(), guest.as_os_str(), dir_path.as_os_str()];
+    args.extend_from_slice(extra);
     run_step(
         &format!("running the scenarios in {dir}"),
-        &mut collector(&["test".as_ref(), guest.as_os_str(), dir_path.as_os_str()]),
+        &mut collector(&args),
     )
 }
 

@@ -1,7 +1,8 @@
 //! A mock host for guest authors: run any guest component with no agent, no broker and no
 //! real processes. The process table is scripted, time is virtual (wall and monotonic),
-//! configuration changes are scripted (as the fleet's layers: global, groups, PC), and
-//! every publish, log line and host call is recorded for assertions.
+//! configuration changes are scripted (as the fleet's layers: global, groups, PC), module
+//! swaps are scripted, and every publish, log line and host call is recorded for
+//! assertions.
 //!
 //! The guest runs in the same sandbox as in production (same linker, limits, traps and
 //! ticker), so what passes here behaves the same in the agent.
@@ -35,7 +36,7 @@ use collector_shared::{ConfigScope, EffectiveConfig};
 
 use crate::engine::Sandbox;
 use crate::fleet::scope::Layers;
-use crate::guest::{GuestFault, GuestModule, Supervisor, TickError};
+use crate::guest::{GuestFault, GuestModule, NotCarried, Supervisor, TickError};
 use crate::host::{Datetime, HostStats, LogBook, LogLine, Services, TickTime};
 use crate::sink::MemorySink;
 use crate::source::{Fields, ProcessSource, ProcessTable};
@@ -518,6 +519,54 @@ impl MockHost {
         self.supervisor.restore_state(state)
     }
 
+    /// Replaces the running module between two ticks, as the agent does: the
+    /// predecessor's `save-state` goes to the successor's `restore-state`, then the
+    /// successor gets the current configuration and is asked for its interval (a new
+    /// interval restarts the ticker). Counters, publishes and logs carry on.
+    ///
+    /// # Errors
+    ///
+    /// When the successor failed to start (in the agent, a rollback).
+    pub fn swap(&mut self, module: Arc<GuestModule>) -> Result<Handoff, GuestFault> {
+        self.swap_inner(module, None)
+    }
+
+    /// As [`MockHost::swap`], but the successor is handed `state` instead of what the
+    /// predecessor saved: a state from a module of another kind, or from an older version.
+    ///
+    /// # Errors
+    ///
+    /// When the successor failed to start.
+    pub fn swap_with_state(
+        &mut self,
+        module: Arc<GuestModule>,
+        state: Vec<u8>,
+    ) -> Result<Handoff, GuestFault> {
+        self.swap_inner(module, Some(state))
+    }
+
+    fn swap_inner(
+        &mut self,
+        module: Arc<GuestModule>,
+        replacement: Option<Vec<u8>>,
+    ) -> Result<Handoff, GuestFault> {
+        // The predecessor is asked even when its answer is replaced, as it would be; a
+        // trap while saving hands over nothing, as in the agent.
+        let saved = self.supervisor.save_state().ok().flatten();
+        let state = replacement.or(saved);
+        let before = self.supervisor.interval();
+        self.supervisor.swap_module(module);
+        let not_carried = self.supervisor.start(state.as_deref())?;
+        if self.supervisor.interval() != before {
+            self.ticker.restart(self.clock.get().mono);
+        }
+        Ok(match (state, not_carried) {
+            (None, _) => Handoff::NoState,
+            (Some(state), None) => Handoff::Carried { bytes: state.len() },
+            (Some(_), Some(why)) => Handoff::NotCarried(why),
+        })
+    }
+
     fn collect(&mut self) {
         let at = self.clock.get().wall;
         self.published.extend(
@@ -530,6 +579,27 @@ impl MockHost {
                     at,
                 }),
         );
+    }
+}
+
+/// What became of the predecessor's state in a swap.
+#[derive(Debug, Clone)]
+pub enum Handoff {
+    /// The predecessor saved nothing (or trapped while saving).
+    NoState,
+    /// The successor's `restore-state` accepted the state.
+    Carried { bytes: usize },
+    /// The successor started fresh, without the state.
+    NotCarried(NotCarried),
+}
+
+impl std::fmt::Display for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handoff::NoState => f.write_str("the predecessor saved no state"),
+            Handoff::Carried { bytes } => write!(f, "a state of {bytes} bytes was carried over"),
+            Handoff::NotCarried(why) => write!(f, "the state was not carried over: {why}"),
+        }
     }
 }
 

@@ -18,7 +18,7 @@
 //!
 //! Each step holds exactly one action. A failing step stops its scenario.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,9 +30,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::json_match::{self, MatchOptions};
-use super::{MockHost, MockOptions, MockProcess, Published, default_start};
+use super::{Handoff, MockHost, MockOptions, MockProcess, Published, default_start};
 use crate::fleet::scope::Scope;
-use crate::guest::GuestModule;
+use crate::guest::{GuestModule, NotCarried};
 use crate::host::{HostStats, Level};
 
 /// Every action a step may hold, in the order they are documented.
@@ -47,6 +47,7 @@ pub const ACTIONS: &[&str] = &[
     "set_wall",
     "tick",
     "run",
+    "swap",
     "fail_publish",
     "expect_publish",
     "expect_no_publish",
@@ -55,7 +56,15 @@ pub const ACTIONS: &[&str] = &[
     "expect_name_lookups",
     "expect_ticks",
     "expect_log",
+    "expect_handoff",
 ];
+
+/// The values `expect_handoff` takes, in the order they are documented.
+pub const HANDOFFS: &[&str] = &["carried", "none", "refused", "over-limit", "trapped"];
+
+/// Modules that `swap` steps may name, besides the guest under test
+/// (`collector test --module NAME=PATH`).
+pub type Modules = BTreeMap<String, Arc<GuestModule>>;
 
 /// A scenario file that could not be read or understood.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +102,7 @@ struct StepSpec {
     set_wall: Option<String>,
     tick: Option<bool>,
     run: Option<String>,
+    swap: Option<SwapSpec>,
     fail_publish: Option<bool>,
     expect_publish: Option<ExpectPublishSpec>,
     expect_no_publish: Option<bool>,
@@ -101,6 +111,7 @@ struct StepSpec {
     expect_name_lookups: Option<u64>,
     expect_ticks: Option<u64>,
     expect_log: Option<ExpectLogSpec>,
+    expect_handoff: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +120,13 @@ struct LayerSpec {
     scope: String,
     value: Option<toml::Table>,
     delete: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapSpec {
+    module: Option<String>,
+    state: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +203,12 @@ pub enum Action {
     SetWall(DateTime<Utc>),
     Tick,
     Run(Duration),
+    Swap {
+        /// `None`: the guest under test again.
+        module: Option<String>,
+        /// Handed over instead of the predecessor's state.
+        state: Option<Vec<u8>>,
+    },
     FailPublish(bool),
     ExpectPublish {
         subject: Option<String>,
@@ -199,6 +223,11 @@ pub enum Action {
     ExpectLog {
         level: Option<Level>,
         contains: String,
+    },
+    ExpectHandoff {
+        /// One of [`HANDOFFS`].
+        result: &'static str,
+        contains: Option<String>,
     },
 }
 
@@ -216,6 +245,7 @@ impl Action {
             Action::SetWall(_) => "set_wall",
             Action::Tick => "tick",
             Action::Run(_) => "run",
+            Action::Swap { .. } => "swap",
             Action::FailPublish(_) => "fail_publish",
             Action::ExpectPublish { .. } => "expect_publish",
             Action::ExpectNoPublish => "expect_no_publish",
@@ -224,6 +254,7 @@ impl Action {
             Action::ExpectNameLookups(_) => "expect_name_lookups",
             Action::ExpectTicks(_) => "expect_ticks",
             Action::ExpectLog { .. } => "expect_log",
+            Action::ExpectHandoff { .. } => "expect_handoff",
         }
     }
 }
@@ -519,6 +550,20 @@ fn step_action(step: StepSpec, pc_id: &str) -> Result<Action, String> {
     if let Some(d) = step.run {
         actions.push(Action::Run(parse_duration("run", &d)?));
     }
+    if let Some(swap) = step.swap {
+        if let Some(name) = &swap.module
+            && name.is_empty()
+        {
+            return Err(
+                "`swap.module`: expected a module name given with `collector test --module NAME=PATH` (omit it for the guest under test)"
+                    .into(),
+            );
+        }
+        actions.push(Action::Swap {
+            module: swap.module,
+            state: swap.state.map(String::into_bytes),
+        });
+    }
     if let Some(f) = step.fail_publish {
         actions.push(Action::FailPublish(f));
     }
@@ -595,6 +640,9 @@ fn step_action(step: StepSpec, pc_id: &str) -> Result<Action, String> {
             contains: e.contains,
         });
     }
+    if let Some(value) = step.expect_handoff {
+        actions.push(expect_handoff(value)?);
+    }
     match actions.len() {
         1 => Ok(actions.pop().expect("one action")),
         0 => Err(format!(
@@ -610,6 +658,72 @@ fn step_action(step: StepSpec, pc_id: &str) -> Result<Action, String> {
                 .join(", ")
         )),
     }
+}
+
+/// `expect_handoff = "carried"` or `expect_handoff = { result = "refused", contains = "..." }`.
+fn expect_handoff(value: toml::Value) -> Result<Action, String> {
+    let known = |result: &str, key: &str| {
+        HANDOFFS
+            .iter()
+            .find(|h| **h == result)
+            .copied()
+            .ok_or_else(|| {
+                format!(
+                    "`{key}`: expected one of {}, got {result:?}",
+                    quoted(HANDOFFS)
+                )
+            })
+    };
+    match value {
+        toml::Value::String(result) => Ok(Action::ExpectHandoff {
+            result: known(&result, "expect_handoff")?,
+            contains: None,
+        }),
+        toml::Value::Table(mut table) => {
+            let result = match table.remove("result") {
+                Some(toml::Value::String(r)) => known(&r, "expect_handoff.result")?,
+                Some(other) => {
+                    return Err(format!(
+                        "`expect_handoff.result`: expected a string, one of {}, got {other}",
+                        quoted(HANDOFFS)
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "`expect_handoff.result`: missing, expected one of {}",
+                        quoted(HANDOFFS)
+                    ));
+                }
+            };
+            let contains = match table.remove("contains") {
+                Some(toml::Value::String(c)) => Some(c),
+                Some(other) => {
+                    return Err(format!(
+                        "`expect_handoff.contains`: expected a string, got {other}"
+                    ));
+                }
+                None => None,
+            };
+            if let Some(key) = table.keys().next() {
+                return Err(format!(
+                    "`expect_handoff`: unknown field `{key}`, expected `result` or `contains`"
+                ));
+            }
+            Ok(Action::ExpectHandoff { result, contains })
+        }
+        other => Err(format!(
+            "`expect_handoff`: expected one of {} or a table {{ result, contains }}, got {other}",
+            quoted(HANDOFFS)
+        )),
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Why a step failed.
@@ -666,12 +780,31 @@ impl ScenarioReport {
 /// Only when the mock host cannot be set up (an invalid grant pattern); guest failures
 /// are reported in the [`ScenarioReport`].
 pub fn run(module: Arc<GuestModule>, scenario: &Scenario) -> anyhow::Result<ScenarioReport> {
-    let mut host = MockHost::with_module(module, scenario.options.clone())?;
-    let mut pending: VecDeque<Published> = VecDeque::new();
-    let mut total_ticks = 0u64;
+    run_with_modules(module, &Modules::new(), scenario)
+}
+
+/// As [`run`], with `modules` for the scenario's `swap` steps to name.
+///
+/// # Errors
+///
+/// Only when the mock host cannot be set up (an invalid grant pattern); guest failures
+/// are reported in the [`ScenarioReport`].
+pub fn run_with_modules(
+    module: Arc<GuestModule>,
+    modules: &Modules,
+    scenario: &Scenario,
+) -> anyhow::Result<ScenarioReport> {
+    let mut run = Run {
+        host: MockHost::with_module(module.clone(), scenario.options.clone())?,
+        guest: module,
+        modules,
+        pending: VecDeque::new(),
+        total_ticks: 0,
+        handoff: None,
+    };
     let mut failure = None;
     for (index, step) in scenario.steps.iter().enumerate() {
-        if let Err(message) = run_step(&mut host, &step.action, &mut pending, &mut total_ticks) {
+        if let Err(message) = run.step(&step.action) {
             failure = Some(StepFailure {
                 index,
                 line: step.line,
@@ -690,107 +823,173 @@ pub fn run(module: Arc<GuestModule>, scenario: &Scenario) -> anyhow::Result<Scen
     })
 }
 
-fn run_step(
-    host: &mut MockHost,
-    action: &Action,
-    pending: &mut VecDeque<Published>,
-    total_ticks: &mut u64,
-) -> Result<(), String> {
-    let trapped = |e| format!("the guest trapped while being configured: {e}");
-    match action {
-        Action::Config(scope) => {
-            host.configure(scope).map_err(trapped)?;
-        }
-        Action::Unset(fields) => {
-            host.unset(fields).map_err(trapped)?;
-        }
-        Action::Layer(key, value) => {
-            host.put_layer(key, value.clone()).map_err(trapped)?;
-        }
-        Action::Groups(groups) => {
-            host.set_groups(groups.clone()).map_err(trapped)?;
-        }
-        Action::FailSample(reason) => host.set_sample_failing(reason.clone()),
-        Action::Processes(p) => host.set_processes(p.clone()),
-        Action::Advance(d) => host.advance(*d),
-        Action::SetWall(t) => host.set_wall(*t),
-        Action::Tick => {
-            *total_ticks += 1;
-            host.tick().map_err(|e| format!("the tick failed: {e}"))?;
-        }
-        Action::Run(d) => {
-            let (ticks, errors) = host.run_for(*d);
-            *total_ticks += ticks;
-            if let Some(e) = errors.first() {
-                return Err(format!("a tick failed: {e}"));
+/// One scenario in progress.
+struct Run<'a> {
+    host: MockHost,
+    /// The guest under test, for a `swap` that names no module.
+    guest: Arc<GuestModule>,
+    modules: &'a Modules,
+    /// Publishes not yet taken by an `expect_publish`.
+    pending: VecDeque<Published>,
+    total_ticks: u64,
+    /// What the last swap did with the state, for `expect_handoff`.
+    handoff: Option<Handoff>,
+}
+
+impl Run<'_> {
+    fn step(&mut self, action: &Action) -> Result<(), String> {
+        let trapped = |e| format!("the guest trapped while being configured: {e}");
+        let host = &mut self.host;
+        let pending = &mut self.pending;
+        let total_ticks = &mut self.total_ticks;
+        match action {
+            Action::Config(scope) => {
+                host.configure(scope).map_err(trapped)?;
+            }
+            Action::Unset(fields) => {
+                host.unset(fields).map_err(trapped)?;
+            }
+            Action::Layer(key, value) => {
+                host.put_layer(key, value.clone()).map_err(trapped)?;
+            }
+            Action::Groups(groups) => {
+                host.set_groups(groups.clone()).map_err(trapped)?;
+            }
+            Action::FailSample(reason) => host.set_sample_failing(reason.clone()),
+            Action::Swap { module, state } => {
+                let next = match module {
+                    None => self.guest.clone(),
+                    Some(name) => self.modules.get(name).cloned().ok_or_else(|| {
+                        format!(
+                            "no module named `{name}`: pass `--module {name}=PATH` to collector test (given: {})",
+                            if self.modules.is_empty() {
+                                "none".to_string()
+                            } else {
+                                self.modules.keys().cloned().collect::<Vec<_>>().join(", ")
+                            }
+                        )
+                    })?,
+                };
+                // What the predecessor published before the swap stays in order.
+                pending.extend(host.take_published());
+                let handoff = match state {
+                    None => host.swap(next),
+                    Some(bytes) => host.swap_with_state(next, bytes.clone()),
+                }
+                .map_err(|e| format!("the new module failed to start: {e}"))?;
+                self.handoff = Some(handoff);
+            }
+            Action::ExpectHandoff { result, contains } => {
+                let Some(handoff) = &self.handoff else {
+                    return Err("expected a handoff, but no `swap` step came before".into());
+                };
+                check_handoff(handoff, result, contains.as_deref())?;
+            }
+            Action::Processes(p) => host.set_processes(p.clone()),
+            Action::Advance(d) => host.advance(*d),
+            Action::SetWall(t) => host.set_wall(*t),
+            Action::Tick => {
+                *total_ticks += 1;
+                host.tick().map_err(|e| format!("the tick failed: {e}"))?;
+            }
+            Action::Run(d) => {
+                let (ticks, errors) = host.run_for(*d);
+                *total_ticks += ticks;
+                if let Some(e) = errors.first() {
+                    return Err(format!("a tick failed: {e}"));
+                }
+            }
+            Action::FailPublish(f) => host.set_publish_failing(*f),
+            Action::ExpectPublish {
+                subject,
+                json,
+                options,
+            } => {
+                pending.extend(host.take_published());
+                let Some(msg) = pending.pop_front() else {
+                    return Err("expected a publish, but the guest published nothing more".into());
+                };
+                check_publish(&msg, subject.as_deref(), json.as_ref(), *options)?;
+            }
+            Action::ExpectNoPublish => {
+                pending.extend(host.take_published());
+                if let Some(msg) = pending.front() {
+                    return Err(format!(
+                        "expected no publish, got {} on {}:\n{}",
+                        pending.len(),
+                        msg.subject,
+                        pretty(&msg.payload)
+                    ));
+                }
+            }
+            Action::ExpectInterval(want) => match host.interval() {
+                Some(got) if got == *want => {}
+                got => {
+                    return Err(format!(
+                        "expected interval {}, the guest asks for {}",
+                        humantime::format_duration(*want),
+                        got.map_or("nothing".to_string(), |g| humantime::format_duration(g)
+                            .to_string())
+                    ));
+                }
+            },
+            Action::ExpectSamples(n) => {
+                expect_count("process samples", *n, HostStats::get(&host.stats().samples))?;
+            }
+            Action::ExpectNameLookups(n) => {
+                expect_count(
+                    "name look-ups",
+                    *n,
+                    HostStats::get(&host.stats().names_looked_up),
+                )?;
+            }
+            Action::ExpectTicks(n) => expect_count("ticks", *n, *total_ticks)?,
+            Action::ExpectLog { level, contains } => {
+                let fresh = host.new_logs();
+                let found = fresh.iter().any(|l| {
+                    level.is_none_or(|lv| l.level == lv) && l.message.contains(contains.as_str())
+                });
+                if !found {
+                    let seen: Vec<String> = fresh
+                        .iter()
+                        .map(|l| format!("[{:?}] {}", l.level, l.message))
+                        .collect();
+                    return Err(format!(
+                        "expected a {}log line containing {contains:?} since the previous expect_log; lines:\n{}",
+                        level.map_or(String::new(), |l| format!("{l:?} ")),
+                        if seen.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            seen.join("\n")
+                        }
+                    ));
+                }
             }
         }
-        Action::FailPublish(f) => host.set_publish_failing(*f),
-        Action::ExpectPublish {
-            subject,
-            json,
-            options,
-        } => {
-            pending.extend(host.take_published());
-            let Some(msg) = pending.pop_front() else {
-                return Err("expected a publish, but the guest published nothing more".into());
-            };
-            check_publish(&msg, subject.as_deref(), json.as_ref(), *options)?;
-        }
-        Action::ExpectNoPublish => {
-            pending.extend(host.take_published());
-            if let Some(msg) = pending.front() {
-                return Err(format!(
-                    "expected no publish, got {} on {}:\n{}",
-                    pending.len(),
-                    msg.subject,
-                    pretty(&msg.payload)
-                ));
-            }
-        }
-        Action::ExpectInterval(want) => match host.interval() {
-            Some(got) if got == *want => {}
-            got => {
-                return Err(format!(
-                    "expected interval {}, the guest asks for {}",
-                    humantime::format_duration(*want),
-                    got.map_or("nothing".to_string(), |g| humantime::format_duration(g)
-                        .to_string())
-                ));
-            }
-        },
-        Action::ExpectSamples(n) => {
-            expect_count("process samples", *n, HostStats::get(&host.stats().samples))?;
-        }
-        Action::ExpectNameLookups(n) => {
-            expect_count(
-                "name look-ups",
-                *n,
-                HostStats::get(&host.stats().names_looked_up),
-            )?;
-        }
-        Action::ExpectTicks(n) => expect_count("ticks", *n, *total_ticks)?,
-        Action::ExpectLog { level, contains } => {
-            let fresh = host.new_logs();
-            let found = fresh.iter().any(|l| {
-                level.is_none_or(|lv| l.level == lv) && l.message.contains(contains.as_str())
-            });
-            if !found {
-                let seen: Vec<String> = fresh
-                    .iter()
-                    .map(|l| format!("[{:?}] {}", l.level, l.message))
-                    .collect();
-                return Err(format!(
-                    "expected a {}log line containing {contains:?} since the previous expect_log; lines:\n{}",
-                    level.map_or(String::new(), |l| format!("{l:?} ")),
-                    if seen.is_empty() {
-                        "(none)".to_string()
-                    } else {
-                        seen.join("\n")
-                    }
-                ));
-            }
-        }
+        Ok(())
+    }
+}
+
+/// Compares a swap's outcome with `expect_handoff`.
+fn check_handoff(handoff: &Handoff, result: &str, contains: Option<&str>) -> Result<(), String> {
+    let (got, text) = match handoff {
+        Handoff::NoState => ("none", String::new()),
+        Handoff::Carried { .. } => ("carried", String::new()),
+        Handoff::NotCarried(NotCarried::Refused(why)) => ("refused", why.clone()),
+        Handoff::NotCarried(NotCarried::OverLimit { .. }) => ("over-limit", handoff.to_string()),
+        Handoff::NotCarried(NotCarried::Trapped(fault)) => ("trapped", fault.to_string()),
+    };
+    if got != result {
+        return Err(format!(
+            "expected handoff {result:?}, got {got:?}: {handoff}"
+        ));
+    }
+    if let Some(c) = contains
+        && !text.contains(c)
+    {
+        return Err(format!(
+            "expected the {got} handoff's reason to contain {c:?}, it is {text:?}"
+        ));
     }
     Ok(())
 }
@@ -886,6 +1085,8 @@ tick = true
 [[step]]
 run = "10s"
 [[step]]
+swap = { module = "top-memory", state = "old" }
+[[step]]
 fail_publish = true
 [[step]]
 label = "first message"
@@ -902,6 +1103,8 @@ expect_name_lookups = 2
 expect_ticks = 3
 [[step]]
 expect_log = { level = "warn", contains = "x" }
+[[step]]
+expect_handoff = { result = "refused", contains = "format" }
 "#,
         )
         .unwrap();
@@ -955,6 +1158,18 @@ expect_log = { level = "warn", contains = "x" }
             unreachable!()
         };
         assert_eq!(groups, &["canary", "zeta"], "sorted and deduplicated");
+        // Swaps.
+        let Action::Swap { module, state } = &step("swap").action else {
+            unreachable!()
+        };
+        assert_eq!(
+            (module.as_deref(), state.as_deref()),
+            (Some("top-memory"), Some(&b"old"[..]))
+        );
+        let Action::ExpectHandoff { result, contains } = &step("expect_handoff").action else {
+            unreachable!()
+        };
+        assert_eq!((*result, contains.as_deref()), ("refused", Some("format")));
     }
 
     #[test]
@@ -970,6 +1185,25 @@ expect_log = { level = "warn", contains = "x" }
             parse("pc_id = \"pc-1\"\n[[step]]\nlayer = { scope = \"pcs.pc-1\", delete = true }\n")
                 .unwrap();
         assert!(matches!(&s.steps[0].action, Action::Layer(k, None) if k == "pcs.pc-1"));
+    }
+
+    #[test]
+    fn swap_and_expect_handoff_have_short_forms() {
+        let s = parse("[[step]]\nswap = {}\n[[step]]\nexpect_handoff = \"none\"\n").unwrap();
+        assert!(matches!(
+            &s.steps[0].action,
+            Action::Swap {
+                module: None,
+                state: None
+            }
+        ));
+        assert!(matches!(
+            &s.steps[1].action,
+            Action::ExpectHandoff {
+                result: "none",
+                contains: None
+            }
+        ));
     }
 
     #[test]
@@ -1065,6 +1299,22 @@ expect_log = { level = "warn", contains = "x" }
             (
                 "fail_sample = 3",
                 "`fail_sample`: expected `true`, `false` or a non-empty reason string, got 3",
+            ),
+            (
+                "swap = { module = \"\" }",
+                "`swap.module`: expected a module name",
+            ),
+            (
+                "expect_handoff = \"accepted\"",
+                "`expect_handoff`: expected one of \"carried\", \"none\", \"refused\", \"over-limit\", \"trapped\", got \"accepted\"",
+            ),
+            (
+                "expect_handoff = { contains = \"x\" }",
+                "`expect_handoff.result`: missing",
+            ),
+            (
+                "expect_handoff = { result = \"refused\", reason = \"x\" }",
+                "`expect_handoff`: unknown field `reason`",
             ),
             (
                 "expect_publish = { relative_tolerance = -0.1 }",

@@ -351,6 +351,44 @@ expect_interval = "10s"
         ],
     ),
     (
+        "handoff",
+        r#"[[step]]
+tick = true
+[[step]]
+swap = {}
+[[step]]
+expect_handoff = "refused"
+"#,
+        &[
+            "step 3 (line 5) expect_handoff",
+            "expected handoff \"refused\", got \"carried\"",
+        ],
+    ),
+    (
+        "handoff-reason",
+        r#"[[step]]
+tick = true
+[[step]]
+swap = { state = "garbage" }
+[[step]]
+expect_handoff = { result = "refused", contains = "too old" }
+"#,
+        &[
+            "step 3 (line 5) expect_handoff",
+            "expected the refused handoff's reason to contain \"too old\", it is \"unrecognised state",
+        ],
+    ),
+    (
+        "module",
+        r#"[[step]]
+swap = { module = "nope" }
+"#,
+        &[
+            "step 1 (line 1) swap",
+            "no module named `nope`: pass `--module nope=PATH` to collector test (given: top-memory)",
+        ],
+    ),
+    (
         "relative",
         r#"[[step]]
 config = { process_perf_enabled = true, host_perf_interval = "7s" }
@@ -413,6 +451,10 @@ fn collector_test_explains_wrong_expectations_of_every_format_addition() {
         .arg("test")
         .arg(guest_wasm())
         .arg(dir.path())
+        .arg(format!(
+            "--module=top-memory={}",
+            top_memory_wasm().display()
+        ))
         .arg("--json")
         .output()
         .unwrap();
@@ -438,4 +480,18 @@ fn collector_test_explains_wrong_expectations_of_every_format_addition() {
             assert!(failure.contains(w), "{name}: {w:?} not in:\n{failure}");
         }
     }
+}
+
+#[test]
+fn collector_test_refuses_a_bad_module_flag() {
+    run_fails_with(
+        &["test", "guest.wasm", "s.toml", "--module", "top-memory"],
+        &["--module", "expected NAME=PATH"],
+    );
+    let guest = guest_wasm();
+    let guest = guest.to_str().unwrap();
+    run_fails_with(
+        &["test", guest, "s.toml", "--module", "x=/nonexistent.wasm"],
+        &["--module x=/nonexistent.wasm"],
+    );
 }
