@@ -403,6 +403,9 @@ fn located(text: &str, path: Option<&serde_path_to_error::Path>, e: &toml::de::E
         out.push_str(&format!("`{field}`: "));
     }
     out.push_str(e.message().trim_end());
+    if field == "step" && step.is_none() {
+        out.push_str(" (write each step as a [[step]] table, with two brackets)");
+    }
     out
 }
 
@@ -428,7 +431,17 @@ fn parse_duration(key: &str, s: &str) -> Result<Duration, String> {
 /// A table of configuration fields, as a scope; `key` names it in errors.
 fn config_scope(key: &str, table: &toml::Table) -> Result<ConfigScope, String> {
     let json = serde_json::to_string(table).map_err(|e| format!("`{key}`: {e}"))?;
-    let (scope, unknown) = ConfigScope::from_json(&json).map_err(|e| format!("`{key}`: {e}"))?;
+    let (scope, unknown) = ConfigScope::from_json(&json).map_err(|e| {
+        // The position is in JSON made from the table, which the author never saw.
+        let message = e
+            .message
+            .rsplit_once(" at line ")
+            .map_or(e.message.as_str(), |(m, _)| m);
+        match &e.field {
+            Some(field) => format!("`{key}.{field}`: {message}"),
+            None => format!("`{key}`: {message}"),
+        }
+    })?;
     if let Some(field) = unknown.first() {
         return Err(format!(
             "`{key}`: unknown field `{field}`, expected one of {}",
@@ -1255,7 +1268,24 @@ expect_handoff = { result = "refused", contains = "format" }
         assert!(err.starts_with("s.toml: line 1: `start`: "), "{err}");
 
         let err = error("[[step]]\nconfig = { process_perf_top_n = \"x\" }\n");
-        assert!(err.contains("field `process_perf_top_n`"), "{err}");
+        assert!(
+            err.ends_with(
+                "step 1 (line 1): `config.process_perf_top_n`: invalid type: string \"x\", expected u32"
+            ),
+            "{err}"
+        );
+
+        let err = error("[step]\ntick = true\n");
+        assert!(
+            err.starts_with("s.toml: line 1: `step`: ") && err.ends_with("with two brackets)"),
+            "{err}"
+        );
+
+        let err = error("nme = \"x\"\n[[step]]\ntick = true\n");
+        assert!(
+            err.starts_with("s.toml: line 1: `nme`: unknown field `nme`"),
+            "{err}"
+        );
 
         let err = error("[[step]]\nconfig = { top_n = 3 }\n");
         assert!(err.contains("unknown field `top_n`"), "{err}");
@@ -1293,7 +1323,7 @@ expect_handoff = { result = "refused", contains = "format" }
             ),
             (
                 "layer = { scope = \"global\", value = { process_perf_top_n = -1 } }",
-                "`layer.value`: field `process_perf_top_n`",
+                "`layer.value.process_perf_top_n`: invalid value: integer `-1`, expected u32",
             ),
             ("groups = [\"\"]", "`groups`: a group name cannot be empty"),
             (
