@@ -189,6 +189,19 @@ pub enum GuestFault {
     Instantiate(String),
 }
 
+/// Why a predecessor's state was not carried into a successor; the successor then starts
+/// fresh. Typed so that the mock host can tell a guest's refusal from a host limit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotCarried {
+    #[error("the state of {bytes} bytes is over the limit of {limit} bytes")]
+    OverLimit { bytes: usize, limit: usize },
+    /// The successor's `restore-state` returned this error (escaped and cut).
+    #[error("it refused it: {0}")]
+    Refused(String),
+    #[error("it trapped on it: {0}")]
+    Trapped(GuestFault),
+}
+
 /// Raised from the epoch callback when a call exhausts its budget.
 #[derive(Debug, thiserror::Error)]
 #[error("time budget of {0:?} exhausted")]
@@ -322,7 +335,7 @@ impl Supervisor {
     ///
     /// When the new instance fails to start or traps on any of these calls (other than
     /// `restore-state`).
-    pub fn start(&mut self, state: Option<&[u8]>) -> Result<Option<String>, GuestFault> {
+    pub fn start(&mut self, state: Option<&[u8]>) -> Result<Option<NotCarried>, GuestFault> {
         self.discard();
         let limits = &self.services().limits;
         let limit = limits.max_state_bytes.min(limits.memory_bytes / 4);
@@ -330,10 +343,10 @@ impl Supervisor {
         let state = state.filter(|state| {
             let fits = state.len() <= limit;
             if !fits {
-                not_carried = Some(format!(
-                    "the state of {} bytes is over the limit of {limit} bytes",
-                    state.len()
-                ));
+                not_carried = Some(NotCarried::OverLimit {
+                    bytes: state.len(),
+                    limit,
+                });
             }
             fits
         });
@@ -341,11 +354,11 @@ impl Supervisor {
         if let Some(state) = state {
             match self.restore_state(state) {
                 Ok(Ok(())) => {}
-                Ok(Err(refusal)) => not_carried = Some(format!("it refused it: {refusal}")),
+                Ok(Err(refusal)) => not_carried = Some(NotCarried::Refused(refusal)),
                 Err(fault) => {
                     // Whatever the state held, the successor deserves its chance without
                     // it; a module that cannot start even fresh fails below.
-                    not_carried = Some(format!("it trapped on it: {fault}"));
+                    not_carried = Some(NotCarried::Trapped(fault));
                     self.instantiate_idle()?;
                 }
             }

@@ -3,7 +3,7 @@
 //! builds the guest component and runs the checks CI relies on.
 
 use std::env;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -313,11 +313,20 @@ fn test(extra: &[String]) -> Result<()> {
     // The binary the tests just built: `cargo run` would build another one, with the
     // features of the binary alone.
     let collector = root().join("target/debug/collector");
-    run_scenarios(&collector, &guest, "guest-process-perf/scenarios")?;
+    // The default guest's swap scenarios also hand over to the example guest.
+    let mut module = OsString::from("--module=top-memory=");
+    module.push(&top_memory);
+    run_scenarios(
+        &collector,
+        &guest,
+        "guest-process-perf/scenarios",
+        &[&module],
+    )?;
     run_scenarios(
         &collector,
         &top_memory,
         "docs/examples/guest-top-memory/scenarios",
+        &[],
     )?;
     fleet_smoke(&collector, &nats, &guest)?;
     eprintln!("xtask: all checks passed");
@@ -493,7 +502,7 @@ fn soak(extra: &[String]) -> Result<()> {
 mod soak;
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
-fn run_scenarios(collector: &Path, guest: &Path, dir: &str) -> Result<()> {
+fn run_scenarios(collector: &Path, guest: &Path, dir: &str, extra: &[&OsStr]) -> Result<()> {
     let dir_path = root().join(dir);
     run_step(
         &format!("running the scenarios in {dir}"),
@@ -501,7 +510,8 @@ fn run_scenarios(collector: &Path, guest: &Path, dir: &str) -> Result<()> {
             .current_dir(root())
             .arg("test")
             .arg(guest)
-            .arg(dir_path),
+            .arg(dir_path)
+            .args(extra),
     )
 }
 

@@ -32,6 +32,11 @@ pub struct TestArgs {
     #[arg(long, value_name = "TEXT")]
     filter: Vec<String>,
 
+    /// A module that `swap` steps may name, besides the guest under test (repeat for
+    /// several): `--module top-memory=target/wasm32-wasip2/release/guest_top_memory.wasm`.
+    #[arg(long = "module", value_name = "NAME=PATH", value_parser = parse_module)]
+    modules: Vec<(String, PathBuf)>,
+
     /// Print one JSON document instead of the text report, for CI systems:
     /// `{"guest":…,"passed":N,"failed":M,"scenarios":[{"name","file","passed","steps","failure"}]}`.
     #[arg(long)]
@@ -55,6 +60,15 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
         GuestModule::from_file(&sandbox, &args.guest)
             .with_context(|| format!("guest {}", args.guest.display()))?,
     );
+    let mut modules = scenario::Modules::new();
+    for (name, path) in &args.modules {
+        let module = GuestModule::from_file(&sandbox, path)
+            .with_context(|| format!("--module {name}={}", path.display()))?;
+        anyhow::ensure!(
+            modules.insert(name.clone(), Arc::new(module)).is_none(),
+            "--module {name}: given twice"
+        );
+    }
     let files = expand(&args.scenarios)?;
     let wanted = |name: &str, file: &std::path::Path| {
         args.filter.is_empty()
@@ -82,7 +96,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
         if !wanted(&scenario.name, file) {
             continue;
         }
-        let report = scenario::run(module.clone(), &scenario)?;
+        let report = scenario::run_with_modules(module.clone(), &modules, &scenario)?;
         outcomes.push(Outcome {
             passed: report.passed(),
             failure: report.failure.as_ref().map(ToString::to_string),
@@ -126,6 +140,18 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `NAME=PATH`, as `--module` takes it.
+fn parse_module(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!(
+            "expected NAME=PATH, such as top-memory=guest_top_memory.wasm, got {s:?}"
+        )),
+    }
 }
 
 /// Files as given, directories replaced by their `.toml` files in name order.

@@ -1,10 +1,11 @@
 //! Matching a published JSON document against an expected subset, with a float
 //! tolerance, and describing every difference by its path so a failure reads like a diff.
 //!
-//! Rules: every key of an expected object must match (extra actual keys are fine); the
-//! string `"$absent"` requires the key to be missing and `"$any"` accepts any value;
-//! arrays must have the same length and match element by element, in order when
-//! `ordered` is set, otherwise in any order; numbers match within `tolerance`.
+//! Rules: every key of an expected object must match (extra actual keys are fine, unless
+//! `exact_keys` is set); the string `"$absent"` requires the key to be missing and `"$any"`
+//! accepts any value; arrays must have the same length and match element by element, in
+//! order when `ordered` is set, otherwise in any order; numbers match within `tolerance`
+//! or within `relative_tolerance` of the expected value, whichever is looser.
 
 use serde_json::Value;
 
@@ -18,16 +19,34 @@ pub const ANY: &str = "$any";
 pub struct MatchOptions {
     /// Largest absolute difference between two numbers that still match.
     pub tolerance: f64,
+    /// Largest difference between two numbers that still match, as a fraction of the
+    /// expected number's magnitude (0.01: within 1%). 0 turns it off.
+    pub relative_tolerance: f64,
     /// Whether arrays must match in order.
     pub ordered: bool,
+    /// Whether an actual object may hold only the keys its pattern names.
+    pub exact_keys: bool,
 }
 
 impl Default for MatchOptions {
     fn default() -> Self {
         Self {
             tolerance: 1e-6,
+            relative_tolerance: 0.0,
             ordered: false,
+            exact_keys: false,
         }
+    }
+}
+
+impl MatchOptions {
+    /// Whether `actual` is close enough to `expected`.
+    fn numbers_match(&self, expected: f64, actual: f64) -> bool {
+        if expected.is_nan() || actual.is_nan() {
+            return expected.is_nan() && actual.is_nan();
+        }
+        let allowed = self.tolerance.max(self.relative_tolerance * expected.abs());
+        (expected - actual).abs() <= allowed
     }
 }
 
@@ -100,6 +119,19 @@ fn compare(
                     (_, Some(av)) => compare(ev, av, o, child, out),
                 }
             }
+            if o.exact_keys {
+                for (key, av) in a.iter().filter(|(k, _)| !e.contains_key(*k)) {
+                    out.push(Mismatch {
+                        path: if path.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{path}.{key}")
+                        },
+                        expected: "no such key (exact_keys: the pattern does not name it)".into(),
+                        actual: short(av),
+                    });
+                }
+            }
         }
         (Value::Array(e), Value::Array(a)) => {
             if e.len() != a.len() {
@@ -140,7 +172,7 @@ fn compare(
                 e.as_f64().unwrap_or(f64::NAN),
                 a.as_f64().unwrap_or(f64::NAN),
             );
-            if (e - a).abs() > o.tolerance || e.is_nan() != a.is_nan() {
+            if !o.numbers_match(e, a) {
                 differ(e.to_string(), a.to_string());
             }
         }
@@ -236,6 +268,57 @@ mod tests {
         assert_eq!(
             check(json!([{"pid": 2}, {"pid": 2}]), actual, false).len(),
             1
+        );
+    }
+
+    #[test]
+    fn relative_tolerance_scales_with_the_expected_number() {
+        let o = MatchOptions {
+            relative_tolerance: 0.01,
+            ..Default::default()
+        };
+        let check = |e: Value, a: Value| mismatches(&e, &a, o);
+        assert!(check(json!(1000.0), json!(1009.9)).is_empty());
+        assert!(check(json!(1000.0), json!(990.1)).is_empty());
+        assert_eq!(
+            check(json!({"rate": 1000.0}), json!({"rate": 1010.5}))[0].to_string(),
+            "at rate: expected 1000, got 1010.5"
+        );
+        // Near zero the absolute tolerance still applies.
+        assert!(check(json!(0.0), json!(0.0000005)).is_empty());
+        assert_eq!(check(json!(0.0), json!(0.001)).len(), 1);
+    }
+
+    #[test]
+    fn exact_keys_reports_every_key_the_pattern_does_not_name() {
+        let o = MatchOptions {
+            exact_keys: true,
+            ..Default::default()
+        };
+        let actual = json!({"pid": 1, "name": "x", "extra": [1], "nested": {"a": 1, "b": 2}});
+        let found: Vec<String> = mismatches(
+            &json!({"pid": 1, "name": ANY, "gone": ABSENT, "nested": {"a": 1}}),
+            &actual,
+            o,
+        )
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        assert_eq!(
+            found,
+            vec![
+                "at nested.b: expected no such key (exact_keys: the pattern does not name it), got 2",
+                "at extra: expected no such key (exact_keys: the pattern does not name it), got [1]",
+            ]
+        );
+        assert!(
+            mismatches(
+                &json!({"pid": 1, "name": "x", "extra": ANY, "nested": ANY}),
+                &actual,
+                o
+            )
+            .is_empty(),
+            "\"$any\" accepts a whole subtree"
         );
     }
 

@@ -1,7 +1,8 @@
 //! A mock host for guest authors: run any guest component with no agent, no broker and no
 //! real processes. The process table is scripted, time is virtual (wall and monotonic),
-//! configuration changes are scripted, and every publish, log line and host call is
-//! recorded for assertions.
+//! configuration changes are scripted (as the fleet's layers: global, groups, PC), module
+//! swaps are scripted, and every publish, log line and host call is recorded for
+//! assertions.
 //!
 //! The guest runs in the same sandbox as in production (same linker, limits, traps and
 //! ticker), so what passes here behaves the same in the agent.
@@ -30,10 +31,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use collector_shared::config::resolve;
 use collector_shared::{ConfigScope, EffectiveConfig};
 
 use crate::engine::Sandbox;
-use crate::guest::{GuestFault, GuestModule, Supervisor, TickError};
+use crate::fleet::scope::Layers;
+use crate::guest::{GuestFault, GuestModule, NotCarried, Supervisor, TickError};
 use crate::host::{Datetime, HostStats, LogBook, LogLine, Services, TickTime};
 use crate::sink::MemorySink;
 use crate::source::{Fields, ProcessSource, ProcessTable};
@@ -56,6 +59,9 @@ pub struct MockProcess {
     pub rss_bytes: u64,
     pub disk_read_bytes: u64,
     pub disk_written_bytes: u64,
+    /// The process exits right after the next sample: that sample lists it, a `names`
+    /// call after it gets the empty string, and later samples no longer list it.
+    pub exits_after_sample: bool,
 }
 
 impl MockProcess {
@@ -68,6 +74,7 @@ impl MockProcess {
             rss_bytes: 0,
             disk_read_bytes: 0,
             disk_written_bytes: 0,
+            exits_after_sample: false,
         }
     }
 
@@ -89,12 +96,20 @@ impl MockProcess {
         self.disk_written_bytes = written;
         self
     }
+
+    /// Makes the process exit between the next sample and the name look-up after it.
+    pub fn exits_after_sample(mut self) -> Self {
+        self.exits_after_sample = true;
+        self
+    }
 }
 
 /// The scripted process table, shared between the mock host and its process source.
 #[derive(Debug, Default)]
 struct Script {
     processes: Vec<MockProcess>,
+    /// While set, every sample fails with this reason.
+    sample_failure: Option<String>,
 }
 
 /// A [`ProcessSource`] reading the script.
@@ -102,7 +117,10 @@ struct ScriptedSource(Arc<Mutex<Script>>);
 
 impl ProcessSource for ScriptedSource {
     fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
-        let script = self.0.lock().expect("script lock");
+        let mut script = self.0.lock().expect("script lock");
+        if let Some(reason) = &script.sample_failure {
+            return Err(reason.clone());
+        }
         let p = &script.processes;
         let mut table = ProcessTable {
             pids: p.iter().map(|p| p.pid).collect(),
@@ -112,6 +130,8 @@ impl ProcessSource for ScriptedSource {
             disk_written_bytes: p.iter().map(|p| p.disk_written_bytes).collect(),
         };
         table.retain_fields(fields);
+        // Gone before the guest can ask for its name: the race every real host has.
+        script.processes.retain(|p| !p.exits_after_sample);
         Ok(table)
     }
 
@@ -179,6 +199,11 @@ pub struct MockHost {
     clock: SharedClock,
     sink: MemorySink,
     log_book: LogBook,
+    pc_id: String,
+    /// The configuration as the fleet layers it; `configure` writes the PC's own layer.
+    layers: Layers<ConfigScope>,
+    groups: Vec<String>,
+    /// The resolution of `layers`, handed to the guest.
     config: EffectiveConfig,
     ticker: Ticker,
     /// Publishes already seen by the caller (the sink is drained into here).
@@ -240,6 +265,9 @@ impl MockHost {
             clock,
             sink,
             log_book,
+            pc_id: options.pc_id,
+            layers: Layers::default(),
+            groups: Vec::new(),
             config: EffectiveConfig::default(),
             ticker: Ticker::new(Duration::ZERO, Duration::ZERO),
             published: Vec::new(),
@@ -252,15 +280,95 @@ impl MockHost {
         self.script.lock().expect("script lock").processes = processes;
     }
 
-    /// Overlays `scope` on the current effective configuration and hands the result to
-    /// the guest. Returns whether the guest's interval changed (the ticker then restarts,
-    /// as in the agent).
+    /// Makes every sample fail with `reason` (`Some`), or succeed again (`None`).
+    pub fn set_sample_failing(&mut self, reason: Option<String>) {
+        self.script.lock().expect("script lock").sample_failure = reason;
+    }
+
+    /// Overlays `scope` on the current effective configuration (it is merged into the
+    /// PC's own layer, the last one to resolve) and hands the result to the guest, changed
+    /// or not. Returns whether the guest's interval changed (the ticker then restarts, as
+    /// in the agent).
     ///
     /// # Errors
     ///
     /// When the guest trapped.
     pub fn configure(&mut self, scope: &ConfigScope) -> Result<bool, GuestFault> {
-        scope.apply_to(&mut self.config);
+        let pc = self.layers.pc.take().unwrap_or_default();
+        self.layers.pc = Some(edit_scope(&pc, |fields| fields.extend(scope_fields(scope))));
+        self.config = self.resolved();
+        self.hand_over()
+    }
+
+    /// Removes `fields` from the PC's own layer (as `collector config unset --pc`), so
+    /// that they fall back to the groups, the global layer or the built-in defaults.
+    /// Returns whether the effective configuration changed; only then is the guest
+    /// configured, as the agent does with the fleet's settings.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn unset(&mut self, fields: &[String]) -> Result<bool, GuestFault> {
+        if let Some(pc) = self.layers.pc.take() {
+            self.layers.pc = Some(edit_scope(&pc, |map| {
+                for f in fields {
+                    map.remove(f);
+                }
+            }));
+        }
+        self.reconfigure()
+    }
+
+    /// Delivers one entry of the fleet's settings bucket, as the agent's watch does:
+    /// `value` is the whole new value of the layer `key` (`global`, `groups.<name>` or
+    /// `pcs.<pc_id>`), `None` deletes the layer. Another PC's key changes nothing.
+    /// Returns whether the effective configuration changed; only then is the guest
+    /// configured.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn put_layer(&mut self, key: &str, value: Option<ConfigScope>) -> Result<bool, GuestFault> {
+        // Revision 0 skips the replay marks: the mock delivers each entry once, in order.
+        self.layers.apply(&self.pc_id, key, 0, value);
+        self.reconfigure()
+    }
+
+    /// Sets the PC's group memberships (its `agent_groups` value). Returns whether the
+    /// effective configuration changed; only then is the guest configured.
+    ///
+    /// # Errors
+    ///
+    /// When the guest trapped.
+    pub fn set_groups(&mut self, groups: Vec<String>) -> Result<bool, GuestFault> {
+        self.groups = groups;
+        self.reconfigure()
+    }
+
+    /// Resolves the layers; hands the result over only when it differs from the last one.
+    fn reconfigure(&mut self) -> Result<bool, GuestFault> {
+        let config = self.resolved();
+        if config == self.config {
+            return Ok(false);
+        }
+        self.config = config;
+        self.hand_over()?;
+        Ok(true)
+    }
+
+    fn resolved(&self) -> EffectiveConfig {
+        let layers = &self.layers;
+        resolve(
+            layers.global.as_ref(),
+            layers.groups_of(&self.groups),
+            layers.pc.as_ref(),
+        )
+        .config
+    }
+
+    /// Gives the guest the current effective configuration; restarts the ticker when
+    /// the interval changed.
+    fn hand_over(&mut self) -> Result<bool, GuestFault> {
         let changed = self.supervisor.configure(&self.config)?;
         if changed {
             self.ticker.restart(self.clock.get().mono);
@@ -314,7 +422,7 @@ impl MockHost {
     pub fn tick(&mut self) -> Result<(), TickError> {
         // As in the agent, a guest is always configured before its first tick.
         if !self.supervisor.is_configured() {
-            self.configure(&ConfigScope::default())?;
+            self.hand_over()?;
         }
         let c = self.clock.get();
         let now = TickTime {
@@ -411,6 +519,54 @@ impl MockHost {
         self.supervisor.restore_state(state)
     }
 
+    /// Replaces the running module between two ticks, as the agent does: the
+    /// predecessor's `save-state` goes to the successor's `restore-state`, then the
+    /// successor gets the current configuration and is asked for its interval (a new
+    /// interval restarts the ticker). Counters, publishes and logs carry on.
+    ///
+    /// # Errors
+    ///
+    /// When the successor failed to start (in the agent, a rollback).
+    pub fn swap(&mut self, module: Arc<GuestModule>) -> Result<Handoff, GuestFault> {
+        self.swap_inner(module, None)
+    }
+
+    /// As [`MockHost::swap`], but the successor is handed `state` instead of what the
+    /// predecessor saved: a state from a module of another kind, or from an older version.
+    ///
+    /// # Errors
+    ///
+    /// When the successor failed to start.
+    pub fn swap_with_state(
+        &mut self,
+        module: Arc<GuestModule>,
+        state: Vec<u8>,
+    ) -> Result<Handoff, GuestFault> {
+        self.swap_inner(module, Some(state))
+    }
+
+    fn swap_inner(
+        &mut self,
+        module: Arc<GuestModule>,
+        replacement: Option<Vec<u8>>,
+    ) -> Result<Handoff, GuestFault> {
+        // The predecessor is asked even when its answer is replaced, as it would be; a
+        // trap while saving hands over nothing, as in the agent.
+        let saved = self.supervisor.save_state().ok().flatten();
+        let state = replacement.or(saved);
+        let before = self.supervisor.interval();
+        self.supervisor.swap_module(module);
+        let not_carried = self.supervisor.start(state.as_deref())?;
+        if self.supervisor.interval() != before {
+            self.ticker.restart(self.clock.get().mono);
+        }
+        Ok(match (state, not_carried) {
+            (None, _) => Handoff::NoState,
+            (Some(state), None) => Handoff::Carried { bytes: state.len() },
+            (Some(_), Some(why)) => Handoff::NotCarried(why),
+        })
+    }
+
     fn collect(&mut self) {
         let at = self.clock.get().wall;
         self.published.extend(
@@ -424,4 +580,45 @@ impl MockHost {
                 }),
         );
     }
+}
+
+/// What became of the predecessor's state in a swap.
+#[derive(Debug, Clone)]
+pub enum Handoff {
+    /// The predecessor saved nothing (or trapped while saving).
+    NoState,
+    /// The successor's `restore-state` accepted the state.
+    Carried { bytes: usize },
+    /// The successor started fresh, without the state.
+    NotCarried(NotCarried),
+}
+
+impl std::fmt::Display for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handoff::NoState => f.write_str("the predecessor saved no state"),
+            Handoff::Carried { bytes } => write!(f, "a state of {bytes} bytes was carried over"),
+            Handoff::NotCarried(why) => write!(f, "the state was not carried over: {why}"),
+        }
+    }
+}
+
+/// The fields a scope sets, as JSON.
+fn scope_fields(scope: &ConfigScope) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(scope) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => unreachable!("a ConfigScope serializes to an object"),
+    }
+}
+
+/// `scope` with its fields edited as a JSON object; `ConfigScope` has no per-field
+/// setter by name, and its serde form is the one the fleet stores.
+fn edit_scope(
+    scope: &ConfigScope,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> ConfigScope {
+    let mut fields = scope_fields(scope);
+    edit(&mut fields);
+    serde_json::from_value(serde_json::Value::Object(fields))
+        .expect("fields of valid scopes make a valid scope")
 }

@@ -279,3 +279,219 @@ fn collector_test_reports_a_malformed_scenario_with_file_and_line() {
     assert!(stdout.contains("expected u64"), "{stdout}");
     assert_eq!(stdout.lines().last(), Some("0 passed, 1 failed"));
 }
+
+/// Scenarios that use every addition to the format with a wrong expectation: each must
+/// fail, and say which file, step and field, and what was expected against what happened.
+const WRONG_SCENARIOS: &[(&str, &str, &[&str])] = &[
+    (
+        "exit",
+        r#"[[step]]
+config = { process_perf_enabled = true }
+[[step]]
+processes = [{ pid = 2, name = "cc1", cpu = 9.0, exits_after_sample = true }]
+[[step]]
+tick = true
+[[step]]
+expect_publish = { ordered = true, json = { processes = [{ pid = 2, name = "cc1" }] } }
+"#,
+        &[
+            "step 4 (line 7) expect_publish",
+            "at processes[0].name: expected \"cc1\", got \"\"",
+        ],
+    ),
+    (
+        "fail-sample",
+        r#"[[step]]
+config = { process_perf_enabled = true }
+[[step]]
+fail_sample = "no procfs"
+[[step]]
+tick = true
+[[step]]
+label = "wrongly expects a message"
+expect_publish = {}
+"#,
+        &[
+            "step 4 (line 7) expect_publish \"wrongly expects a message\"",
+            "expected a publish, but the guest published nothing more",
+        ],
+    ),
+    (
+        "layers",
+        r#"pc_id = "pc-1"
+[[step]]
+layer = { scope = "global", value = { process_perf_enabled = true } }
+[[step]]
+layer = { scope = "groups.canary", value = { process_perf_top_n = 1 } }
+[[step]]
+processes = [{ pid = 1, cpu = 2.0 }, { pid = 2, cpu = 1.0 }]
+[[step]]
+tick = true
+[[step]]
+label = "the PC is in no group: the canary layer does not apply"
+expect_publish = { json = { processes = [{ pid = 1 }] } }
+"#,
+        &[
+            "step 5 (line 10) expect_publish",
+            "at processes: expected 1 elements, got 2 elements",
+        ],
+    ),
+    (
+        "unset",
+        r#"[[step]]
+config = { process_perf_enabled = true, host_perf_interval = "10s" }
+[[step]]
+unset = ["host_perf_interval"]
+[[step]]
+expect_interval = "10s"
+"#,
+        &[
+            "step 3 (line 5) expect_interval",
+            "expected interval 10s, the guest asks for 1m",
+        ],
+    ),
+    (
+        "handoff",
+        r#"[[step]]
+tick = true
+[[step]]
+swap = {}
+[[step]]
+expect_handoff = "refused"
+"#,
+        &[
+            "step 3 (line 5) expect_handoff",
+            "expected handoff \"refused\", got \"carried\"",
+        ],
+    ),
+    (
+        "handoff-reason",
+        r#"[[step]]
+tick = true
+[[step]]
+swap = { state = "garbage" }
+[[step]]
+expect_handoff = { result = "refused", contains = "too old" }
+"#,
+        &[
+            "step 3 (line 5) expect_handoff",
+            "expected the refused handoff's reason to contain \"too old\", it is \"unrecognised state",
+        ],
+    ),
+    (
+        "module",
+        r#"[[step]]
+swap = { module = "nope" }
+"#,
+        &[
+            "step 1 (line 1) swap",
+            "no module named `nope`: pass `--module nope=PATH` to collector test (given: top-memory)",
+        ],
+    ),
+    (
+        "relative",
+        r#"[[step]]
+config = { process_perf_enabled = true, host_perf_interval = "7s" }
+[[step]]
+processes = [{ pid = 3, read = 0 }]
+[[step]]
+run = "0s"
+[[step]]
+processes = [{ pid = 3, read = 1000000 }]
+[[step]]
+run = "7s"
+[[step]]
+expect_publish = {}
+[[step]]
+expect_publish = { relative_tolerance = 0.001, json = { processes = [{ disk_read_bytes_per_sec = 142000 }] } }
+"#,
+        &[
+            "step 7 (line 13) expect_publish",
+            "at processes[0]: expected {\"disk_read_bytes_per_sec\":142000}, got no matching element",
+        ],
+    ),
+    (
+        "extra-keys",
+        r#"[[step]]
+config = { process_perf_enabled = true }
+[[step]]
+processes = [{ pid = 3 }]
+[[step]]
+tick = true
+[[step]]
+expect_publish = { exact_keys = true, ordered = true, json = { pc_id = "test-pc", at = "$any", processes = [{ pid = 3, name = "", cpu_pct = 0 }] } }
+"#,
+        &[
+            "step 4 (line 7) expect_publish",
+            "at processes[0].rss_bytes: expected no such key (exact_keys: the pattern does not name it), got 0",
+        ],
+    ),
+    (
+        "malformed",
+        r#"pc_id = "pc-1"
+[[step]]
+tick = true
+[[step]]
+layer = { scope = "group.canary", value = {} }
+"#,
+        &[
+            "malformed scenario",
+            "malformed.toml: step 2 (line 4): `layer.scope`: expected \"global\", \"groups.<name>\" or \"pcs.pc-1\", got \"group.canary\"",
+        ],
+    ),
+];
+
+#[test]
+fn collector_test_explains_wrong_expectations_of_every_format_addition() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, _) in WRONG_SCENARIOS {
+        std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+    }
+    let out = collector()
+        .arg("test")
+        .arg(guest_wasm())
+        .arg(dir.path())
+        .arg(format!(
+            "--module=top-memory={}",
+            top_memory_wasm().display()
+        ))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["passed"], 0, "{report:#}");
+    assert_eq!(report["failed"], WRONG_SCENARIOS.len(), "{report:#}");
+    for (name, _, wanted) in WRONG_SCENARIOS {
+        let scenario = report["scenarios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| {
+                s["file"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("/{name}.toml"))
+            })
+            .unwrap_or_else(|| panic!("{name} is not in the report: {report:#}"));
+        let failure = scenario["failure"].as_str().unwrap_or_default();
+        for w in *wanted {
+            assert!(failure.contains(w), "{name}: {w:?} not in:\n{failure}");
+        }
+    }
+}
+
+#[test]
+fn collector_test_refuses_a_bad_module_flag() {
+    run_fails_with(
+        &["test", "guest.wasm", "s.toml", "--module", "top-memory"],
+        &["--module", "expected NAME=PATH"],
+    );
+    let guest = guest_wasm();
+    let guest = guest.to_str().unwrap();
+    run_fails_with(
+        &["test", guest, "s.toml", "--module", "x=/nonexistent.wasm"],
+        &["--module x=/nonexistent.wasm"],
+    );
+}
