@@ -12,6 +12,7 @@ import {
   parseDuration,
   parseRfc3339,
   tick,
+  topByMemory,
 } from './logic.js';
 
 /** A scripted host that records what the guest asked of it. */
@@ -77,6 +78,19 @@ test('keeps the largest first with ties in sample order', () => {
     ],
   ]);
   assert.deepEqual(h.namesAsked, [5, 2, 4]);
+});
+
+test('the one-pass top-N agrees with a stable sort', () => {
+  let seed = 12345;
+  const next = () => (seed = (seed * 1103515245 + 12345) % 2147483648);
+  for (const [len, n] of [[0, 3], [1, 1], [50, 5], [500, 20], [30, 100]]) {
+    // Few distinct readings, so that ties are common.
+    const rss = BigUint64Array.from({ length: len }, () => BigInt(next() % 7) * 1000n);
+    const sorted = Array.from(rss.keys())
+      .sort((a, b) => (rss[a] < rss[b] ? 1 : rss[a] > rss[b] ? -1 : 0))
+      .slice(0, n);
+    assert.deepEqual(topByMemory(rss, n), sorted, `len ${len}, n ${n}`);
+  }
 });
 
 test('memory beyond 2^53 is written exactly', () => {
