@@ -142,10 +142,10 @@ pub fn test_js_logic() -> Result<()> {
     check_node()?;
     run_step(
         &format!("running the unit tests of {JS_EXAMPLE} (node --test)"),
+        // The dot reporter keeps a passing run to one line and still shows what failed.
         Command::new("node")
             .current_dir(root().join(JS_EXAMPLE))
-            .args(["--test", "src/"])
-            .stdout(std::process::Stdio::null()),
+            .args(["--test", "--test-reporter=dot", "src/"]),
     )
 }
 
