@@ -286,3 +286,92 @@ fn the_filesystem_has_nothing_to_open() {
     sup.tick(now(Instant::now()))
         .expect("no preopened directory");
 }
+
+/// A guest whose `tick` reports `wasi:random/random.get-random-u64` as its error (16 hex
+/// digits), and traps instead on an odd wall-clock second.
+const RANDOM_GUEST: &str = r#"(component
+  (import "wasi:random/random@0.2.0" (instance $random
+    (export "get-random-u64" (func (result u64)))))
+  (core func $rand (canon lower (func $random "get-random-u64")))
+  (core module $m
+    (import "wasi" "rand" (func $rand (result i64)))
+    (memory (export "mem") 1)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 1024))
+    (func (export "configure") (param i32 i32) (result i32) (i32.const 0))
+    (func (export "interval") (result i64) (i64.const 1000000000))
+    (func (export "tick") (param $s i64) (param i32 i64) (result i32)
+      (local $v i64) (local $i i32) (local $d i32)
+      (if (i64.eq (i64.rem_u (local.get $s) (i64.const 2)) (i64.const 1)) (then unreachable))
+      (local.set $v (call $rand))
+      (loop $digits
+        (local.set $d (i32.wrap_i64 (i64.and (i64.shr_u (local.get $v)
+          (i64.extend_i32_u (i32.sub (i32.const 60) (i32.mul (local.get $i) (i32.const 4)))))
+          (i64.const 15))))
+        (i32.store8 (i32.add (i32.const 256) (local.get $i))
+          (i32.add (local.get $d)
+            (select (i32.const 48) (i32.const 87) (i32.lt_u (local.get $d) (i32.const 10)))))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $digits (i32.lt_u (local.get $i) (i32.const 16))))
+      (i32.store (i32.const 16) (i32.const 1))
+      (i32.store (i32.const 20) (i32.const 256))
+      (i32.store (i32.const 24) (i32.const 16))
+      (i32.const 16))
+    (func (export "save-state") (result i32) (i32.const 0))
+    (func (export "restore-state") (param i32 i32) (result i32) (i32.const 0)))
+  (core instance $i (instantiate $m (with "wasi" (instance (export "rand" (func $rand))))))
+  (type $datetime (record (field "seconds" s64) (field "nanoseconds" u32)))
+  (type $tick-time (record (field "wall" $datetime) (field "monotonic" u64)))
+  (func $configure (param "config" string) (result (result (error string)))
+    (canon lift (core func $i "configure") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+  (func $interval (result u64) (canon lift (core func $i "interval")))
+  (func $tick (param "now" $tick-time) (result (result (error string)))
+    (canon lift (core func $i "tick") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+  (func $save (result (option (list u8)))
+    (canon lift (core func $i "save-state") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+  (func $restore (param "state" (list u8)) (result (result (error string)))
+    (canon lift (core func $i "restore-state") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+  (instance $guest
+    (export "datetime" (type $datetime))
+    (export "tick-time" (type $tick-time))
+    (export "configure" (func $configure))
+    (export "interval" (func $interval))
+    (export "tick" (func $tick))
+    (export "save-state" (func $save))
+    (export "restore-state" (func $restore)))
+  (export "collector:api/guest@0.1.0" (instance $guest)))"#;
+
+/// The random number a tick of the mock host's guest reported.
+fn reported(mock: &mut MockHost) -> String {
+    match mock.tick() {
+        Err(TickError::Guest(hex)) if hex.len() == 16 => hex,
+        other => panic!("expected 16 hex digits, got {other:?}"),
+    }
+}
+
+#[test]
+fn randomness_is_deterministic_under_the_mock_host_and_new_per_instance() {
+    let module = wat_module("dice", RANDOM_GUEST);
+    let run = || {
+        let mut mock = MockHost::with_module(module.clone(), MockOptions::default()).unwrap();
+        let first = reported(&mut mock);
+        let second = reported(&mut mock);
+        mock.advance(Duration::from_secs(1));
+        assert!(
+            matches!(mock.tick(), Err(TickError::Fault(_))),
+            "odd second"
+        );
+        mock.advance(Duration::from_secs(1));
+        (first, second, reported(&mut mock))
+    };
+    let (first, second, after_trap) = run();
+    assert_ne!(first, second, "one stream, not one value");
+    assert_ne!(
+        first, after_trap,
+        "a fresh instance does not replay its predecessor"
+    );
+    assert_eq!(
+        run(),
+        (first, second, after_trap),
+        "another mock host repeats it"
+    );
+}
