@@ -154,13 +154,13 @@ fn check_imports(sandbox: &Sandbox, component: &Component) -> Result<Vec<String>
             wasi::ALLOWED_WASI.contains(&unversioned)
         };
         if !allowed || !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
-            let reason = match unversioned.split('/').next().unwrap_or_default() {
-                "wasi:filesystem" => "guests get no filesystem access".to_string(),
-                "wasi:sockets" | "wasi:http" => "guests get no network access".to_string(),
-                "wasi:clocks" => "guests read no clock: time comes with each `tick`".to_string(),
-                _ => format!(
+            let package = unversioned.split('/').next().unwrap_or_default();
+            let reason = match wasi::refusal(package) {
+                Some(reason) => reason.to_string(),
+                None => format!(
                     "a guest may import only {WIT_PACKAGE}/{{{}}} and the WASI interfaces \
-                     io, cli and random",
+                     io, cli, random, clocks (wall-clock, monotonic-clock) and filesystem \
+                     (types, preopens)",
                     API_IMPORTS.join(",")
                 ),
             };
@@ -243,6 +243,8 @@ pub struct Supervisor {
     config_json: Option<String>,
     interval: Option<Duration>,
     wasi: Option<WasiCustomizer>,
+    /// What the guest's WASI clocks read: the time of the latest tick.
+    now: TickTime,
 }
 
 impl Supervisor {
@@ -254,6 +256,7 @@ impl Supervisor {
             config_json: None,
             interval: None,
             wasi: None,
+            now: wasi::BEFORE_FIRST_TICK,
         }
     }
 
@@ -404,6 +407,7 @@ impl Supervisor {
     /// [`TickError::Guest`] when the guest reported an error, [`TickError::Fault`] when
     /// it trapped (the next call starts a fresh instance).
     pub fn tick(&mut self, now: TickTime) -> Result<(), TickError> {
+        self.now = now;
         let result = self.call("tick", |b, s| b.collector_api_guest().call_tick(s, now))?;
         let stats = self.stats();
         HostStats::bump(&stats.ticks, 1);
@@ -516,6 +520,7 @@ impl Supervisor {
         HostStats::bump(&services.stats.instantiations, 1);
         let engine = self.module.pre.engine();
         let mut store = Store::new(engine, HostState::new(services, name, logger, ctx));
+        store.data_mut().clock = self.now;
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(|ctx| {
             let state = ctx.data();
@@ -557,8 +562,10 @@ impl Supervisor {
         f: impl FnOnce(&Collector, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, GuestFault> {
         let gate = self.module.calls.clone();
+        let now = self.now;
         let live = self.live()?;
         let budget = live.store.data().services.limits.call_budget;
+        live.store.data_mut().clock = now;
         live.store.data_mut().begin_call();
         live.store.set_epoch_deadline(ticks_for(budget));
         let result = {

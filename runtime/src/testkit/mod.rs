@@ -255,9 +255,12 @@ impl MockHost {
             mono: Duration::ZERO,
         })));
         let mut supervisor = Supervisor::new(module, services);
-        supervisor.set_wasi_customizer(Arc::new(|b| {
-            b.insecure_random_seed(0)
-                .secure_random(wasmtime_wasi::Deterministic::new(vec![7; 32]));
+        // Each instance gets its own generators, seeded from its number: a run repeats
+        // exactly, and an instance started after a trap does not replay its predecessor.
+        let instances = std::sync::atomic::AtomicU64::new(0);
+        supervisor.set_wasi_customizer(Arc::new(move |b| {
+            let n = instances.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::host::wasi::deterministic_random(b, n);
         }));
         Ok(Self {
             supervisor,

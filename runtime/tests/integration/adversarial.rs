@@ -125,8 +125,8 @@ fn every_bad_bundle_is_refused_and_the_running_module_keeps_running() {
     let core = wat::parse_str("(module)").unwrap();
     // Correctly signed: only the host's own check can refuse it.
     let core_module = craft(&json(&v3(&core)), &[&k1, &k2], &core);
-    let fs = importing("wasi:filesystem/preopens@0.2.0");
-    let filesystem = craft(&json(&v3(&fs)), &[&k1, &k2], &fs);
+    let web = importing("wasi:http/outgoing-handler@0.2.0");
+    let http = craft(&json(&v3(&web)), &[&k1, &k2], &web);
     let net = importing("wasi:sockets/tcp-create-socket@0.2.0");
     let sockets = craft(&json(&v3(&net)), &[&k1, &k2], &net);
     let other_wit = {
@@ -173,7 +173,7 @@ fn every_bad_bundle_is_refused_and_the_running_module_keeps_running() {
         ("longer.bundle", longer, "bytes were added or removed"),
         ("huge-length.bundle", huge_length, "more than the maximum"),
         ("core-module.bundle", core_module, "core WebAssembly module"),
-        ("filesystem.bundle", filesystem, "wasi:filesystem"),
+        ("http.bundle", http, "wasi:http"),
         ("sockets.bundle", sockets, "wasi:sockets"),
         ("other-wit.bundle", other_wit, "someone:else@1.0.0"),
     ];

@@ -20,3 +20,4 @@ mod hostile_guests;
 mod last_known_good;
 mod nats;
 mod swap;
+mod wasi_guests;
