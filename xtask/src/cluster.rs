@@ -136,7 +136,11 @@ impl Cluster {
              server_name: \"{name}\"\n\
              listen: \"127.0.0.1:{client}\"\n\
              http: \"127.0.0.1:{monitor}\"\n\
-             jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 256MB\n  max_file_store: 4GB\n}}\n\
+             jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 256MB\n  max_file_store: 4GB\n\
+             \x20 # Every agent holds a consumer on each bucket it watches, and one on the\n\
+             \x20 # module store while it downloads: nats-server 2.15's default of 1,000\n\
+             \x20 # consumers per stream would cap a fleet at about 1,000 agents.\n\
+             \x20 limits {{ default_max_consumers: -1 }}\n}}\n\
              cluster {{\n  name: \"collector\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
             name = node.name,
             client = node.client,

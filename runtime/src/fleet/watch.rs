@@ -355,12 +355,14 @@ pub async fn run(
             tokio::time::sleep(RECHECK_MISSING).await;
         };
         tokio::pin!(recheck);
+        // A watch that errs (a server lost, a missed heartbeat) may have missed entries:
+        // it is reopened behind a fresh snapshot rather than trusted to resume.
         let ended = loop {
             tokio::select! {
                 () = &mut recheck => break "",
                 entry = next_entry(&mut groups_w) => {
                     let Some(entry) = entry else { break GROUPS_BUCKET };
-                    let Ok(entry) = entry.inspect_err(|e| tracing::warn!(error = %e, "agent_groups watch")) else { continue };
+                    let Ok(entry) = entry.inspect_err(|e| tracing::warn!(error = %e, "agent_groups watch")) else { break GROUPS_BUCKET };
                     let value = (entry.operation == kv::Operation::Put).then_some(&entry.value[..]);
                     if state.apply_groups(entry.revision, value) {
                         emit(&mut state, &mut last);
@@ -372,14 +374,14 @@ pub async fn run(
                 }
                 entry = next_entry(&mut config_w) => {
                     let Some(entry) = entry else { break CONFIG_BUCKET };
-                    let Ok(entry) = entry.inspect_err(|e| tracing::warn!(error = %e, "agent_config watch")) else { continue };
+                    let Ok(entry) = entry.inspect_err(|e| tracing::warn!(error = %e, "agent_config watch")) else { break CONFIG_BUCKET };
                     if state.apply_config(&pc_id, &entry) {
                         emit(&mut state, &mut last);
                     }
                 }
                 entry = next_entry(&mut assignments_w) => {
                     let Some(entry) = entry else { break ASSIGNMENTS_BUCKET };
-                    let Ok(entry) = entry.inspect_err(|e| tracing::warn!(error = %e, "collector_config watch")) else { continue };
+                    let Ok(entry) = entry.inspect_err(|e| tracing::warn!(error = %e, "collector_config watch")) else { break ASSIGNMENTS_BUCKET };
                     if state.apply_assignment(&pc_id, &entry) {
                         emit(&mut state, &mut last);
                     }
@@ -388,7 +390,7 @@ pub async fn run(
         };
         if !ended.is_empty() {
             backoff
-                .fail(&format!("the {ended} watch ended"), "stream closed".into())
+                .fail(&format!("the {ended} watch ended or failed"), "reopening it".into())
                 .await;
         }
     }
