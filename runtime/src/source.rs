@@ -23,6 +23,13 @@ impl Fields {
         memory: true,
         disk: true,
     };
+
+    /// CPU alone: what priming the CPU baseline takes.
+    pub const CPU_ONLY: Fields = Fields {
+        cpu: true,
+        memory: false,
+        disk: false,
+    };
 }
 
 /// One enumeration in columns; entry `i` of every non-empty column is the same process.

@@ -47,8 +47,12 @@ pub mod v0_2 {
 /// benchmarks, which assert on them (for instance: an inactive tick enumerates nothing).
 #[derive(Debug, Default)]
 pub struct HostStats {
-    /// Enumerations made for `processes.sample`.
+    /// Enumerations of every process, made for `processes.sample`.
     pub samples: AtomicU64,
+    /// Refreshes of chosen processes, made for `processes.sample-pids` (0.2.0): a few
+    /// processes each, so they are not counted in `samples`, but they count towards
+    /// [`Limits::max_samples_per_call`] as samples do.
+    pub pid_samples: AtomicU64,
     /// Calls to `processes.sample` refused without an enumeration: over the per-call
     /// count or after the call's host time budget was spent.
     pub samples_refused: AtomicU64,

@@ -62,13 +62,22 @@ impl HostState {
             Some(pids) => s.services.processes.sample_pids(pids, fields),
         });
         let stats = &self.services.stats;
-        HostStats::bump(&stats.samples, 1);
+        HostStats::bump(
+            if pids.is_some() {
+                &stats.pid_samples
+            } else {
+                &stats.samples
+            },
+            1,
+        );
         let table = table.inspect_err(|e| {
             if self.logger.admit_warning() {
                 tracing::warn!(guest = %self.guest_name, error = %e, "process sampling failed");
             }
         })?;
-        HostStats::bump(&stats.processes_sampled, table.len() as u64);
+        if pids.is_none() {
+            HostStats::bump(&stats.processes_sampled, table.len() as u64);
+        }
         tracing::trace!(guest = %self.guest_name, processes = table.len(), "sampled");
         let primed = !fields.cpu || pids.is_some() || self.services.processes.cpu_primed();
         Ok((table, primed))
