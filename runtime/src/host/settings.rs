@@ -46,7 +46,7 @@ mod tests {
         assert_eq!(s.host_perf_interval, Some(60_000_000_000));
         assert_eq!(s.heartbeat_interval, Some(30_000_000_000));
         assert_eq!(s.target_version_jitter, Some(600_000_000_000));
-        assert_eq!(s.process_perf_expires_at, None);
+        assert!(s.process_perf_expires_at.is_none());
 
         let config = EffectiveConfig {
             host_perf_interval: "soon".into(),
