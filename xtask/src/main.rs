@@ -316,6 +316,7 @@ fn test(extra: &[String]) -> Result<()> {
                 "sandbox",
             ])
             .env("COLLECTOR_GUEST_WASM", &guest)
+            .env("COLLECTOR_NATS_SERVER", &nats)
             .stdout(std::process::Stdio::null()),
     )?;
     run_step(
@@ -337,6 +338,8 @@ fn test(extra: &[String]) -> Result<()> {
 /// Runs every benchmark in full (release build) and writes BENCHMARKS.md.
 fn bench(extra: &[String]) -> Result<()> {
     let guest = build_guest()?;
+    // The agent's RSS rows run `collector run` with the NATS sink.
+    let nats = ensure_nats_server()?;
     let out = root().join("BENCHMARKS.md");
     run_step(
         "running the benchmarks (the release build takes minutes the first time)",
@@ -352,7 +355,8 @@ fn bench(extra: &[String]) -> Result<()> {
             .arg("--out")
             .arg(&out)
             .args(extra)
-            .env("COLLECTOR_GUEST_WASM", &guest),
+            .env("COLLECTOR_GUEST_WASM", &guest)
+            .env("COLLECTOR_NATS_SERVER", &nats),
     )
 }
 
