@@ -338,8 +338,10 @@ fn test(extra: &[String]) -> Result<()> {
 /// Runs every benchmark in full (release build) and writes BENCHMARKS.md.
 fn bench(extra: &[String]) -> Result<()> {
     let guest = build_guest()?;
-    // The agent's RSS rows run `collector run` with the NATS sink.
+    // The agent's RSS rows run `collector run` with the NATS sink, alone and beside
+    // the top-memory example.
     let nats = ensure_nats_server()?;
+    let top_memory = build_top_memory()?;
     let out = root().join("BENCHMARKS.md");
     run_step(
         "running the benchmarks (the release build takes minutes the first time)",
@@ -356,6 +358,7 @@ fn bench(extra: &[String]) -> Result<()> {
             .arg(&out)
             .args(extra)
             .env("COLLECTOR_GUEST_WASM", &guest)
+            .env("COLLECTOR_TOP_MEMORY_WASM", &top_memory)
             .env("COLLECTOR_NATS_SERVER", &nats),
     )
 }
