@@ -191,7 +191,9 @@ fn bundles_declare_the_version_they_target_and_the_agent_holds_them_to_it() {
             collector_runtime::bundle::sign(&lying, &component, &[&key]).unwrap(),
         )
         .unwrap();
-        let refused = deployer.load_file(&path).err().expect("refused");
+        let Err(refused) = deployer.load_file(&path) else {
+            panic!("a manifest naming {} was believed", lying.wit);
+        };
         assert!(
             refused.reason.contains("manifest field `wit`"),
             "{}",
