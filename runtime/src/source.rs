@@ -530,6 +530,46 @@ mod tests {
         assert_eq!(names[1], "");
     }
 
+    #[test]
+    fn sysinfo_reads_chosen_pids_and_says_when_cpu_is_primed() {
+        let mut source = SysinfoSource::new().unwrap();
+        source.sample(Fields::CPU_ONLY).unwrap();
+        assert!(!source.cpu_primed(), "a first CPU reading is not primed");
+        let memory = Fields {
+            memory: true,
+            ..Fields::default()
+        };
+        source.sample(memory).unwrap();
+        assert!(source.cpu_primed(), "no CPU asked, nothing to prime");
+        source.sample(Fields::CPU_ONLY).unwrap();
+        assert!(source.cpu_primed());
+
+        let me = std::process::id();
+        let disk = Fields {
+            disk: true,
+            ..Fields::default()
+        };
+        let rows = source.sample_pids(&[u32::MAX, me, me], disk).unwrap();
+        assert_eq!(rows.pids, [me, me], "a PID that does not exist is left out");
+        assert_eq!(rows.disk_read_bytes.len(), 2);
+        assert!(rows.cpu_pct.is_empty() && rows.rss_bytes.is_empty());
+    }
+
+    #[test]
+    fn select_keeps_the_order_asked_in_sorted_and_unsorted_tables() {
+        for pids in [vec![1, 2, 3, 4], vec![4, 2, 1, 3]] {
+            let table = ProcessTable {
+                disk_read_bytes: pids.iter().map(|&p| u64::from(p) * 10).collect(),
+                pids,
+                ..ProcessTable::default()
+            };
+            let rows = table.select(&[3, 9, 1]);
+            assert_eq!(rows.pids, [3, 1]);
+            assert_eq!(rows.disk_read_bytes, [30, 10]);
+            assert!(rows.cpu_pct.is_empty(), "an empty column stays empty");
+        }
+    }
+
     /// Sleeps through every sample, as a stuck enumeration would.
     struct Stuck(std::time::Duration);
 
