@@ -219,14 +219,14 @@ const WHY_RSS: &str = "A first start compiles the guest with Cranelift, whose wo
 const WHY_AGENT_RSS: &str = "What bounds it, from the rows of this run: the \"agent peak RSS\" \
     rows above run the same engine, guest and sampling in a bare process (no CLI, no tokio \
     runtime, no NATS client, no config watcher), so the difference between those rows and \
-    these is what the binary around the sandbox costs (its own code pages, the tokio worker \
-    threads, the async-nats connection and its buffers); the difference between a first \
+    these is what the binary around the sandbox costs (its own code pages, its one tokio \
+    worker thread, the async-nats connection and its buffers); the difference between a first \
     start and a restart is Cranelift's working memory while it compiles, which a smaller \
     guest shrinks but does not remove. Each further module adds its compiled code, its \
     store and linear memory (top-memory, still a 0.1.0 guest with serde_json, is twice the \
     size of process-perf). What would close it: the compile cache on every start (any \
-    agent with a --state-dir after its first start), a current-thread tokio runtime for \
-    the sink, and moving top-memory to 0.2.0.";
+    agent with a --state-dir after its first start) and moving top-memory to 0.2.0; \
+    below that, a leaner binary around the sandbox.";
 
 const WHY_SWAP: &str = "The agent compiles on one thread on purpose (wasmtime's parallel \
     compilation is off: an endpoint agent should not take every core, and two compile \
