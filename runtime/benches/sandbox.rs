@@ -192,24 +192,32 @@ struct Row {
     why: Option<&'static str>,
 }
 
-const WHY_SMALL_TICK: &str = "A guest tick pays a fixed cost the native loop does not: three \
-    calls across the sandbox boundary (the sample of everyone, the disk counters of the \
-    top-N, their names), each lowering its lists into guest memory, plus code compiled by \
-    Cranelift rather than LLVM. At small process counts that fixed part is most of a tick; \
-    from about 1,000 processes on, the guest's linear-time top-N selection and the smaller \
-    sample it asks for win it back.";
+const WHY_SMALL_TICK: &str = "A guest tick pays a fixed cost the native loop does not: three calls across \
+    the sandbox boundary (CPU and memory of everyone, the disk counters of the top-N \
+    through sample-pids, their names), each lowering its lists into guest memory, plus \
+    code compiled by Cranelift rather than LLVM. At 100 processes that fixed part is most \
+    of the tick (about 13 µs in this run; the 0.1.0 guest, with one sample call and \
+    serde_json, measured 1.95x); from 1,000 processes on, the guest's linear-time top-N \
+    selection and the smaller sample it asks for win it back. What would close it: on \
+    small tables, taking the disk counters in the one sample instead of a second call (a \
+    guest decision the API allows), which trades a crossing for reading every io file.";
 
-const WHY_SYSINFO: &str = "Both sides spend nearly all of a tick in sysinfo, so the ratio \
-    moves with machine noise from run to run. The runtime's systematic extra is the hand-off \
-    of the enumeration to its worker thread (the time box behind --enumeration-timeout, about \
-    20 µs a tick) plus the guest's own work; it saves the disk counters of every process but \
-    the top-N.";
+const WHY_SYSINFO: &str = "On a machine with few processes, splitting the disk counters off costs \
+    about what it saves: the second enumeration (sample-pids for the top 20) goes through \
+    the time box's worker thread again and reads each chosen process's stat file before \
+    its io file, while the io reads it saves are few. Both sides spend nearly all of a \
+    tick in sysinfo, so the ratio also moves with machine noise (this run shared 2 cores \
+    with three other builds). What would close it: a guest that takes the disk counters \
+    in the one sample when the table is small.";
 
-const WHY_SEED: &str = "The seed's loop reads, for every process and every thread (sysinfo \
-    lists a process's threads as processes when tasks are refreshed, and the seed sorts them \
-    all), the stat, statm and io files; the runtime reads stat and statm for processes only, \
-    and io for the top-N. What remains is the per-process cost of reading two /proc files, \
-    which no design that looks at every process avoids.";
+const WHY_SEED: &str = "The seed's loop reads stat, statm and io for every process and every thread \
+    (sysinfo lists a process's threads as processes when tasks are refreshed, and the seed \
+    sorts them all); the runtime reads stat and statm for processes only, and io for the \
+    top-N. Counting files, the runtime's share is about (processes × 2 + 20 × 2) ÷ \
+    (processes and threads × 3), 0.49 on this machine, before the fixed costs the seed \
+    does not pay (two hand-offs to the enumeration's worker thread, the guest call), \
+    which is where the rest comes from at this size. What bounds it is reading two /proc \
+    files per process, which any loop that ranks every process by CPU pays.";
 
 const WHY_RSS: &str = "A first start compiles the guest with Cranelift, whose working memory \
     adds to the peak; a restart loads it from the compile cache. What would close it: \
@@ -228,11 +236,15 @@ const WHY_AGENT_RSS: &str = "What bounds it, from the rows of this run: the \"ag
     agent with a --state-dir after its first start) and moving top-memory to 0.2.0; \
     below that, a leaner binary around the sandbox.";
 
-const WHY_SWAP: &str = "The agent compiles on one thread on purpose (wasmtime's parallel \
-    compilation is off: an endpoint agent should not take every core, and two compile \
-    threads raise the first-start peak RSS). The swap never blocks ticks: verification and \
-    compilation run on the watcher thread and the new module takes over at the next tick \
-    boundary; every later start of the same module comes from the compile cache.";
+const WHY_SWAP: &str = "Compiling the component with Cranelift on one thread is nearly all of it (the \
+    compile-cache row shows the rest). This run shared the 2 cores with three other builds \
+    (load average about 8); the 0.1.0 guest, twice the size, measured 223 ms on a quieter \
+    run. The agent compiles on one thread on purpose: an endpoint agent should not take \
+    every core, and more compile threads raise the first-start peak RSS. The swap never \
+    blocks ticks (verification and compilation run on the watcher thread, the new module \
+    takes over at the next tick boundary), and every later start of the same module comes \
+    from the compile cache. What would close it: parallel compilation where cores are to \
+    spare, or a smaller guest still.";
 
 fn enabled() -> EffectiveConfig {
     EffectiveConfig {
