@@ -1,26 +1,27 @@
 //! The default collector guest: the kanade process-perf loop (top CPU consumers with
-//! per-PID disk rates) as a WebAssembly component. [`logic`] holds every decision; this
-//! file only adapts it to the `collector:api` WIT world.
+//! per-PID disk rates) as a WebAssembly component of `collector:api@0.2.0`. [`logic`]
+//! holds every decision and [`message`] writes the wire format; this file only adapts
+//! them to the WIT world.
 
 pub mod logic;
+pub mod message;
 
 #[cfg(target_arch = "wasm32")]
 mod component {
     use std::cell::RefCell;
     use std::time::Duration;
 
-    use chrono::DateTime;
-
-    use crate::logic::{Host, Level, ProcessPerfLoop, Sample};
+    use crate::logic::{Config, Disk, Host, Level, ProcessPerfLoop, Sample};
+    use crate::message::WallTime;
 
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "../wit/v0.2.0",
         world: "collector",
     });
 
     use collector::api::processes::{self, Fields, SampleError};
     use collector::api::publish::{self, PublishError};
-    use collector::api::types::{Level as WitLevel, TickTime};
+    use collector::api::types::{Datetime, Level as WitLevel, Settings, TickTime};
     use collector::api::{identity, log};
     use exports::collector::api::guest::Guest;
 
@@ -31,20 +32,38 @@ mod component {
     /// The host's imports, seen through the [`Host`] trait.
     struct Imports;
 
+    fn sample_error(e: SampleError) -> String {
+        match e {
+            SampleError::NotGranted => "process sampling not granted".to_string(),
+            SampleError::Failed(msg) => msg,
+        }
+    }
+
+    fn wall(at: Datetime) -> WallTime {
+        WallTime {
+            seconds: at.seconds,
+            nanoseconds: at.nanoseconds,
+        }
+    }
+
     impl Host for Imports {
         fn sample(&mut self) -> Result<Sample, String> {
-            let s = processes::sample(Fields::CPU | Fields::MEMORY | Fields::DISK).map_err(
-                |e| match e {
-                    SampleError::NotGranted => "process sampling not granted".to_string(),
-                    SampleError::Failed(msg) => msg,
-                },
-            )?;
+            // CPU and memory for everyone; disk counters come for the top-N only.
+            let s = processes::sample(Fields::CPU | Fields::MEMORY).map_err(sample_error)?;
             Ok(Sample {
                 pids: s.pids,
                 cpu_pct: s.cpu_pct,
                 rss_bytes: s.rss_bytes,
-                disk_read_bytes: s.disk_read_bytes,
-                disk_written_bytes: s.disk_written_bytes,
+                cpu_primed: s.cpu_primed,
+            })
+        }
+
+        fn disk(&mut self, pids: &[u32]) -> Result<Disk, String> {
+            let s = processes::sample_pids(pids, Fields::DISK).map_err(sample_error)?;
+            Ok(Disk {
+                pids: s.pids,
+                read_bytes: s.disk_read_bytes,
+                written_bytes: s.disk_written_bytes,
             })
         }
 
@@ -78,8 +97,15 @@ mod component {
     struct Component;
 
     impl Guest for Component {
-        fn configure(config: String) -> Result<(), String> {
-            LOOP.with_borrow_mut(|l| l.configure_json(&config))
+        fn configure(settings: Settings) -> Result<(), String> {
+            let config = Config {
+                enabled: settings.process_perf_enabled,
+                expires_at: settings.process_perf_expires_at.map(wall),
+                top_n: settings.process_perf_top_n,
+                interval: settings.host_perf_interval.map(Duration::from_nanos),
+            };
+            LOOP.with_borrow_mut(|l| l.configure(config));
+            Ok(())
         }
 
         fn interval() -> u64 {
@@ -87,11 +113,8 @@ mod component {
         }
 
         fn tick(now: TickTime) -> Result<(), String> {
-            let wall = DateTime::from_timestamp(now.wall.seconds, now.wall.nanoseconds)
-                .ok_or_else(|| format!("wall time out of range: {}s", now.wall.seconds))?;
             let mono = Duration::from_nanos(now.monotonic);
-            LOOP.with_borrow_mut(|l| l.tick(wall, mono, &mut Imports));
-            Ok(())
+            LOOP.with_borrow_mut(|l| l.tick(wall(now.wall), mono, &mut Imports))
         }
 
         fn save_state() -> Option<Vec<u8>> {

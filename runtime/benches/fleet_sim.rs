@@ -184,11 +184,11 @@ fn main() {
         Ok(report) => {
             let failures = report.failures();
             println!("{}", report.table(&options));
-            if let Some(root) = &options.write {
-                if let Err(e) = report.write(&options, root) {
-                    eprintln!("fleet-sim: {e}");
-                    std::process::exit(1);
-                }
+            if let Some(root) = &options.write
+                && let Err(e) = report.write(&options, root)
+            {
+                eprintln!("fleet-sim: {e}");
+                std::process::exit(1);
             }
             if !failures.is_empty() {
                 for f in &failures {

@@ -482,6 +482,18 @@ impl Deployer {
             .map_err(|e| refuse(format!("manifest grant: {e}")))?;
         let module = GuestModule::from_bytes(&self.sandbox, &manifest.name, &verified.component)
             .map_err(|e| refuse(e.to_string()))?;
+        // The signers vouched for a component of this API version: another one would run
+        // against host functions they did not review it with.
+        let declared = manifest.wit.rsplit('@').next().unwrap_or_default();
+        if declared != module.api_version() {
+            return Err(refuse(format!(
+                "manifest field `wit` says {}, but the component exports the guest interface \
+                 of {}@{}",
+                manifest.wit,
+                crate::wit::WIT_PACKAGE,
+                module.api_version()
+            )));
+        }
         let ceilings = &self.policy.ceilings;
         let limits = Limits {
             memory_bytes: manifest

@@ -14,9 +14,9 @@ use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::engine::{CallGate, Sandbox, ticks_for};
 use crate::host::log::{GuestLogger, MAX_LINE_BYTES, MAX_QUOTED_BYTES, quote};
-use crate::host::{Collector, CollectorPre, HostState, HostStats, Services, TickTime, wasi};
+use crate::host::{Collector, CollectorPre, HostState, HostStats, Services, TickTime, v0_2, wasi};
 
-pub use crate::wit::{WIT_PACKAGE, WIT_VERSION};
+pub use crate::wit::{WIT_PACKAGE, WIT_VERSION, WIT_VERSIONS};
 
 /// Interfaces of `collector:api` a guest may import.
 const API_IMPORTS: &[&str] = &["types", "processes", "publish", "log", "identity"];
@@ -44,16 +44,29 @@ pub enum LoadError {
     #[error("imports `{import}`, which this host never offers: {reason}")]
     ForbiddenImport { import: String, reason: String },
     #[error(
-        "does not export `{WIT_PACKAGE}/guest@{WIT_VERSION}`; guests must target the \
-         `collector` world of {WIT_PACKAGE}@{WIT_VERSION}: {0}"
+        "does not export `{WIT_PACKAGE}/guest` in a version this host implements \
+         ({versions}); guests must target the `collector` world of {WIT_PACKAGE}: {0}",
+        versions = WIT_VERSIONS.join(", ")
     )]
     WrongWorld(String),
+}
+
+/// The pre-linked component, by the version of `collector:api` it targets.
+enum Pre {
+    V0_1(CollectorPre<HostState>),
+    V0_2(v0_2::CollectorPre<HostState>),
+}
+
+/// The instance's exports, by the version of `collector:api` it targets.
+enum Bindings {
+    V0_1(Collector),
+    V0_2(v0_2::Collector),
 }
 
 /// A compiled, checked guest component, ready to instantiate any number of times.
 pub struct GuestModule {
     name: Arc<str>,
-    pre: CollectorPre<HostState>,
+    pre: Pre,
     imports: Vec<String>,
     calls: CallGate,
     /// Keeps the engine's epoch thread alive for as long as the module can run, so a
@@ -106,8 +119,23 @@ impl GuestModule {
             .linker()
             .instantiate_pre(component)
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-        let pre =
-            CollectorPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        // The guest export decides the version; the imports may mix versions (each is
+        // linked), which lets a guest move to a new interface one import at a time.
+        let exports_v0_2 = component
+            .component_type()
+            .exports(sandbox.engine())
+            .any(|(name, _)| name == format!("{WIT_PACKAGE}/guest@0.2.0"));
+        let pre = if exports_v0_2 {
+            Pre::V0_2(
+                v0_2::CollectorPre::new(instance_pre)
+                    .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?,
+            )
+        } else {
+            Pre::V0_1(
+                CollectorPre::new(instance_pre)
+                    .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?,
+            )
+        };
         Ok(Self {
             name: name.into(),
             pre,
@@ -125,6 +153,22 @@ impl GuestModule {
     /// The interfaces the component imports.
     pub fn imports(&self) -> &[String] {
         &self.imports
+    }
+
+    /// The version of `collector:api` whose `guest` interface the component exports,
+    /// such as `0.2.0`: one of [`WIT_VERSIONS`].
+    pub fn api_version(&self) -> &'static str {
+        match self.pre {
+            Pre::V0_1(_) => "0.1.0",
+            Pre::V0_2(_) => "0.2.0",
+        }
+    }
+
+    fn engine(&self) -> &wasmtime::Engine {
+        match &self.pre {
+            Pre::V0_1(pre) => pre.engine(),
+            Pre::V0_2(pre) => pre.engine(),
+        }
     }
 }
 
@@ -225,7 +269,7 @@ pub type WasiCustomizer = Arc<dyn Fn(&mut WasiCtxBuilder) + Send + Sync>;
 
 struct Live {
     store: Store<HostState>,
-    bindings: Collector,
+    bindings: Bindings,
 }
 
 enum Slot {
@@ -240,7 +284,9 @@ enum Slot {
 pub struct Supervisor {
     module: Arc<GuestModule>,
     slot: Slot,
-    config_json: Option<String>,
+    /// The configuration handed to every new instance, as the guest's API version
+    /// wants it (JSON text for 0.1.0, a record for 0.2.0).
+    config: Option<EffectiveConfig>,
     interval: Option<Duration>,
     wasi: Option<WasiCustomizer>,
     /// What the guest's WASI clocks read: the time of the latest tick.
@@ -253,7 +299,7 @@ impl Supervisor {
         Self {
             module,
             slot: Slot::Idle(services),
-            config_json: None,
+            config: None,
             interval: None,
             wasi: None,
             now: wasi::BEFORE_FIRST_TICK,
@@ -303,7 +349,7 @@ impl Supervisor {
 
     /// Whether the guest has been given a configuration.
     pub fn is_configured(&self) -> bool {
-        self.config_json.is_some()
+        self.config.is_some()
     }
 
     /// Whether an instance is currently alive.
@@ -389,8 +435,7 @@ impl Supervisor {
     ///
     /// When the guest trapped; the configuration is still kept for the next instance.
     pub fn configure(&mut self, config: &EffectiveConfig) -> Result<bool, GuestFault> {
-        let json = serde_json::to_string(config).expect("EffectiveConfig serializes");
-        self.config_json = Some(json);
+        self.config = Some(config.clone());
         if self.is_live() {
             self.push_config()?;
         } else {
@@ -408,7 +453,19 @@ impl Supervisor {
     /// it trapped (the next call starts a fresh instance).
     pub fn tick(&mut self, now: TickTime) -> Result<(), TickError> {
         self.now = now;
-        let result = self.call("tick", |b, s| b.collector_api_guest().call_tick(s, now))?;
+        let result = self.call("tick", |b, s| match b {
+            Bindings::V0_1(b) => b.collector_api_guest().call_tick(s, now),
+            Bindings::V0_2(b) => b.collector_api_guest().call_tick(
+                s,
+                v0_2::collector::api::types::TickTime {
+                    wall: v0_2::collector::api::types::Datetime {
+                        seconds: now.wall.seconds,
+                        nanoseconds: now.wall.nanoseconds,
+                    },
+                    monotonic: now.monotonic,
+                },
+            ),
+        })?;
         let stats = self.stats();
         HostStats::bump(&stats.ticks, 1);
         // The WIT promises the interval is asked after every tick, failed or not.
@@ -430,8 +487,9 @@ impl Supervisor {
     ///
     /// When the guest trapped.
     pub fn save_state(&mut self) -> Result<Option<Vec<u8>>, GuestFault> {
-        let state = self.call("save-state", |b, s| {
-            b.collector_api_guest().call_save_state(s)
+        let state = self.call("save-state", |b, s| match b {
+            Bindings::V0_1(b) => b.collector_api_guest().call_save_state(s),
+            Bindings::V0_2(b) => b.collector_api_guest().call_save_state(s),
         })?;
         let limit = self.services().limits.max_state_bytes;
         Ok(state.and_then(|state| self.within_state_limit(state, limit)))
@@ -459,14 +517,18 @@ impl Supervisor {
     ///
     /// When the guest trapped.
     pub fn restore_state(&mut self, state: &[u8]) -> Result<Result<(), String>, GuestFault> {
-        let result = self.call("restore-state", |b, s| {
-            b.collector_api_guest().call_restore_state(s, state)
+        let result = self.call("restore-state", |b, s| match b {
+            Bindings::V0_1(b) => b.collector_api_guest().call_restore_state(s, state),
+            Bindings::V0_2(b) => b.collector_api_guest().call_restore_state(s, state),
         })?;
         Ok(result.map_err(|refusal| quote(&refusal, MAX_QUOTED_BYTES)))
     }
 
     fn refresh_interval(&mut self) -> Result<bool, GuestFault> {
-        let ns = self.call("interval", |b, s| b.collector_api_guest().call_interval(s))?;
+        let ns = self.call("interval", |b, s| match b {
+            Bindings::V0_1(b) => b.collector_api_guest().call_interval(s),
+            Bindings::V0_2(b) => b.collector_api_guest().call_interval(s),
+        })?;
         let interval = Some(Duration::from_nanos(ns));
         let changed = interval != self.interval;
         self.interval = interval;
@@ -474,11 +536,17 @@ impl Supervisor {
     }
 
     fn push_config(&mut self) -> Result<(), GuestFault> {
-        let Some(json) = self.config_json.clone() else {
+        let Some(config) = self.config.clone() else {
             return Ok(());
         };
-        let result = self.call("configure", |b, s| {
-            b.collector_api_guest().call_configure(s, &json)
+        let result = self.call("configure", |b, s| match b {
+            Bindings::V0_1(b) => {
+                let json = serde_json::to_string(&config).expect("EffectiveConfig serializes");
+                b.collector_api_guest().call_configure(s, &json)
+            }
+            Bindings::V0_2(b) => b
+                .collector_api_guest()
+                .call_configure(s, &crate::host::settings::settings(&config)),
         })?;
         if let Err(message) = result {
             let message = quote(&message, MAX_QUOTED_BYTES);
@@ -518,7 +586,7 @@ impl Supervisor {
             }
         });
         HostStats::bump(&services.stats.instantiations, 1);
-        let engine = self.module.pre.engine();
+        let engine = self.module.engine();
         let mut store = Store::new(engine, HostState::new(services, name, logger, ctx));
         store.data_mut().clock = self.now;
         store.limiter(|s| &mut s.limits);
@@ -535,7 +603,10 @@ impl Supervisor {
         store.data_mut().begin_call();
         store.set_epoch_deadline(ticks_for(store.data().services.limits.call_budget));
         let in_call = self.module.calls.enter();
-        let instance = self.module.pre.instantiate(&mut store);
+        let instance = match &self.module.pre {
+            Pre::V0_1(pre) => pre.instantiate(&mut store).map(Bindings::V0_1),
+            Pre::V0_2(pre) => pre.instantiate(&mut store).map(Bindings::V0_2),
+        };
         drop(in_call);
         report_refused(self.module.name(), "instantiate", &store.data().logger);
         match instance {
@@ -559,7 +630,7 @@ impl Supervisor {
     fn call<R>(
         &mut self,
         call: &'static str,
-        f: impl FnOnce(&Collector, &mut Store<HostState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, GuestFault> {
         let gate = self.module.calls.clone();
         let now = self.now;

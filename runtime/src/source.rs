@@ -23,6 +23,13 @@ impl Fields {
         memory: true,
         disk: true,
     };
+
+    /// CPU alone: what priming the CPU baseline takes.
+    pub const CPU_ONLY: Fields = Fields {
+        cpu: true,
+        memory: false,
+        disk: false,
+    };
 }
 
 /// One enumeration in columns; entry `i` of every non-empty column is the same process.
@@ -45,6 +52,47 @@ impl ProcessTable {
     /// Whether the table holds no process.
     pub fn is_empty(&self) -> bool {
         self.pids.is_empty()
+    }
+
+    /// The rows of `pids` that are in the table, in the order of `pids` (a PID asked
+    /// twice gives two rows). Columns that are empty stay empty.
+    pub fn select(&self, pids: &[u32]) -> ProcessTable {
+        // Tables are usually in PID order (scripted ones, /proc's): then a binary search
+        // per PID asked is all it takes; otherwise an index of the whole table.
+        let rows: Vec<usize> = if self.pids.is_sorted() {
+            pids.iter()
+                .filter_map(|p| self.pids.binary_search(p).ok())
+                .collect()
+        } else {
+            let index: HashMap<u32, usize> = self
+                .pids
+                .iter()
+                .enumerate()
+                .map(|(i, &pid)| (pid, i))
+                .collect();
+            pids.iter().filter_map(|p| index.get(p).copied()).collect()
+        };
+        let pick_f32 = |col: &[f32]| -> Vec<f32> {
+            if col.is_empty() {
+                Vec::new()
+            } else {
+                rows.iter().map(|&i| col[i]).collect()
+            }
+        };
+        let pick_u64 = |col: &[u64]| -> Vec<u64> {
+            if col.is_empty() {
+                Vec::new()
+            } else {
+                rows.iter().map(|&i| col[i]).collect()
+            }
+        };
+        ProcessTable {
+            pids: rows.iter().map(|&i| self.pids[i]).collect(),
+            cpu_pct: pick_f32(&self.cpu_pct),
+            rss_bytes: pick_u64(&self.rss_bytes),
+            disk_read_bytes: pick_u64(&self.disk_read_bytes),
+            disk_written_bytes: pick_u64(&self.disk_written_bytes),
+        }
     }
 
     /// Empties the columns that `fields` did not ask for.
@@ -73,12 +121,35 @@ pub trait ProcessSource: Send {
 
     /// Names of `pids` as of the last sample, in order; empty strings for unknown PIDs.
     fn names(&mut self, pids: &[u32]) -> Vec<String>;
+
+    /// Refreshes `pids` only, and returns the rows of those that still exist, in the
+    /// order asked. The default takes a whole sample and keeps the rows asked for, which
+    /// is right for scripted sources; real ones refresh only these processes.
+    ///
+    /// # Errors
+    ///
+    /// A message for the guest when enumeration fails.
+    fn sample_pids(&mut self, pids: &[u32], fields: Fields) -> Result<ProcessTable, String> {
+        let table = self.sample(fields)?;
+        Ok(table.select(pids))
+    }
+
+    /// Whether the CPU figures of the last [`ProcessSource::sample`] were measured over a
+    /// span since an earlier reading (`false` on a first reading, when they are all 0).
+    /// Scripted sources give their figures as measured: the default is `true`.
+    fn cpu_primed(&self) -> bool {
+        true
+    }
 }
 
 /// Real processes, read with sysinfo. One `System` lives across samples: CPU usage is a
 /// difference between two refreshes, and reuse avoids re-reading static data.
 pub struct SysinfoSource {
     system: System,
+    /// Samples with CPU so far, up to 2: CPU usage is measured from the second on.
+    cpu_readings: u8,
+    /// Whether the last sample's CPU figures were measured over a span.
+    cpu_primed: bool,
 }
 
 impl SysinfoSource {
@@ -88,7 +159,11 @@ impl SysinfoSource {
     pub fn new() -> anyhow::Result<Self> {
         let system =
             System::new().map_err(|e| anyhow::anyhow!("cannot read process information: {e}"))?;
-        Ok(Self { system })
+        Ok(Self {
+            system,
+            cpu_readings: 0,
+            cpu_primed: true,
+        })
     }
 
     fn refresh_kind(fields: Fields) -> ProcessRefreshKind {
@@ -107,6 +182,35 @@ impl SysinfoSource {
     }
 }
 
+impl SysinfoSource {
+    /// Empty columns with room for `n` rows of the fields asked for.
+    fn table(n: usize, fields: Fields) -> ProcessTable {
+        let cap = |wanted: bool| if wanted { n } else { 0 };
+        ProcessTable {
+            pids: Vec::with_capacity(n),
+            cpu_pct: Vec::with_capacity(cap(fields.cpu)),
+            rss_bytes: Vec::with_capacity(cap(fields.memory)),
+            disk_read_bytes: Vec::with_capacity(cap(fields.disk)),
+            disk_written_bytes: Vec::with_capacity(cap(fields.disk)),
+        }
+    }
+
+    fn push_row(table: &mut ProcessTable, fields: Fields, pid: u32, p: &sysinfo::Process) {
+        table.pids.push(pid);
+        if fields.cpu {
+            table.cpu_pct.push(p.cpu_usage());
+        }
+        if fields.memory {
+            table.rss_bytes.push(p.memory());
+        }
+        if fields.disk {
+            let d = p.disk_usage();
+            table.disk_read_bytes.push(d.total_read_bytes);
+            table.disk_written_bytes.push(d.total_written_bytes);
+        }
+    }
+}
+
 impl ProcessSource for SysinfoSource {
     fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
         self.system.refresh_processes_specifics(
@@ -114,31 +218,37 @@ impl ProcessSource for SysinfoSource {
             true,
             Self::refresh_kind(fields),
         );
+        if fields.cpu {
+            self.cpu_readings = self.cpu_readings.saturating_add(1).min(2);
+        }
+        self.cpu_primed = !fields.cpu || self.cpu_readings >= 2;
         let procs = self.system.processes();
-        let n = procs.len();
-        let cap = |wanted: bool| if wanted { n } else { 0 };
-        let mut table = ProcessTable {
-            pids: Vec::with_capacity(n),
-            cpu_pct: Vec::with_capacity(cap(fields.cpu)),
-            rss_bytes: Vec::with_capacity(cap(fields.memory)),
-            disk_read_bytes: Vec::with_capacity(cap(fields.disk)),
-            disk_written_bytes: Vec::with_capacity(cap(fields.disk)),
-        };
+        let mut table = Self::table(procs.len(), fields);
         for (pid, p) in procs {
-            table.pids.push(pid.as_u32());
-            if fields.cpu {
-                table.cpu_pct.push(p.cpu_usage());
-            }
-            if fields.memory {
-                table.rss_bytes.push(p.memory());
-            }
-            if fields.disk {
-                let d = p.disk_usage();
-                table.disk_read_bytes.push(d.total_read_bytes);
-                table.disk_written_bytes.push(d.total_written_bytes);
+            Self::push_row(&mut table, fields, pid.as_u32(), p);
+        }
+        Ok(table)
+    }
+
+    fn sample_pids(&mut self, pids: &[u32], fields: Fields) -> Result<ProcessTable, String> {
+        let wanted: Vec<Pid> = pids.iter().map(|&p| Pid::from_u32(p)).collect();
+        // `true` removes the asked-for processes that have exited, and only those.
+        self.system.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&wanted),
+            true,
+            Self::refresh_kind(fields),
+        );
+        let mut table = Self::table(pids.len(), fields);
+        for &pid in pids {
+            if let Some(p) = self.system.process(Pid::from_u32(pid)) {
+                Self::push_row(&mut table, fields, pid, p);
             }
         }
         Ok(table)
+    }
+
+    fn cpu_primed(&self) -> bool {
+        self.cpu_primed
     }
 
     fn names(&mut self, pids: &[u32]) -> Vec<String> {
@@ -160,29 +270,46 @@ impl ProcessSource for SysinfoSource {
 /// look-ups are quick reads of the last sample and happen on the caller's thread.
 pub struct TimeBoxed {
     inner: Arc<Mutex<Box<dyn ProcessSource>>>,
-    requests: mpsc::Sender<Fields>,
-    replies: mpsc::Receiver<Result<ProcessTable, String>>,
+    requests: mpsc::Sender<Request>,
+    replies: mpsc::Receiver<Reply>,
     timeout: Duration,
     /// A sample timed out and its reply has not been drained yet.
     pending: bool,
+    /// [`ProcessSource::cpu_primed`] of the last sample that came back.
+    cpu_primed: bool,
 }
+
+/// Work for the worker thread of [`TimeBoxed`].
+enum Request {
+    All(Fields),
+    Pids(Vec<u32>, Fields),
+}
+
+/// A table, and whether its CPU figures were measured over a span.
+type Reply = (Result<ProcessTable, String>, bool);
 
 impl TimeBoxed {
     /// Moves `inner`'s enumerations to a worker thread.
     pub fn new(inner: Box<dyn ProcessSource>, timeout: Duration) -> Self {
         let inner = Arc::new(Mutex::new(inner));
-        let (requests, work) = mpsc::channel::<Fields>();
+        let (requests, work) = mpsc::channel::<Request>();
         let (done, replies) = mpsc::channel();
         let worker_source = inner.clone();
         std::thread::Builder::new()
             .name("process-source".into())
             .spawn(move || {
-                for fields in work {
-                    let table = worker_source.lock().map_or_else(
-                        |_| Err("the process source failed earlier".to_string()),
-                        |mut s| s.sample(fields),
+                for request in work {
+                    let reply = worker_source.lock().map_or_else(
+                        |_| (Err("the process source failed earlier".to_string()), true),
+                        |mut s| {
+                            let table = match request {
+                                Request::All(fields) => s.sample(fields),
+                                Request::Pids(pids, fields) => s.sample_pids(&pids, fields),
+                            };
+                            (table, s.cpu_primed())
+                        },
                     );
-                    if done.send(table).is_err() {
+                    if done.send(reply).is_err() {
                         return;
                     }
                 }
@@ -194,12 +321,12 @@ impl TimeBoxed {
             replies,
             timeout,
             pending: false,
+            cpu_primed: true,
         }
     }
-}
 
-impl ProcessSource for TimeBoxed {
-    fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
+    /// Runs `request` on the worker and waits for it, at most the timeout.
+    fn ask(&mut self, request: Request) -> Result<ProcessTable, String> {
         if self.pending {
             if self.replies.try_recv().is_err() {
                 return Err(format!(
@@ -210,15 +337,35 @@ impl ProcessSource for TimeBoxed {
             self.pending = false;
         }
         self.requests
-            .send(fields)
+            .send(request)
             .map_err(|_| "the process source thread has stopped".to_string())?;
-        self.replies.recv_timeout(self.timeout).unwrap_or_else(|_| {
-            self.pending = true;
-            Err(format!(
-                "process enumeration took longer than {:?}",
-                self.timeout
-            ))
-        })
+        match self.replies.recv_timeout(self.timeout) {
+            Ok((table, primed)) => {
+                self.cpu_primed = primed;
+                table
+            }
+            Err(_) => {
+                self.pending = true;
+                Err(format!(
+                    "process enumeration took longer than {:?}",
+                    self.timeout
+                ))
+            }
+        }
+    }
+}
+
+impl ProcessSource for TimeBoxed {
+    fn sample(&mut self, fields: Fields) -> Result<ProcessTable, String> {
+        self.ask(Request::All(fields))
+    }
+
+    fn sample_pids(&mut self, pids: &[u32], fields: Fields) -> Result<ProcessTable, String> {
+        self.ask(Request::Pids(pids.to_vec(), fields))
+    }
+
+    fn cpu_primed(&self) -> bool {
+        self.cpu_primed
     }
 
     fn names(&mut self, pids: &[u32]) -> Vec<String> {
@@ -244,6 +391,14 @@ impl ProcessSource for StaticSource {
         Ok(table)
     }
 
+    fn sample_pids(&mut self, pids: &[u32], fields: Fields) -> Result<ProcessTable, String> {
+        // The rows asked for, without copying the whole table first: benchmarks compare
+        // guests that ask for a few rows with loops that take everything.
+        let mut table = self.table.select(pids);
+        table.retain_fields(fields);
+        Ok(table)
+    }
+
     fn names(&mut self, pids: &[u32]) -> Vec<String> {
         pids.iter()
             .map(|p| self.names.get(p).cloned().unwrap_or_default())
@@ -258,6 +413,9 @@ impl ProcessSource for StaticSource {
 #[derive(Clone)]
 pub struct SharedSource {
     inner: Arc<Mutex<SharedInner>>,
+    /// Whether the CPU figures of the last table this handle served were measured over
+    /// a span (one handle per module, so each module hears about its own last sample).
+    cpu_primed: bool,
 }
 
 struct SharedInner {
@@ -265,7 +423,8 @@ struct SharedInner {
     window: Duration,
     /// Union of the fields asked for so far.
     wanted: Fields,
-    last: Option<(std::time::Instant, ProcessTable)>,
+    /// The last enumeration: when, its table, and whether its CPU figures were primed.
+    last: Option<(std::time::Instant, ProcessTable, bool)>,
     enumerations: u64,
     served: u64,
 }
@@ -282,6 +441,7 @@ impl SharedSource {
                 enumerations: 0,
                 served: 0,
             })),
+            cpu_primed: true,
         }
     }
 
@@ -305,12 +465,13 @@ impl ProcessSource for SharedSource {
                 && (have.disk || !fields.disk)
         };
         let wanted = inner.wanted;
-        if let Some((at, table)) = &inner.last
+        if let Some((at, table, primed)) = &inner.last
             && at.elapsed() < inner.window
             && covered(wanted)
         {
             let mut table = table.clone();
             table.retain_fields(fields);
+            self.cpu_primed = *primed;
             return Ok(table);
         }
         let wanted = Fields {
@@ -321,10 +482,26 @@ impl ProcessSource for SharedSource {
         inner.wanted = wanted;
         inner.enumerations += 1;
         let table = inner.source.sample(wanted)?;
-        inner.last = Some((std::time::Instant::now(), table.clone()));
+        let primed = inner.source.cpu_primed();
+        inner.last = Some((std::time::Instant::now(), table.clone(), primed));
+        drop(inner);
+        self.cpu_primed = primed;
         let mut table = table;
         table.retain_fields(fields);
         Ok(table)
+    }
+
+    fn sample_pids(&mut self, pids: &[u32], fields: Fields) -> Result<ProcessTable, String> {
+        // A few processes, asked by one module: nothing worth sharing.
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| "the process source failed earlier".to_string())?;
+        inner.source.sample_pids(pids, fields)
+    }
+
+    fn cpu_primed(&self) -> bool {
+        self.cpu_primed
     }
 
     fn names(&mut self, pids: &[u32]) -> Vec<String> {
@@ -351,6 +528,46 @@ mod tests {
         let names = source.names(&[me, u32::MAX]);
         assert!(!names[0].is_empty());
         assert_eq!(names[1], "");
+    }
+
+    #[test]
+    fn sysinfo_reads_chosen_pids_and_says_when_cpu_is_primed() {
+        let mut source = SysinfoSource::new().unwrap();
+        source.sample(Fields::CPU_ONLY).unwrap();
+        assert!(!source.cpu_primed(), "a first CPU reading is not primed");
+        let memory = Fields {
+            memory: true,
+            ..Fields::default()
+        };
+        source.sample(memory).unwrap();
+        assert!(source.cpu_primed(), "no CPU asked, nothing to prime");
+        source.sample(Fields::CPU_ONLY).unwrap();
+        assert!(source.cpu_primed());
+
+        let me = std::process::id();
+        let disk = Fields {
+            disk: true,
+            ..Fields::default()
+        };
+        let rows = source.sample_pids(&[u32::MAX, me, me], disk).unwrap();
+        assert_eq!(rows.pids, [me, me], "a PID that does not exist is left out");
+        assert_eq!(rows.disk_read_bytes.len(), 2);
+        assert!(rows.cpu_pct.is_empty() && rows.rss_bytes.is_empty());
+    }
+
+    #[test]
+    fn select_keeps_the_order_asked_in_sorted_and_unsorted_tables() {
+        for pids in [vec![1, 2, 3, 4], vec![4, 2, 1, 3]] {
+            let table = ProcessTable {
+                disk_read_bytes: pids.iter().map(|&p| u64::from(p) * 10).collect(),
+                pids,
+                ..ProcessTable::default()
+            };
+            let rows = table.select(&[3, 9, 1]);
+            assert_eq!(rows.pids, [3, 1]);
+            assert_eq!(rows.disk_read_bytes, [30, 10]);
+            assert!(rows.cpu_pct.is_empty(), "an empty column stays empty");
+        }
     }
 
     /// Sleeps through every sample, as a stuck enumeration would.

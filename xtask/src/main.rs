@@ -132,6 +132,25 @@ fn build_top_memory() -> Result<PathBuf> {
     Ok(root().join("target/wasm32-wasip2/release/guest_top_memory.wasm"))
 }
 
+/// Builds the frozen `collector:api@0.1.0` build of the default guest (a test fixture:
+/// the host must keep running it) and returns the path of the component.
+fn build_guest_v0_1() -> Result<PathBuf> {
+    run_step(
+        "building the 0.1.0 fixture guest guest-process-perf-v0-1",
+        cargo().args([
+            "build",
+            "--quiet",
+            "--package",
+            "guest-process-perf-v0-1",
+            "--target",
+            GUEST_TARGET,
+            "--profile",
+            "guest",
+        ]),
+    )?;
+    Ok(root().join("target/wasm32-wasip2/guest/guest_process_perf_v0_1.wasm"))
+}
+
 /// Builds the default guest and returns the path of the component.
 fn build_guest() -> Result<PathBuf> {
     ensure_guest_target()?;
@@ -265,7 +284,11 @@ fn test(extra: &[String]) -> Result<()> {
             "warnings",
         ]),
     )?;
-    for package in ["guest-process-perf", "guest-top-memory"] {
+    for package in [
+        "guest-process-perf",
+        "guest-top-memory",
+        "guest-process-perf-v0-1",
+    ] {
         run_step(
             &format!("linting {package} for {GUEST_TARGET}"),
             cargo().args([
@@ -285,6 +308,7 @@ fn test(extra: &[String]) -> Result<()> {
     let top_memory = build_top_memory()?;
     let top_memory_js = polyglot::build_top_memory_js()?;
     polyglot::test_js_logic()?;
+    let guest_v0_1 = build_guest_v0_1()?;
     let nats = ensure_nats_server()?;
     run_step(
         "running the tests",
@@ -293,6 +317,7 @@ fn test(extra: &[String]) -> Result<()> {
             .args(extra)
             .env("COLLECTOR_GUEST_WASM", &guest)
             .env("COLLECTOR_TOP_MEMORY_WASM", &top_memory)
+            .env("COLLECTOR_GUEST_V0_1_WASM", &guest_v0_1)
             .env("COLLECTOR_NATS_SERVER", &nats),
     )?;
     run_step(
@@ -307,6 +332,7 @@ fn test(extra: &[String]) -> Result<()> {
                 "sandbox",
             ])
             .env("COLLECTOR_GUEST_WASM", &guest)
+            .env("COLLECTOR_NATS_SERVER", &nats)
             .stdout(std::process::Stdio::null()),
     )?;
     run_step(
@@ -348,6 +374,10 @@ fn test(extra: &[String]) -> Result<()> {
 /// Runs every benchmark in full (release build) and writes BENCHMARKS.md.
 fn bench(extra: &[String]) -> Result<()> {
     let guest = build_guest()?;
+    // The agent's RSS rows run `collector run` with the NATS sink, alone and beside
+    // the top-memory example.
+    let nats = ensure_nats_server()?;
+    let top_memory = build_top_memory()?;
     let out = root().join("BENCHMARKS.md");
     run_step(
         "running the benchmarks (the release build takes minutes the first time)",
@@ -363,7 +393,9 @@ fn bench(extra: &[String]) -> Result<()> {
             .arg("--out")
             .arg(&out)
             .args(extra)
-            .env("COLLECTOR_GUEST_WASM", &guest),
+            .env("COLLECTOR_GUEST_WASM", &guest)
+            .env("COLLECTOR_TOP_MEMORY_WASM", &top_memory)
+            .env("COLLECTOR_NATS_SERVER", &nats),
     )
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::grant::{DEFAULT_GRANT, Grant, PatternError};
-use crate::wit::{WIT_PACKAGE, WIT_VERSION};
+use crate::wit::{WIT_PACKAGE, WIT_VERSION, WIT_VERSIONS};
 
 /// The `format` of manifests this host understands.
 pub const FORMAT: &str = "collector-bundle/1";
@@ -16,9 +16,43 @@ pub const FORMAT: &str = "collector-bundle/1";
 /// Longest module name; names become keys of the version store and appear in every log.
 const MAX_NAME_LEN: usize = 64;
 
-/// The `wit` target of components this host runs, such as `collector:api@0.1.0`.
+/// The newest `wit` target this host runs, such as `collector:api@0.2.0`.
 pub fn wit_target() -> String {
     format!("{WIT_PACKAGE}@{WIT_VERSION}")
+}
+
+/// Every `wit` target this host runs, oldest first.
+pub fn wit_targets() -> Vec<String> {
+    WIT_VERSIONS
+        .iter()
+        .map(|v| format!("{WIT_PACKAGE}@{v}"))
+        .collect()
+}
+
+/// The `wit` target a component declares, read from the name of the `guest` interface
+/// it exports (`collector:api/guest@0.1.0`), which a component holds as plain text. No
+/// WebAssembly is parsed, so that signing needs no sandbox; the agent checks the
+/// declaration against the compiled component before running it. Bytes that name no
+/// version this host runs get the newest target.
+pub fn wit_target_of(component: &[u8]) -> String {
+    let marker = format!("{WIT_PACKAGE}/guest@");
+    let marker = marker.as_bytes();
+    component
+        .windows(marker.len())
+        .enumerate()
+        .filter(|(_, w)| *w == marker)
+        .find_map(|(at, _)| {
+            let rest = &component[at + marker.len()..];
+            let end = rest
+                .iter()
+                .position(|b| !(b.is_ascii_digit() || *b == b'.'))
+                .unwrap_or(rest.len());
+            let version = std::str::from_utf8(&rest[..end]).ok()?;
+            WIT_VERSIONS
+                .contains(&version)
+                .then(|| format!("{WIT_PACKAGE}@{version}"))
+        })
+        .unwrap_or_else(wit_target)
 }
 
 /// A string that is not a module name.
@@ -121,7 +155,8 @@ pub enum ManifestError {
 }
 
 impl Manifest {
-    /// A manifest describing `component`, with the format and WIT target of this host,
+    /// A manifest describing `component`, with this host's format and the WIT target the
+    /// component declares ([`wit_target_of`]),
     /// the default grant, no limits and no expiry.
     pub fn describe(name: &str, version: u64, component: &[u8], issued_at: DateTime<Utc>) -> Self {
         Self {
@@ -131,7 +166,7 @@ impl Manifest {
             rollback_floor: None,
             sha256: sha256_hex(component),
             length: component.len() as u64,
-            wit: wit_target(),
+            wit: wit_target_of(component),
             grants: Grants {
                 publish: vec![DEFAULT_GRANT.to_string()],
             },
@@ -256,6 +291,24 @@ mod tests {
     }
 
     #[test]
+    fn the_wit_target_is_read_from_the_exported_guest_interface() {
+        let v1 = b"\0asm..\x19collector:api/guest@0.1.0\x00..".as_slice();
+        assert_eq!(wit_target_of(v1), "collector:api@0.1.0");
+        let v2 = b"..collector:api/log@0.1.0..collector:api/guest@0.2.0".as_slice();
+        assert_eq!(wit_target_of(v2), "collector:api@0.2.0");
+        let unknown = b"collector:api/guest@9.9.9 and nothing else".as_slice();
+        assert_eq!(
+            wit_target_of(unknown),
+            wit_target(),
+            "the newest by default"
+        );
+        assert_eq!(
+            wit_targets(),
+            ["collector:api@0.1.0", "collector:api@0.2.0"]
+        );
+    }
+
+    #[test]
     fn round_trips_through_its_json() {
         let mut m = sample();
         m.limits.memory_mib = Some(32);
@@ -263,7 +316,7 @@ mod tests {
         let json = m.to_json();
         assert_eq!(Manifest::parse(&json).unwrap(), m);
         let text = String::from_utf8(json).unwrap();
-        assert!(text.contains(r#""wit": "collector:api@0.1.0""#), "{text}");
+        assert!(text.contains(r#""wit": "collector:api@0.2.0""#), "{text}");
         assert!(text.contains(r#""publish": ["#), "{text}");
         assert_eq!(m.grants.publish, [DEFAULT_GRANT]);
     }

@@ -54,7 +54,7 @@ pub use keys::{
 };
 pub use manifest::{
     FORMAT, Grants, Limits, Manifest, ManifestError, NameError, check_module_name,
-    is_module_name_char, sha256_hex, wit_target,
+    is_module_name_char, sha256_hex, wit_target, wit_target_of, wit_targets,
 };
 pub use verify::{
     Refusal, SignError, SignatureProblem, Verified, VerifyError, check_component, sign, verify,

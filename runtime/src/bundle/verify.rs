@@ -9,7 +9,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 use super::format::{Bundle, FormatError, MAX_BUNDLE_LEN, ReadProblem, read_bounded};
 use super::keys::{KeyId, PublicKey, SecretKey, TrustStore};
-use super::manifest::{FORMAT, Manifest, ManifestError, sha256_hex, wit_target};
+use super::manifest::{FORMAT, Manifest, ManifestError, sha256_hex, wit_targets};
 use super::versions::{RollbackError, VersionStore};
 
 /// A bundle that passed every check.
@@ -215,11 +215,11 @@ fn verify_inner(
             expected: FORMAT,
         });
     }
-    let expected_wit = wit_target();
-    if manifest.wit != expected_wit {
+    let supported = wit_targets();
+    if !supported.contains(&manifest.wit) {
         return Err(Refusal::WrongWit {
             found: manifest.wit,
-            expected: expected_wit,
+            expected: supported.join(" or "),
         });
     }
     if let Some(expires_at) = manifest.expires_at
@@ -565,10 +565,11 @@ mod tests {
         let err = refusal(&sign(&m, COMPONENT, &[&a]).unwrap(), &store);
         assert!(
             matches!(&err, Refusal::WrongWit { found, expected }
-                if found == "other:api@0.1.0" && expected == "collector:api@0.1.0"),
+                if found == "other:api@0.1.0"
+                    && expected == "collector:api@0.1.0 or collector:api@0.2.0"),
             "{err}"
         );
-        m.wit = "collector:api@0.2.0".into();
+        m.wit = "collector:api@0.3.0".into();
         assert!(matches!(
             refusal(&sign(&m, COMPONENT, &[&a]).unwrap(), &store),
             Refusal::WrongWit { .. }

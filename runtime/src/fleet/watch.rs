@@ -390,7 +390,10 @@ pub async fn run(
         };
         if !ended.is_empty() {
             backoff
-                .fail(&format!("the {ended} watch ended or failed"), "reopening it".into())
+                .fail(
+                    &format!("the {ended} watch ended or failed"),
+                    "reopening it".into(),
+                )
                 .await;
         }
     }

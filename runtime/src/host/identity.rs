@@ -8,3 +8,9 @@ impl Host for HostState {
         self.services.pc_id.clone()
     }
 }
+
+impl super::v0_2::collector::api::identity::Host for HostState {
+    fn pc_id(&mut self) -> String {
+        self.services.pc_id.clone()
+    }
+}

@@ -149,6 +149,20 @@ impl Host for HostState {
     }
 }
 
+impl super::v0_2::collector::api::log::Host for HostState {
+    fn log(&mut self, level: super::v0_2::collector::api::types::Level, message: String) {
+        use super::v0_2::collector::api::types::Level as V2;
+        let level = match level {
+            V2::Trace => Level::Trace,
+            V2::Debug => Level::Debug,
+            V2::Info => Level::Info,
+            V2::Warn => Level::Warn,
+            V2::Error => Level::Error,
+        };
+        self.logger.line(level, &message, None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,11 +1,13 @@
 //! The host side of the `collector:api` WIT world: the per-instance store data, the
 //! services behind the host functions, and the linker that offers them (plus a
-//! capability-free WASI) to guests. One file per WIT interface implementation.
+//! capability-free WASI) to guests. One file per WIT interface implementation, each
+//! implementing every version of its interface (0.1.0 and 0.2.0) over one body.
 
 mod identity;
 pub(crate) mod log;
 mod processes;
 mod publish;
+pub mod settings;
 pub(crate) mod wasi;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,12 +32,27 @@ wasmtime::component::bindgen!({
 pub use collector::api::types::{Datetime, Level, TickTime};
 pub use exports::collector::api::guest::Guest as GuestExports;
 
+/// The bindings of `collector:api@0.2.0` (`wit/v0.2.0`). The root of this module holds
+/// those of 0.1.0, which stay as they were so that 0.1.0 guests run unchanged.
+pub mod v0_2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.2.0",
+        world: "collector",
+        // As in 0.1.0: a name list over the limit ends the call.
+        imports: { "collector:api/processes.names": trappable },
+    });
+}
+
 /// Counters of what guests asked of the host. Shared with tests, the mock host and the
 /// benchmarks, which assert on them (for instance: an inactive tick enumerates nothing).
 #[derive(Debug, Default)]
 pub struct HostStats {
-    /// Enumerations made for `processes.sample`.
+    /// Enumerations of every process, made for `processes.sample`.
     pub samples: AtomicU64,
+    /// Refreshes of chosen processes, made for `processes.sample-pids` (0.2.0): a few
+    /// processes each, so they are not counted in `samples`, but they count towards
+    /// [`Limits::max_samples_per_call`] as samples do.
+    pub pid_samples: AtomicU64,
     /// Calls to `processes.sample` refused without an enumeration: over the per-call
     /// count or after the call's host time budget was spent.
     pub samples_refused: AtomicU64,
@@ -293,8 +310,11 @@ impl WasiView for HostState {
 
 impl collector::api::types::Host for HostState {}
 
-/// Builds the linker every guest is instantiated with: the `collector:api` imports and
-/// the capability-free part of WASI (see `wasi.rs`). Sockets and HTTP are not linked at all.
+impl v0_2::collector::api::types::Host for HostState {}
+
+/// Builds the linker every guest is instantiated with: the `collector:api` imports of
+/// every supported version and the capability-free part of WASI (see `wasi.rs`). Sockets
+/// and HTTP are not linked at all.
 ///
 /// # Errors
 ///
@@ -302,6 +322,7 @@ impl collector::api::types::Host for HostState {}
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     Collector::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    v0_2::Collector::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
     wasi::add_to_linker(&mut linker)?;
     Ok(linker)
 }

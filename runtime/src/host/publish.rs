@@ -23,6 +23,30 @@ impl HostState {
 
 impl Host for HostState {
     fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), PublishError> {
+        self.publish_checked(&subject, &payload)
+    }
+}
+
+impl super::v0_2::collector::api::publish::Host for HostState {
+    fn publish(
+        &mut self,
+        subject: String,
+        payload: Vec<u8>,
+    ) -> Result<(), super::v0_2::collector::api::publish::PublishError> {
+        use super::v0_2::collector::api::publish::PublishError as V2;
+        self.publish_checked(&subject, &payload)
+            .map_err(|e| match e {
+                PublishError::NotGranted => V2::NotGranted,
+                PublishError::TooLarge(limit) => V2::TooLarge(limit),
+                PublishError::RateLimited => V2::RateLimited,
+                PublishError::Failed(why) => V2::Failed(why),
+            })
+    }
+}
+
+impl HostState {
+    /// The body of `publish`, whatever the version of the interface.
+    fn publish_checked(&mut self, subject: &str, payload: &[u8]) -> Result<(), PublishError> {
         let limits = &self.services.limits;
         let stats = &self.services.stats;
         if subject.len() > limits.max_subject_bytes {
@@ -32,13 +56,13 @@ impl Host for HostState {
                 subject.len(),
                 limits.max_subject_bytes
             );
-            self.refused(&subject, &why);
+            self.refused(subject, &why);
             return Err(PublishError::NotGranted);
         }
-        if !self.services.grant.allows(&subject) {
+        if !self.services.grant.allows(subject) {
             HostStats::bump(&stats.publish_denied, 1);
             let why = format!("subject not granted (grant: {})", self.services.grant);
-            self.refused(&subject, &why);
+            self.refused(subject, &why);
             return Err(PublishError::NotGranted);
         }
         if payload.len() > limits.max_payload_bytes {
@@ -48,7 +72,7 @@ impl Host for HostState {
                 payload.len(),
                 limits.max_payload_bytes
             );
-            self.refused(&subject, &why);
+            self.refused(subject, &why);
             return Err(PublishError::TooLarge(
                 u32::try_from(limits.max_payload_bytes).unwrap_or(u32::MAX),
             ));
@@ -59,7 +83,7 @@ impl Host for HostState {
                 "more than {} publishes in one call",
                 limits.max_publishes_per_call
             );
-            self.refused(&subject, &why);
+            self.refused(subject, &why);
             return Err(PublishError::RateLimited);
         }
         if self.host_budget_spent() {
@@ -68,11 +92,11 @@ impl Host for HostState {
                 "this call spent its host time budget of {:?}",
                 limits.host_budget
             );
-            self.refused(&subject, &why);
+            self.refused(subject, &why);
             return Err(PublishError::RateLimited);
         }
         self.call.publishes += 1;
-        let sent = self.host_work(|s| s.services.sink.publish(&subject, &payload));
+        let sent = self.host_work(|s| s.services.sink.publish(subject, payload));
         let stats = &self.services.stats;
         match sent {
             Ok(()) => {

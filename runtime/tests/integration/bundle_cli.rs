@@ -108,7 +108,7 @@ fn keygen_sign_verify_inspect_with_the_real_guest() {
         "process_perf.{pc_id}",
         "memory 32 MiB",
         "call timeout 500 ms",
-        "collector:api@0.1.0",
+        "collector:api@0.2.0",
     ] {
         assert!(
             valid.contains(expected),
@@ -142,8 +142,8 @@ fn keygen_sign_verify_inspect_with_the_real_guest() {
         r#""call_timeout_ms": 500"#,
         signer_id.as_str(),
         "matches the manifest",
-        "collector:api/processes@0.1.0",
-        "collector:api/publish@0.1.0",
+        "collector:api/processes@0.2.0",
+        "collector:api/publish@0.2.0",
         "this host would load the component",
     ] {
         assert!(

@@ -8,7 +8,7 @@ use collector_runtime::cache::{CacheOutcome, CompileCache};
 use collector_runtime::guest::{GuestModule, Supervisor};
 use collector_runtime::host::Limits;
 use collector_runtime::sink::MemorySink;
-use collector_runtime::source::SysinfoSource;
+use collector_runtime::source::{Fields, ProcessSource, SysinfoSource};
 use std::sync::Arc;
 
 use crate::common::*;
@@ -25,13 +25,12 @@ fn entry(dir: &Path, ext: &str) -> std::path::PathBuf {
 fn runs(component: &wasmtime::component::Component) {
     let module = GuestModule::from_component(&sandbox(), "cached", component).unwrap();
     let sink = MemorySink::default();
+    let mut source = SysinfoSource::new().unwrap();
+    // Primed, so that the guest publishes on its first tick.
+    source.sample(Fields::CPU_ONLY).unwrap();
     let mut sup = Supervisor::new(
         Arc::new(module),
-        services(
-            Box::new(SysinfoSource::new().unwrap()),
-            sink.clone(),
-            Limits::default(),
-        ),
+        services(Box::new(source), sink.clone(), Limits::default()),
     );
     sup.configure(&enabled("60s", 3)).unwrap();
     sup.tick(now(Instant::now())).unwrap();

@@ -17,7 +17,7 @@ use collector_runtime::grant::{DEFAULT_GRANT, Grant};
 use collector_runtime::guest::{GuestModule, Supervisor};
 use collector_runtime::host::{Datetime, HostStats, Limits, Services, TickTime};
 use collector_runtime::sink::MemorySink;
-use collector_runtime::source::{ProcessSource, SysinfoSource};
+use collector_runtime::source::{Fields, ProcessSource, SysinfoSource};
 use collector_shared::{EffectiveConfig, ProcessPerf};
 
 pub const PC_ID: &str = "pc-test";
@@ -31,6 +31,22 @@ pub fn top_memory_wasm() -> PathBuf {
     let path = std::env::var_os("COLLECTOR_TOP_MEMORY_WASM")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/wasm32-wasip2/release/guest_top_memory.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run the suite with `cargo xtask test`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// The default guest as built against `collector:api@0.1.0` (the frozen fixture crate
+/// `runtime/tests/fixtures/process-perf-v0.1`), built by `cargo xtask test`.
+pub fn guest_v0_1_wasm() -> PathBuf {
+    let path = std::env::var_os("COLLECTOR_GUEST_V0_1_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace().join("target/wasm32-wasip2/guest/guest_process_perf_v0_1.wasm")
+        });
     assert!(
         path.exists(),
         "{} is missing: run the suite with `cargo xtask test`, which builds it",
@@ -75,7 +91,11 @@ pub fn services(source: Box<dyn ProcessSource>, sink: MemorySink, limits: Limits
 /// The real guest over real sysinfo data, publishing into memory.
 pub fn real_supervisor() -> (Supervisor, MemorySink) {
     let sink = MemorySink::default();
-    let source = Box::new(SysinfoSource::new().unwrap());
+    let mut source = SysinfoSource::new().unwrap();
+    // A first CPU reading, so that the guest publishes from its first tick (without
+    // it, the guest's first tick would only prime the CPU baseline).
+    source.sample(Fields::CPU_ONLY).unwrap();
+    let source = Box::new(source);
     let sup = Supervisor::new(
         process_perf_module(),
         services(source, sink.clone(), Limits::default()),

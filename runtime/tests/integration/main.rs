@@ -6,6 +6,7 @@ mod common;
 
 mod adversarial;
 mod agent;
+mod api_versions;
 mod broken_guests;
 mod broker;
 mod bundle_cli;
