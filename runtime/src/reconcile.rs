@@ -29,7 +29,7 @@ use crate::fleet::status::{
     Refusal, RolledBack,
 };
 use crate::fleet::watch::FleetView;
-use crate::fleet::{MODULES_STORE, STATUS_BUCKET, object_name, obs_subject};
+use crate::fleet::{MODULES_STORE, STATUS_BUCKET, object_name, obs_subject, random_below};
 use crate::guest::Supervisor;
 use crate::host::{HostStats, Services};
 
@@ -895,17 +895,4 @@ fn hooked_spec(deployer: &Arc<Deployer>, tx: &Sender<Event>, accepted: Accepted)
         let _ = rolled_tx.send(Event::RolledBack(id, reason.to_string()));
     }));
     spec
-}
-
-/// A uniformly random duration in `[0, max)`; zero for zero.
-fn random_below(max: Duration) -> Duration {
-    if max.is_zero() {
-        return Duration::ZERO;
-    }
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        return max / 2;
-    }
-    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(u64::from_le_bytes(bytes) % nanos)
 }

@@ -235,3 +235,16 @@ impl NatsArgs {
             .context("cannot set up the NATS client")
     }
 }
+
+/// A uniformly random duration in `[0, max)`; zero for zero.
+pub(crate) fn random_below(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        return max / 2;
+    }
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(u64::from_le_bytes(bytes) % nanos)
+}

@@ -20,6 +20,10 @@ use super::{ASSIGNMENTS_BUCKET, AgentGroups, CONFIG_BUCKET, GROUPS_BUCKET};
 
 /// How often buckets that were missing are looked for again.
 const RECHECK_MISSING: Duration = Duration::from_secs(10);
+/// How often the PC's keys are read again directly and compared with what the watches
+/// delivered: a watch whose consumer vanished with a server can stall without an error
+/// (seen with `cargo xtask fleet-sim --kill-node-at`). A few direct reads per period.
+const RESYNC: Duration = Duration::from_secs(10);
 
 /// What the fleet wants of this PC.
 #[derive(Debug, Clone, PartialEq)]
@@ -355,11 +359,34 @@ pub async fn run(
             tokio::time::sleep(RECHECK_MISSING).await;
         };
         tokio::pin!(recheck);
+        let mut resync = tokio::time::interval_at(
+            tokio::time::Instant::now() + RESYNC + super::random_below(RESYNC / 2),
+            RESYNC,
+        );
         // A watch that errs (a server lost, a missed heartbeat) may have missed entries:
         // it is reopened behind a fresh snapshot rather than trusted to resume.
         let ended = loop {
             tokio::select! {
                 () = &mut recheck => break "",
+                _ = resync.tick() => {
+                    let mut fresh = State {
+                        reported_conflicts: state.reported_conflicts.clone(),
+                        ..State::default()
+                    };
+                    let read = snapshot(
+                        &mut fresh,
+                        &pc_id,
+                        groups_kv.as_ref(),
+                        config_kv.as_ref(),
+                        assignments_kv.as_ref(),
+                    )
+                    .await;
+                    let seen = |v: &FleetView| (v.config.clone(), v.modules.clone(), v.groups.clone());
+                    if read.is_ok() && last.as_ref().map(seen) != Some(seen(&fresh.view(&opts))) {
+                        tracing::warn!("a fleet watch missed an update; reading the keys again and reopening it");
+                        break "";
+                    }
+                }
                 entry = next_entry(&mut groups_w) => {
                     let Some(entry) = entry else { break GROUPS_BUCKET };
                     let Ok(entry) = entry.inspect_err(|e| tracing::warn!(error = %e, "agent_groups watch")) else { break GROUPS_BUCKET };
