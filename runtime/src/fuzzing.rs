@@ -229,7 +229,7 @@ pub fn bundle_signed_verdict(data: &[u8]) -> bool {
         },
         name: input.string(),
         version: input.u64(),
-        rollback_floor: (flags & 4 != 0).then(|| input.u64()),
+        rollback_floor: None,
         sha256: crate::bundle::sha256_hex(component),
         length: component.len() as u64,
         wit: if flags & 2 == 0 {
@@ -247,6 +247,10 @@ pub fn bundle_signed_verdict(data: &[u8]) -> bool {
         issued_at: input.time(),
         expires_at: (flags & 16 != 0).then(|| input.time()),
     };
+    if flags & 128 != 0 {
+        // Read last, so that inputs without it decode as they always did.
+        m.rollback_floor = Some(input.u64());
+    }
     if flags & 32 != 0 {
         // A manifest that does not describe the component: `sign` must refuse it.
         m.length ^= 1;
