@@ -161,6 +161,11 @@ pub fn wat_guest(tick_body: &str) -> String {
 
 /// As [`wat_guest`], with the body of `configure` too.
 pub fn wat_guest_with(configure_body: &str, tick_body: &str) -> String {
+    let exports = guest_exports(
+        "$i",
+        r#"(core memory $i "mem")"#,
+        r#"(core func $i "realloc")"#,
+    );
     format!(
         r#"(component
   (core module $m
@@ -177,18 +182,32 @@ pub fn wat_guest_with(configure_body: &str, tick_body: &str) -> String {
     (func (export "restore-state") (param i32 i32) (result i32) (i32.const 0))
   )
   (core instance $i (instantiate $m))
-  (type $datetime (record (field "seconds" s64) (field "nanoseconds" u32)))
+{exports}"#
+    )
+}
+
+/// The component-level half every hand-written 0.1.0 test guest shares: lifts the
+/// `guest` exports of core instance `instance` (its `memory` and `realloc`, as WAT
+/// references), exports them as `collector:api/guest@0.1.0`, and closes the component.
+pub fn guest_exports(instance: &str, memory: &str, realloc: &str) -> String {
+    let lift = |name: &str| {
+        format!(
+            "(canon lift (core func {instance} \"{name}\") (memory {memory}) (realloc {realloc}))"
+        )
+    };
+    format!(
+        r#"  (type $datetime (record (field "seconds" s64) (field "nanoseconds" u32)))
   (type $tick-time (record (field "wall" $datetime) (field "monotonic" u64)))
   (func $configure (param "config" string) (result (result (error string)))
-    (canon lift (core func $i "configure") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
-  (func $interval (result u64) (canon lift (core func $i "interval")))
+    {configure})
+  (func $interval (result u64) (canon lift (core func {instance} "interval")))
   (func $tick (param "now" $tick-time) (result (result (error string)))
-    (canon lift (core func $i "tick") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+    {tick})
   (func $save (result (option (list u8)))
-    (canon lift (core func $i "save-state") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
+    {save})
   (func $restore (param "state" (list u8)) (result (result (error string)))
-    (canon lift (core func $i "restore-state") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
-  (instance $guest
+    {restore})
+  (instance $exports
     (export "datetime" (type $datetime))
     (export "tick-time" (type $tick-time))
     (export "configure" (func $configure))
@@ -196,8 +215,11 @@ pub fn wat_guest_with(configure_body: &str, tick_body: &str) -> String {
     (export "tick" (func $tick))
     (export "save-state" (func $save))
     (export "restore-state" (func $restore)))
-  (export "collector:api/guest@0.1.0" (instance $guest))
-)"#
+  (export "collector:api/guest@0.1.0" (instance $exports)))"#,
+        configure = lift("configure"),
+        tick = lift("tick"),
+        save = lift("save-state"),
+        restore = lift("restore-state"),
     )
 }
 

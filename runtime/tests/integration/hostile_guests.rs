@@ -101,6 +101,7 @@ fn hostile_wat(b: &Bodies) -> String {
         pages,
         data,
     } = b;
+    let exports = guest_exports("$guest", "$memory", "$realloc");
     format!(
         r#"(component
   (import "collector:api/processes@0.1.0" (instance $processes
@@ -165,26 +166,7 @@ fn hostile_wat(b: &Bodies) -> String {
       (export "names" (func $names))
       (export "publish" (func $publish))
       (export "log" (func $log))))))
-  (type $datetime (record (field "seconds" s64) (field "nanoseconds" u32)))
-  (type $tick-time (record (field "wall" $datetime) (field "monotonic" u64)))
-  (func $configure (param "config" string) (result (result (error string)))
-    (canon lift (core func $guest "configure") (memory $memory) (realloc $realloc)))
-  (func $interval (result u64) (canon lift (core func $guest "interval")))
-  (func $tick (param "now" $tick-time) (result (result (error string)))
-    (canon lift (core func $guest "tick") (memory $memory) (realloc $realloc)))
-  (func $save (result (option (list u8)))
-    (canon lift (core func $guest "save-state") (memory $memory) (realloc $realloc)))
-  (func $restore (param "state" (list u8)) (result (result (error string)))
-    (canon lift (core func $guest "restore-state") (memory $memory) (realloc $realloc)))
-  (instance $exports
-    (export "datetime" (type $datetime))
-    (export "tick-time" (type $tick-time))
-    (export "configure" (func $configure))
-    (export "interval" (func $interval))
-    (export "tick" (func $tick))
-    (export "save-state" (func $save))
-    (export "restore-state" (func $restore)))
-  (export "collector:api/guest@0.1.0" (instance $exports)))"#
+{exports}"#
     )
 }
 

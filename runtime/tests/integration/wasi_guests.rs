@@ -13,13 +13,14 @@ use collector_runtime::sink::MemorySink;
 use collector_runtime::source::StaticSource;
 use collector_runtime::testkit::{MockHost, MockOptions};
 
-use crate::common::{enabled, now, sandbox, wat_module};
+use crate::common::{enabled, guest_exports, now, sandbox, wat_module};
 
 /// A guest that imports the WASI clocks and `wasi:io/poll` and runs `tick_body` as its
 /// `tick` (parameters `$s`, `$ns`, `$mono`: the tick's wall seconds, nanoseconds and
 /// monotonic time; a local `$p` for a pollable). `$fail` returns an error whose message is
 /// the `len` bytes at `msg`: "wall" at 256 (4 bytes), "monotonic" at 320 (9 bytes).
 fn clock_guest(tick_body: &str) -> String {
+    let exports = guest_exports("$i", "$memory", r#"(core func $i "realloc")"#);
     format!(
         r#"(component $root
   (import "wasi:io/poll@0.2.0" (instance $poll
@@ -74,26 +75,7 @@ fn clock_guest(tick_body: &str) -> String {
       (export "wall-now" (func $wall_now))
       (export "block" (func $block))
       (export "drop" (func $drop))))))
-  (type $datetime (record (field "seconds" s64) (field "nanoseconds" u32)))
-  (type $tick-time (record (field "wall" $datetime) (field "monotonic" u64)))
-  (func $configure (param "config" string) (result (result (error string)))
-    (canon lift (core func $i "configure") (memory $memory) (realloc (core func $i "realloc"))))
-  (func $interval (result u64) (canon lift (core func $i "interval")))
-  (func $tick (param "now" $tick-time) (result (result (error string)))
-    (canon lift (core func $i "tick") (memory $memory) (realloc (core func $i "realloc"))))
-  (func $save (result (option (list u8)))
-    (canon lift (core func $i "save-state") (memory $memory) (realloc (core func $i "realloc"))))
-  (func $restore (param "state" (list u8)) (result (result (error string)))
-    (canon lift (core func $i "restore-state") (memory $memory) (realloc (core func $i "realloc"))))
-  (instance $guest
-    (export "datetime" (type $datetime))
-    (export "tick-time" (type $tick-time))
-    (export "configure" (func $configure))
-    (export "interval" (func $interval))
-    (export "tick" (func $tick))
-    (export "save-state" (func $save))
-    (export "restore-state" (func $restore)))
-  (export "collector:api/guest@0.1.0" (instance $guest)))"#
+{exports}"#
     )
 }
 
@@ -226,7 +208,8 @@ fn imports_that_cannot_be_made_safe_are_refused_with_their_name() {
 fn the_filesystem_has_nothing_to_open() {
     // `wasi:filesystem` is linked for runtimes whose C library imports it; with no
     // preopened directory, `get-directories` is empty.
-    let wat = r#"(component
+    let wat = [
+        r#"(component
   (import "wasi:filesystem/types@0.2.0" (instance $types
     (export "descriptor" (type (sub resource)))))
   (alias export $types "descriptor" (type $descriptor))
@@ -261,27 +244,11 @@ fn the_filesystem_has_nothing_to_open() {
   (core instance $i (instantiate $m
     (with "env" (instance $mem))
     (with "wasi" (instance (export "dirs" (func $dirs))))))
-  (type $datetime (record (field "seconds" s64) (field "nanoseconds" u32)))
-  (type $tick-time (record (field "wall" $datetime) (field "monotonic" u64)))
-  (func $configure (param "config" string) (result (result (error string)))
-    (canon lift (core func $i "configure") (memory $memory) (realloc $realloc)))
-  (func $interval (result u64) (canon lift (core func $i "interval")))
-  (func $tick (param "now" $tick-time) (result (result (error string)))
-    (canon lift (core func $i "tick") (memory $memory) (realloc $realloc)))
-  (func $save (result (option (list u8)))
-    (canon lift (core func $i "save-state") (memory $memory) (realloc $realloc)))
-  (func $restore (param "state" (list u8)) (result (result (error string)))
-    (canon lift (core func $i "restore-state") (memory $memory) (realloc $realloc)))
-  (instance $guest
-    (export "datetime" (type $datetime))
-    (export "tick-time" (type $tick-time))
-    (export "configure" (func $configure))
-    (export "interval" (func $interval))
-    (export "tick" (func $tick))
-    (export "save-state" (func $save))
-    (export "restore-state" (func $restore)))
-  (export "collector:api/guest@0.1.0" (instance $guest)))"#;
-    let mut sup = supervisor(wat_module("fs", wat), Duration::from_secs(1));
+"#,
+        &guest_exports("$i", "$memory", "$realloc"),
+    ]
+    .concat();
+    let mut sup = supervisor(wat_module("fs", &wat), Duration::from_secs(1));
     sup.configure(&enabled("1s", 1)).unwrap();
     sup.tick(now(Instant::now()))
         .expect("no preopened directory");
@@ -289,7 +256,9 @@ fn the_filesystem_has_nothing_to_open() {
 
 /// A guest whose `tick` reports `wasi:random/random.get-random-u64` as its error (16 hex
 /// digits), and traps instead on an odd wall-clock second.
-const RANDOM_GUEST: &str = r#"(component
+fn random_guest() -> String {
+    [
+        r#"(component
   (import "wasi:random/random@0.2.0" (instance $random
     (export "get-random-u64" (func (result u64)))))
   (core func $rand (canon lower (func $random "get-random-u64")))
@@ -319,26 +288,15 @@ const RANDOM_GUEST: &str = r#"(component
     (func (export "save-state") (result i32) (i32.const 0))
     (func (export "restore-state") (param i32 i32) (result i32) (i32.const 0)))
   (core instance $i (instantiate $m (with "wasi" (instance (export "rand" (func $rand))))))
-  (type $datetime (record (field "seconds" s64) (field "nanoseconds" u32)))
-  (type $tick-time (record (field "wall" $datetime) (field "monotonic" u64)))
-  (func $configure (param "config" string) (result (result (error string)))
-    (canon lift (core func $i "configure") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
-  (func $interval (result u64) (canon lift (core func $i "interval")))
-  (func $tick (param "now" $tick-time) (result (result (error string)))
-    (canon lift (core func $i "tick") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
-  (func $save (result (option (list u8)))
-    (canon lift (core func $i "save-state") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
-  (func $restore (param "state" (list u8)) (result (result (error string)))
-    (canon lift (core func $i "restore-state") (memory (core memory $i "mem")) (realloc (core func $i "realloc"))))
-  (instance $guest
-    (export "datetime" (type $datetime))
-    (export "tick-time" (type $tick-time))
-    (export "configure" (func $configure))
-    (export "interval" (func $interval))
-    (export "tick" (func $tick))
-    (export "save-state" (func $save))
-    (export "restore-state" (func $restore)))
-  (export "collector:api/guest@0.1.0" (instance $guest)))"#;
+"#,
+        &guest_exports(
+            "$i",
+            r#"(core memory $i "mem")"#,
+            r#"(core func $i "realloc")"#,
+        ),
+    ]
+    .concat()
+}
 
 /// The random number a tick of the mock host's guest reported.
 fn reported(mock: &mut MockHost) -> String {
@@ -350,7 +308,7 @@ fn reported(mock: &mut MockHost) -> String {
 
 #[test]
 fn randomness_is_deterministic_under_the_mock_host_and_new_per_instance() {
-    let module = wat_module("dice", RANDOM_GUEST);
+    let module = wat_module("dice", &random_guest());
     let run = || {
         let mut mock = MockHost::with_module(module.clone(), MockOptions::default()).unwrap();
         let first = reported(&mut mock);
