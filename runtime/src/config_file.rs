@@ -77,6 +77,11 @@ pub fn load(path: &Path) -> Result<(EffectiveConfig, String), ConfigFileError> {
 
 /// Polls the file every `poll` and sends each new valid configuration to the agent.
 /// `last_text` is the content already applied. Stops when the agent is gone.
+///
+/// Editors and `echo > file` truncate a file before they write it, so a poll may read a
+/// half-written file. A problem is therefore reported only when the next poll finds the
+/// same problem: a file caught mid-write is read again, whole, before anyone is told it is
+/// broken, while a valid edit applies on the first poll that sees it.
 pub fn watch(
     path: PathBuf,
     mut last_text: String,
@@ -86,7 +91,7 @@ pub fn watch(
     std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
-            let mut last_error: Option<String> = None;
+            let mut problems = Problems::default();
             loop {
                 std::thread::sleep(poll);
                 if !agent.is_running() {
@@ -95,38 +100,87 @@ pub fn watch(
                 let text = match read_text(&path) {
                     Ok(text) => text,
                     Err(e) => {
-                        report_once(&mut last_error, e.to_string());
+                        problems.seen(e.to_string());
                         continue;
                     }
                 };
                 if text == last_text {
+                    problems.clear();
                     continue;
                 }
                 match parse(&path, &text) {
                     Ok(config) => {
                         tracing::info!(file = %path.display(), "config file changed; applying it");
-                        last_error = None;
+                        problems.clear();
                         last_text = text;
                         agent.configure(config);
                     }
-                    Err(e) => report_once(&mut last_error, e.to_string()),
+                    Err(e) => problems.seen(e.to_string()),
                 }
             }
         })
         .expect("spawn the config watcher thread")
 }
 
-/// Logs an error once until it changes, so a broken file does not flood the log.
-fn report_once(last: &mut Option<String>, message: String) {
-    if last.as_deref() != Some(message.as_str()) {
-        tracing::error!("{message}; keeping the last good configuration");
-        *last = Some(message);
+/// What the watcher has found wrong with the file, so that a problem is logged once it has
+/// lasted two polls, and then only once until it changes.
+#[derive(Debug, Default)]
+struct Problems {
+    /// The problem of the previous poll, not yet confirmed by a second one.
+    unconfirmed: Option<String>,
+    /// The problem last logged.
+    reported: Option<String>,
+}
+
+impl Problems {
+    /// Records the problem of this poll; returns it when it is now to be logged.
+    fn confirm(&mut self, message: String) -> Option<String> {
+        if self.unconfirmed.as_deref() != Some(message.as_str()) {
+            self.unconfirmed = Some(message);
+            return None;
+        }
+        if self.reported.as_deref() == Some(message.as_str()) {
+            return None;
+        }
+        self.reported = Some(message.clone());
+        Some(message)
+    }
+
+    /// Logs the problem of this poll when it is confirmed and new.
+    fn seen(&mut self, message: String) {
+        if let Some(message) = self.confirm(message) {
+            tracing::error!("{message}; keeping the last good configuration");
+        }
+    }
+
+    /// The file is good again (applied, or back to what is applied).
+    fn clear(&mut self) {
+        *self = Self::default();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_problem_is_logged_once_it_lasts_two_polls_and_then_once() {
+        let mut p = Problems::default();
+        // A file caught mid-write, then whole and valid: nothing to log.
+        assert_eq!(p.confirm("empty".into()), None);
+        p.clear();
+        // A file caught mid-write, then whole and invalid: logged on the second look.
+        assert_eq!(p.confirm("empty".into()), None);
+        assert_eq!(p.confirm("top_n".into()), None);
+        assert_eq!(p.confirm("top_n".into()).as_deref(), Some("top_n"));
+        assert_eq!(p.confirm("top_n".into()), None, "logged once");
+        // Another problem that lasts is logged too; a good file starts afresh.
+        assert_eq!(p.confirm("other".into()), None);
+        assert_eq!(p.confirm("other".into()).as_deref(), Some("other"));
+        p.clear();
+        assert_eq!(p.confirm("other".into()), None);
+        assert_eq!(p.confirm("other".into()).as_deref(), Some("other"));
+    }
 
     #[test]
     fn scope_is_layered_over_defaults() {
