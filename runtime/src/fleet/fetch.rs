@@ -1,12 +1,15 @@
 //! Downloads a signed bundle from the `collector_modules` object store with a hard size
-//! cap: the object's info is checked before a byte is downloaded, and the download is
-//! read through the same bound (an object store's own size and digest are not trusted:
-//! the bundle checks that follow are what vouch for the bytes).
+//! cap: the object's info is checked before a byte is downloaded, and every chunk is
+//! checked against it as it arrives (an object store's own size and digest are not
+//! trusted: the bundle checks that follow are what vouch for the bytes).
 
 use std::time::Duration;
 
 use async_nats::jetstream;
-use tokio::io::AsyncReadExt as _;
+use async_nats::jetstream::object_store::ObjectInfo;
+use async_nats::jetstream::stream::{self, DirectGetErrorKind};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE;
 
 use super::{MODULES_STORE, object_name};
 
@@ -29,6 +32,40 @@ pub struct Fetched {
     pub digest: Option<String>,
 }
 
+/// The stream behind [`MODULES_STORE`].
+fn store_stream() -> String {
+    format!("OBJ_{MODULES_STORE}")
+}
+
+/// A direct get's error, in words an operator can act on.
+fn direct_get_error(source: &str, what: &str, e: &stream::DirectGetError) -> String {
+    match e.kind() {
+        DirectGetErrorKind::Request => format!(
+            "{source}: {what}: {e} (no server answered a direct get: the store must allow \
+             them, as `collector fleet init` creates it)"
+        ),
+        _ => format!("{source}: {what}: {e}"),
+    }
+}
+
+/// The store's description of `object`, read with one direct get of its metadata.
+async fn object_info(
+    stream: &stream::Stream<()>,
+    object: &str,
+    source: &str,
+) -> Result<ObjectInfo, FetchError> {
+    let subject = format!("$O.{MODULES_STORE}.M.{}", URL_SAFE.encode(object));
+    let message = stream
+        .direct_get_last_for_subject(subject)
+        .await
+        .map_err(|e| match e.kind() {
+            DirectGetErrorKind::NotFound => FetchError::Unavailable(format!("{source}: not found")),
+            _ => FetchError::Unavailable(direct_get_error(source, "metadata", &e)),
+        })?;
+    serde_json::from_slice(&message.payload)
+        .map_err(|e| FetchError::Refused(format!("{source}: its metadata is not an object's: {e}")))
+}
+
 /// The store's digest of `name`/`version` (cheap: no download), to tell whether a
 /// refused object was replaced since.
 ///
@@ -40,25 +77,32 @@ pub async fn digest(
     name: &str,
     version: u64,
 ) -> Result<Option<String>, FetchError> {
-    let store = js
-        .get_object_store(MODULES_STORE)
+    let object = object_name(name, version);
+    let source = format!("{MODULES_STORE}/{object}");
+    let stream = js
+        .get_stream_no_info(store_stream())
         .await
         .map_err(|e| FetchError::Unavailable(format!("object store {MODULES_STORE}: {e}")))?;
-    let info = store.info(object_name(name, version)).await.map_err(|e| {
-        FetchError::Unavailable(format!(
-            "{MODULES_STORE}/{}: {e}",
-            object_name(name, version)
-        ))
-    })?;
-    Ok(info.digest)
+    match object_info(&stream, &object, &source).await {
+        Ok(info) => Ok(info.digest),
+        Err(FetchError::Refused(e)) => Err(FetchError::Unavailable(e)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Downloads `name`/`version`, refusing objects over `max_len` bytes before reading them.
 ///
+/// The object is read with direct gets, its metadata then one chunk at a time: any
+/// replica of the store may answer them, so a download needs neither the stream's
+/// leader nor a consumer (which a cluster creates through its meta leader, one at a
+/// time, when a whole fleet downloads a rollout at once). Each chunk is checked against
+/// the metadata and the cap as it arrives; nothing the store says is trusted further.
+///
 /// # Errors
 ///
-/// [`FetchError::Refused`] for an oversize object, [`FetchError::Unavailable`] for
-/// anything that may work later (no server, no store, no object yet, a timeout).
+/// [`FetchError::Refused`] for an oversize or malformed object, [`FetchError::Unavailable`]
+/// for anything that may work later (no server, no store, no object yet, a chunk not yet
+/// on the replica that answered, a timeout).
 pub async fn fetch(
     js: &jetstream::Context,
     name: &str,
@@ -69,37 +113,80 @@ pub async fn fetch(
     let object = object_name(name, version);
     let source = format!("{MODULES_STORE}/{object}");
     let work = async {
-        let store = js
-            .get_object_store(MODULES_STORE)
+        let stream = js
+            .get_stream_no_info(store_stream())
             .await
             .map_err(|e| FetchError::Unavailable(format!("object store {MODULES_STORE}: {e}")))?;
-        let info = store
-            .info(&object)
-            .await
-            .map_err(|e| FetchError::Unavailable(format!("{source}: {e}")))?;
+        let info = object_info(&stream, &object, &source).await?;
         if info.deleted {
             return Err(FetchError::Unavailable(format!("{source}: deleted")));
         }
-        if u64::try_from(info.size).unwrap_or(u64::MAX) > max_len {
+        if info.options.as_ref().is_some_and(|o| o.link.is_some()) {
+            return Err(FetchError::Refused(format!(
+                "{source}: a link to another object, not a bundle; links are not followed"
+            )));
+        }
+        let size = u64::try_from(info.size).unwrap_or(u64::MAX);
+        if size > max_len {
             return Err(FetchError::Refused(format!(
                 "{source}: {} bytes, over the {max_len}-byte limit of a bundle; not downloaded",
                 info.size
             )));
         }
-        let reader = store
-            .get(&object)
-            .await
-            .map_err(|e| FetchError::Unavailable(format!("{source}: {e}")))?;
-        let mut bytes = Vec::with_capacity(info.size.min(1 << 20));
-        reader
-            .take(max_len + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| FetchError::Unavailable(format!("{source}: download failed: {e}")))?;
-        if bytes.len() as u64 > max_len {
+        // The chunks' subject is built from the metadata: a token of letters and digits
+        // only, so that it cannot widen into a wildcard over other objects' chunks.
+        if info.nuid.is_empty() || !info.nuid.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(FetchError::Refused(format!(
-                "{source}: more than the {max_len}-byte limit of a bundle"
+                "{source}: its metadata names chunks {:?}, not an object id",
+                info.nuid
             )));
+        }
+        let chunks = format!("$O.{MODULES_STORE}.C.{}", info.nuid);
+        let mut bytes = Vec::with_capacity(info.size);
+        let mut next = None;
+        let mut count = 0_usize;
+        while bytes.len() < info.size {
+            if count == info.chunks {
+                return Err(FetchError::Refused(format!(
+                    "{source}: {} bytes in the {} chunks its metadata lists, short of the {} it says",
+                    bytes.len(),
+                    info.chunks,
+                    info.size
+                )));
+            }
+            let chunk = stream
+                .direct_get_next_for_subject(chunks.as_str(), next)
+                .await
+                .map_err(|e| match e.kind() {
+                    // Written before the metadata, but the replica that answered may
+                    // not have it yet, or the object was replaced meanwhile.
+                    DirectGetErrorKind::NotFound => FetchError::Unavailable(format!(
+                        "{source}: chunk {} of {} not found",
+                        count + 1,
+                        info.chunks
+                    )),
+                    _ => FetchError::Unavailable(direct_get_error(
+                        &source,
+                        &format!("chunk {} of {}", count + 1, info.chunks),
+                        &e,
+                    )),
+                })?;
+            if chunk.payload.is_empty() {
+                return Err(FetchError::Refused(format!(
+                    "{source}: chunk {} of {} is empty",
+                    count + 1,
+                    info.chunks
+                )));
+            }
+            if bytes.len() + chunk.payload.len() > info.size {
+                return Err(FetchError::Refused(format!(
+                    "{source}: its chunks hold more than the {} bytes its metadata says",
+                    info.size
+                )));
+            }
+            bytes.extend_from_slice(&chunk.payload);
+            next = Some(chunk.sequence + 1);
+            count += 1;
         }
         Ok(Fetched {
             bytes,

@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE;
+use collector_runtime::bundle::MAX_BUNDLE_LEN;
+use collector_runtime::fleet::fetch;
 use collector_runtime::fleet::status::AgentStatus;
 use collector_runtime::fleet::{ASSIGNMENTS_BUCKET, CONFIG_BUCKET, MODULES_STORE, STATUS_BUCKET};
 use futures_util::StreamExt as _;
@@ -445,8 +449,9 @@ fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
     for needle in [
         "user:pc-a",
         "nkey:U",
-        "$O.collector_modules",
-        "$KV.collector_config",
+        // Publishing opens the module store, which agents may only read by direct gets.
+        // So is a rollout, which checks the store before it writes the assignment.
+        "$JS.API.STREAM.INFO.OBJ_collector_modules",
         "$KV.agent_config",
     ] {
         assert!(log.contains(needle), "no violation with {needle:?}:\n{log}");
@@ -512,7 +517,31 @@ fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
         );
         // Other agents' records are not readable either.
         assert!(status.get("pc-a").await.is_err());
+        // Nor can it write the module store's chunks or metadata by hand.
+        for subject in [
+            "$O.collector_modules.C.forged".to_string(),
+            format!(
+                "$O.collector_modules.M.{}",
+                URL_SAFE.encode("process-perf/1")
+            ),
+        ] {
+            // A stored message is acknowledged within milliseconds; a denied one never.
+            let stored = match js.publish(subject.clone(), "forged".into()).await {
+                Ok(ack) => tokio::time::timeout(Duration::from_secs(1), ack)
+                    .await
+                    .is_ok_and(|ack| ack.is_ok()),
+                Err(_) => false,
+            };
+            assert!(!stored, "{subject} was stored");
+        }
     });
+    let log = broker.violations().join("\n");
+    for needle in [
+        "Subject \"$KV.collector_config.global\"",
+        "Subject \"$O.collector_modules.C.forged\"",
+    ] {
+        assert!(log.contains(needle), "no violation with {needle:?}:\n{log}");
+    }
     assert_eq!(broker.get(STATUS_BUCKET, "pc-b"), None);
     assert_eq!(
         broker.get(ASSIGNMENTS_BUCKET, "global").unwrap(),
@@ -544,30 +573,34 @@ fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
 }
 
 #[test]
-fn an_agent_downloads_a_large_object_through_flow_control() {
-    // Big enough that the server pauses the download for flow control, which the agent
-    // must be allowed to answer ($JS.FC.>), or the download stalls.
+fn an_agent_downloads_the_largest_bundle_with_its_own_rights_alone() {
+    // The largest bundle an agent accepts, in 256 chunks, through the agent's own
+    // download path: direct gets only, so no consumer and no flow control to answer.
     let broker = Broker::start();
     broker.with_module();
-    let big: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..MAX_BUNDLE_LEN).map(|i| (i % 251) as u8).collect();
     let publisher = broker.js("publisher");
     broker.rt.block_on(async {
         let store = publisher.get_object_store(MODULES_STORE).await.unwrap();
         store.put("big/1", &mut &big[..]).await.unwrap();
     });
     let agent = broker.js("pc-a");
-    let got = broker.rt.block_on(async {
-        use tokio::io::AsyncReadExt as _;
-        let store = agent.get_object_store(MODULES_STORE).await.unwrap();
-        let mut reader = store.get("big/1").await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(60), reader.read_to_end(&mut got))
-            .await
-            .expect("the download stalled")
-            .unwrap();
-        got
-    });
-    assert!(got == big, "{} bytes of {}", got.len(), big.len());
+    let got = broker
+        .rt
+        .block_on(fetch::fetch(
+            &agent,
+            "big",
+            1,
+            MAX_BUNDLE_LEN,
+            Duration::from_secs(60),
+        ))
+        .expect("downloaded with the agent's rights");
+    assert!(
+        got.bytes == big,
+        "{} bytes of {}",
+        got.bytes.len(),
+        big.len()
+    );
     assert_eq!(broker.violations(), Vec::<String>::new());
 }
 

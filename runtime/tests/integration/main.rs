@@ -14,6 +14,7 @@ mod cache;
 mod cli;
 mod crash;
 mod differential;
+mod fetch;
 mod fleet;
 mod fleet_cli;
 mod guest;
