@@ -8,11 +8,12 @@
 //! It measures a rollout the way an operator lives it: v1 everywhere, v2 to a canary
 //! group of 5%, v2 globally (optionally killing one server of three on the way), then a
 //! rollback by assignment to v1 (v2 is signed with `--rollback-floor 1`). For each step:
-//! the time from the assignment write until each targeted agent's status record says it
-//! runs the version (p50, p99, max), agents stuck, where the time goes (download,
-//! verification and compile, recording), and at the end the messages ingested per
-//! second, downloads retried, the RSS per agent and a check that the buckets lost
-//! nothing. It draws agents on the new version over time for each step as an SVG.
+//! the time from the assignment write until the server stored each targeted agent's
+//! status record saying it runs the version (p50, p99, max), agents stuck, where the
+//! time goes (download, verification and compile, recording), and at the end the
+//! messages ingested per second, downloads retried, the RSS per agent and a check that
+//! the buckets lost nothing. It draws agents on the new version over time for each step
+//! as an SVG.
 //!
 //! What is shared, because every agent runs in one process on one machine: the process
 //! enumeration (one `SharedSource`, as several modules of one agent share it) and the
@@ -30,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use collector_runtime::agent::AgentOptions;
 use collector_runtime::bundle::TrustStore;
@@ -772,10 +773,17 @@ async fn follow_statuses(client: async_nats::Client, statuses: Arc<Mutex<Statuse
                 .iter()
                 .map(|m| (m.name.clone(), m.version))
                 .collect();
+            // When the server stored the record (its own timestamp, on this machine's
+            // clock), not when this watch delivered it: a watch that stalls with a lost
+            // server and then delivers a backlog at once must not delay the measurement.
+            let age = SystemTime::now()
+                .duration_since(SystemTime::from(entry.created))
+                .unwrap_or_default();
+            let stored = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
             let mut s = statuses.lock().unwrap();
             if s.now.get(&status.pc_id) != Some(&running) {
                 s.changes
-                    .push((Instant::now(), status.pc_id.clone(), running.clone()));
+                    .push((stored, status.pc_id.clone(), running.clone()));
             }
             s.now.insert(status.pc_id, running);
         }
@@ -1095,9 +1103,10 @@ impl Report {
              one server killed). Each agent runs the agent's fleet path with its own NATS \
              connection and state directory; the process enumeration and the compiled code \
              of a component are shared, as on one machine. Times run from the assignment \
-             write (`collector module rollout` returned) until the agent's status record \
-             says it runs the version; fetch, verify + compile and record are means per \
-             download.\n",
+             write (`collector module rollout` returned) until the server stored the \
+             agent's status record saying it runs the version (the record's own timestamp, \
+             so a watch of the harness that stalls with a lost server does not delay the \
+             measurement); fetch, verify + compile and record are means per download.\n",
             o.agents,
             if o.modules > 1 { " --modules 2" } else { "" },
             o.kill_node_at
