@@ -192,15 +192,15 @@ struct Row {
     target: String,
     met: bool,
     /// Why the target can be missed and what would close it, shown when it is.
-    why: Option<&'static str>,
+    why: Option<String>,
 }
 
 const WHY_SMALL_TICK: &str = "A guest tick pays a fixed cost the native loop does not: three calls across \
     the sandbox boundary (CPU and memory of everyone, the disk counters of the top-N \
     through sample-pids, their names), each lowering its lists into guest memory, plus \
     code compiled by Cranelift rather than LLVM. At 100 processes that fixed part is most \
-    of the tick (about 13 µs in this run; the 0.1.0 guest, with one sample call and \
-    serde_json, measured 1.95x); from 1,000 processes on, the guest's linear-time top-N \
+    of the tick (the 0.1.0 guest, with one sample call and serde_json, measured 1.95x on \
+    2026-11-27); from 1,000 processes on, the guest's linear-time top-N \
     selection and the smaller sample it asks for win it back. What would close it: on \
     small tables, taking the disk counters in the one sample instead of a second call (a \
     guest decision the API allows), which trades a crossing for reading every io file.";
@@ -209,18 +209,27 @@ const WHY_SYSINFO: &str = "On a machine with few processes, splitting the disk c
     about what it saves: the second enumeration (sample-pids for the top 20) goes through \
     the time box's worker thread again and reads each chosen process's stat file before \
     its io file, while the io reads it saves are few. Both sides spend nearly all of a \
-    tick in sysinfo, so the ratio also moves with machine noise (this run shared 2 cores \
-    with three other builds). What would close it: a guest that takes the disk counters \
+    tick in sysinfo, so the ratio also moves with machine noise (see the load average \
+    above). What would close it: a guest that takes the disk counters \
     in the one sample when the table is small.";
 
-const WHY_SEED: &str = "The seed's loop reads stat, statm and io for every process and every thread \
-    (sysinfo lists a process's threads as processes when tasks are refreshed, and the seed \
-    sorts them all); the runtime reads stat and statm for processes only, and io for the \
-    top-N. Counting files, the runtime's share is about (processes × 2 + 20 × 2) ÷ \
-    (processes and threads × 3), 0.49 on this machine, before the fixed costs the seed \
-    does not pay (two hand-offs to the enumeration's worker thread, the guest call), \
-    which is where the rest comes from at this size. What bounds it is reading two /proc \
-    files per process, which any loop that ranks every process by CPU pays.";
+/// Why the whole tick cannot reach half the seed's on this machine: the /proc files each
+/// side reads, counted from this run's process and thread counts.
+fn why_seed(processes: usize, with_threads: usize) -> String {
+    let top_n = 20;
+    let share = (processes * 2 + top_n * 2) as f64 / (with_threads.max(1) * 3) as f64;
+    format!(
+        "The seed's loop reads stat, statm and io for every process and every thread \
+         (sysinfo lists a process's threads as processes when tasks are refreshed, and the \
+         seed sorts them all); the runtime reads stat and statm for processes only, and stat \
+         and io for the top {top_n}. Counting files, the runtime's share is ({processes} \
+         processes × 2 + {top_n} × 2) ÷ ({with_threads} processes and threads × 3) = \
+         {share:.2} on this machine, before the fixed costs the seed does not pay (two \
+         hand-offs to the enumeration's worker thread, the guest call). The fewer threads a \
+         machine runs per process, the higher that floor: what bounds it is reading two \
+         /proc files per process, which any loop that ranks every process by CPU pays."
+    )
+}
 
 const WHY_RSS: &str = "A first start compiles the guest with Cranelift, whose working memory \
     adds to the peak; a restart loads it from the compile cache. What would close it: \
@@ -240,10 +249,9 @@ const WHY_AGENT_RSS: &str = "What bounds it, from the rows of this run: the \"ag
     below that, a leaner binary around the sandbox.";
 
 const WHY_SWAP: &str = "Compiling the component with Cranelift on one thread is nearly all of it (the \
-    compile-cache row shows the rest). This run shared the 2 cores with three other builds \
-    (load average about 8); the 0.1.0 guest, twice the size, measured 223 ms on a quieter \
-    run. The agent compiles on one thread on purpose: an endpoint agent should not take \
-    every core, and more compile threads raise the first-start peak RSS. The swap never \
+    compile-cache row shows the rest). The agent compiles on one thread on purpose: an \
+    endpoint agent should not take every core, and more compile threads raise the \
+    first-start peak RSS. The swap never \
     blocks ticks (verification and compilation run on the watcher thread, the new module \
     takes over at the next tick boundary), and every later start of the same module comes \
     from the compile cache. What would close it: parallel compilation where cores are to \
@@ -369,7 +377,7 @@ fn tick_vs_native(module: &Arc<GuestModule>, n: usize, e: &Effort) -> Row {
     }
     let limit = 1.2;
     Row {
-        why: Some(WHY_SMALL_TICK),
+        why: Some(WHY_SMALL_TICK.into()),
         ..ratio_row(
             format!("guest tick vs native logic, {n} processes"),
             median(guest_rounds),
@@ -481,7 +489,7 @@ fn real_sysinfo(module: &Arc<GuestModule>, e: &Effort) -> Vec<Row> {
     let (g, nat, sd) = (median(g), median(nat), median(sd));
     vec![
         Row {
-            why: Some(WHY_SYSINFO),
+            why: Some(WHY_SYSINFO.into()),
             ..ratio_row(
                 format!(
                     "whole tick, real sysinfo, vs the native reference on the runtime's \
@@ -493,7 +501,7 @@ fn real_sysinfo(module: &Arc<GuestModule>, e: &Effort) -> Vec<Row> {
             )
         },
         Row {
-            why: Some(WHY_SEED),
+            why: Some(why_seed(processes, with_threads)),
             ..ratio_row(
                 format!(
                     "whole tick, real sysinfo, vs the seed's loop ({with_threads} processes \
@@ -584,7 +592,7 @@ fn swap_latency(module: &Arc<GuestModule>, bytes: &[u8], e: &Effort) -> Vec<Row>
             result: micros(first),
             target: "≤ 100 ms".into(),
             met: first <= 100_000.0,
-            why: Some(WHY_SWAP),
+            why: Some(WHY_SWAP.into()),
         },
         Row {
             what: format!("hot swap to first tick, compiling the .wasm ({size})"),
@@ -593,7 +601,7 @@ fn swap_latency(module: &Arc<GuestModule>, bytes: &[u8], e: &Effort) -> Vec<Row>
             result: micros(from_wasm),
             target: "≤ 100 ms".into(),
             met: from_wasm <= 100_000.0,
-            why: Some(WHY_SWAP),
+            why: Some(WHY_SWAP.into()),
         },
         Row {
             what: "hot swap to first tick, from the compile cache".into(),
@@ -739,7 +747,7 @@ fn peak_rss(guest: &Path, e: &Effort) -> Vec<Row> {
                 result: format!("{mb:.1} MB"),
                 target: limit.map_or("—".into(), |l| format!("≤ {l} MB")),
                 met: limit.is_none_or(|l| mb <= l),
-                why: Some(WHY_RSS),
+                why: Some(WHY_RSS.into()),
             })
         })
         .collect()
@@ -809,7 +817,8 @@ fn agent_rss(guest: &Path, e: &Effort) -> Vec<Row> {
             met: false,
             why: Some(
                 "COLLECTOR_NATS_SERVER was not set (cargo xtask bench sets it to the \
-                 nats-server it installs).",
+                 nats-server it installs)."
+                    .into(),
             ),
         }];
     };
@@ -898,7 +907,7 @@ fn agent_rss(guest: &Path, e: &Effort) -> Vec<Row> {
         result: format!("{mb:.1} MB"),
         target: format!("≤ {limit} MB"),
         met: mb <= limit,
-        why: Some(WHY_AGENT_RSS),
+        why: Some(WHY_AGENT_RSS.into()),
     };
     let mut rows = vec![
         row("first start, compiling process-perf", first, 22.0),
@@ -1091,6 +1100,7 @@ fn render(rows: &[Row], guest: &[u8], full: bool) -> String {
         for r in missed {
             let why = r
                 .why
+                .as_deref()
                 .unwrap_or("No explanation is recorded for this measurement.");
             out.push_str(&format!(
                 "- **{}** ({}, target {}): {why}\n",
@@ -1154,5 +1164,12 @@ fn machine(guest: &[u8]) -> Vec<String> {
         format!("wasmtime {wasmtime}, Cranelift, epoch interruption on"),
         format!("guest: process-perf, {} bytes", guest.len()),
         format!("measured: {}", Utc::now().format("%Y-%m-%d %H:%M UTC")),
+        format!(
+            "load average (1, 5, 15 min) as the run ended: {}",
+            std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+                .unwrap_or_else(|| "unknown".into())
+        ),
     ]
 }
