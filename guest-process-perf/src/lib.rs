@@ -47,13 +47,21 @@ mod component {
     }
 
     impl Host for Imports {
-        fn sample(&mut self) -> Result<Sample, String> {
-            // CPU and memory for everyone; disk counters come for the top-N only.
-            let s = processes::sample(Fields::CPU | Fields::MEMORY).map_err(sample_error)?;
+        fn sample(&mut self, disk: bool) -> Result<Sample, String> {
+            // CPU and memory for everyone; disk counters for everyone only on a small
+            // table (otherwise they come for the top-N through `disk`).
+            let fields = if disk {
+                Fields::CPU | Fields::MEMORY | Fields::DISK
+            } else {
+                Fields::CPU | Fields::MEMORY
+            };
+            let s = processes::sample(fields).map_err(sample_error)?;
             Ok(Sample {
                 pids: s.pids,
                 cpu_pct: s.cpu_pct,
                 rss_bytes: s.rss_bytes,
+                read_bytes: s.disk_read_bytes,
+                written_bytes: s.disk_written_bytes,
                 cpu_primed: s.cpu_primed,
             })
         }

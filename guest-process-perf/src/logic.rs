@@ -56,12 +56,24 @@ impl Config {
     }
 }
 
-/// CPU and memory of every process, as the host hands them over.
+/// Tables of at most this many processes are sampled in one call, disk counters
+/// included, instead of a sample of everyone and a second one of the top-N's disk
+/// counters. On a small table, reading every process's io file costs less than a second
+/// enumeration (another pass over /proc and, in the agent, another hand-off to its
+/// enumeration thread); on a large one, the io files of processes never published
+/// would dominate. Decided from the previous sample's size.
+pub const ONE_SAMPLE_MAX: usize = 128;
+
+/// CPU and memory of every process, as the host hands them over, and their disk
+/// counters when they were asked for.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sample {
     pub pids: Vec<u32>,
     pub cpu_pct: Vec<f32>,
     pub rss_bytes: Vec<u64>,
+    /// Cumulative disk counters of every process; empty when not asked for.
+    pub read_bytes: Vec<u64>,
+    pub written_bytes: Vec<u64>,
     /// Whether `cpu_pct` was measured over a span (false on the host's first reading).
     pub cpu_primed: bool,
 }
@@ -86,8 +98,8 @@ pub enum Level {
 /// What the loop needs from its host. The wasm build maps it to the WIT imports; tests
 /// implement it with scripted data.
 pub trait Host {
-    /// Enumerates every process with CPU and memory.
-    fn sample(&mut self) -> Result<Sample, String>;
+    /// Enumerates every process with CPU and memory, and disk counters when `disk`.
+    fn sample(&mut self, disk: bool) -> Result<Sample, String>;
     /// Disk counters of `pids` only.
     fn disk(&mut self, pids: &[u32]) -> Result<Disk, String>;
     /// Names of `pids` as of the last sample, in order; empty when unknown.
@@ -129,6 +141,11 @@ pub struct ProcessPerfLoop {
     /// Buffers reused across ticks: the message and the top-N selection.
     payload: Vec<u8>,
     order: Vec<usize>,
+    /// Processes in the last sample (0 before the first): whether the next is taken in
+    /// one call, with disk counters ([`ONE_SAMPLE_MAX`]).
+    last_len: usize,
+    /// [`ONE_SAMPLE_MAX`], lowered by tests of the two-call path.
+    one_sample_max: usize,
 }
 
 impl Default for ProcessPerfLoop {
@@ -144,6 +161,8 @@ impl Default for ProcessPerfLoop {
             identity: None,
             payload: Vec::new(),
             order: Vec::new(),
+            last_len: 0,
+            one_sample_max: ONE_SAMPLE_MAX,
         }
     }
 }
@@ -203,7 +222,10 @@ impl ProcessPerfLoop {
             return Ok(());
         }
 
-        let sample = match host.sample() {
+        // The first sample of a loop is its CPU baseline, which publishes nothing: it
+        // never pays for disk counters.
+        let one_sample = (1..=self.one_sample_max).contains(&self.last_len);
+        let sample = match host.sample(one_sample) {
             Ok(sample) => sample,
             Err(e) => {
                 // The baseline and its time stay those of the last good sample, so the
@@ -212,6 +234,7 @@ impl ProcessPerfLoop {
                 return Ok(());
             }
         };
+        self.last_len = sample.pids.len();
         if !sample.cpu_primed {
             // Every CPU figure is 0 on a first reading: a message now would rank
             // processes in arbitrary order. This reading is the baseline; the next
@@ -228,12 +251,28 @@ impl ProcessPerfLoop {
         let n = self.config.top_n.max(1) as usize;
         top_by_cpu(&sample.cpu_pct, n, &mut self.order);
         let top_pids: Vec<u32> = self.order.iter().map(|&i| sample.pids[i]).collect();
-        // S4: disk counters and names only for the processes that are published.
-        let disk = match host.disk(&top_pids) {
-            Ok(disk) => disk,
-            Err(e) => {
-                host.log(Level::Warn, &format!("disk counters failed: {e}"));
-                return Ok(());
+        // S4: disk counters and names only for the processes that are published (on a
+        // small table, the sample already holds everyone's counters).
+        let sampled_disk = one_sample
+            && sample.read_bytes.len() == sample.pids.len()
+            && sample.written_bytes.len() == sample.pids.len();
+        let disk = if sampled_disk {
+            Disk {
+                pids: top_pids.clone(),
+                read_bytes: self.order.iter().map(|&i| sample.read_bytes[i]).collect(),
+                written_bytes: self
+                    .order
+                    .iter()
+                    .map(|&i| sample.written_bytes[i])
+                    .collect(),
+            }
+        } else {
+            match host.disk(&top_pids) {
+                Ok(disk) => disk,
+                Err(e) => {
+                    host.log(Level::Warn, &format!("disk counters failed: {e}"));
+                    return Ok(());
+                }
             }
         };
         let names = host.names(&top_pids);
@@ -427,6 +466,8 @@ mod tests {
         table: Vec<Proc>,
         unprimed: bool,
         samples: usize,
+        /// Samples that asked for everyone's disk counters.
+        disk_samples: usize,
         disk_lookups: usize,
         name_lookups: usize,
         published: Vec<(String, ProcessPerf)>,
@@ -447,15 +488,25 @@ mod tests {
     }
 
     impl Host for FakeHost {
-        fn sample(&mut self) -> Result<Sample, String> {
+        fn sample(&mut self, disk: bool) -> Result<Sample, String> {
             self.samples += 1;
             if self.fail_sample {
                 return Err("enumeration failed".into());
             }
+            self.disk_samples += usize::from(disk);
+            let column = |f: fn(&Proc) -> u64| -> Vec<u64> {
+                if disk {
+                    self.table.iter().map(f).collect()
+                } else {
+                    Vec::new()
+                }
+            };
             Ok(Sample {
                 pids: self.table.iter().map(|r| r.0).collect(),
                 cpu_pct: self.table.iter().map(|r| r.1).collect(),
                 rss_bytes: self.table.iter().map(|r| r.2).collect(),
+                read_bytes: column(|r| r.3),
+                written_bytes: column(|r| r.4),
                 cpu_primed: !std::mem::take(&mut self.unprimed),
             })
         }
@@ -603,8 +654,69 @@ mod tests {
     }
 
     #[test]
-    fn a_process_gone_before_its_disk_counters_is_published_without_rates() {
+    fn a_small_table_is_sampled_once_with_disk_counters_and_a_large_one_twice() {
         let mut l = ProcessPerfLoop::default();
+        l.configure(enabled(2, 2));
+        let mut h = FakeHost::default();
+        h.set(&[
+            (1, 9.0, 1, 100, 10),
+            (2, 8.0, 1, 100, 10),
+            (3, 1.0, 1, 0, 0),
+        ]);
+        l.tick(t(0), mono(0.0), &mut h).unwrap();
+        assert_eq!(
+            (h.samples, h.disk_samples, h.disk_lookups),
+            (1, 0, 2),
+            "the first sample's size is not known yet: the top-N's counters asked apart"
+        );
+        h.set(&[
+            (1, 9.0, 1, 300, 30),
+            (2, 8.0, 1, 500, 10),
+            (3, 1.0, 1, 0, 0),
+        ]);
+        l.tick(t(2), mono(2.0), &mut h).unwrap();
+        assert_eq!(
+            (h.samples, h.disk_samples, h.disk_lookups),
+            (2, 1, 2),
+            "one call on a small table"
+        );
+        let p = &h.last().processes;
+        assert_eq!(
+            p.iter()
+                .map(|p| (
+                    p.pid,
+                    p.disk_read_bytes_per_sec,
+                    p.disk_written_bytes_per_sec
+                ))
+                .collect::<Vec<_>>(),
+            vec![(1, Some(100.0), Some(10.0)), (2, Some(200.0), Some(0.0))],
+            "rates from the sampled counters of the published processes"
+        );
+
+        let big: Vec<Proc> = (1..=ONE_SAMPLE_MAX as u32 + 1)
+            .map(|pid| (pid, pid as f32, 1, 0, 0))
+            .collect();
+        h.set(&big);
+        l.tick(t(4), mono(4.0), &mut h).unwrap();
+        assert_eq!(
+            h.disk_samples, 2,
+            "decided from the previous, small, sample"
+        );
+        l.tick(t(6), mono(6.0), &mut h).unwrap();
+        assert_eq!(
+            (h.samples, h.disk_samples, h.disk_lookups),
+            (4, 2, 4),
+            "a large table: everyone for CPU and memory, the top-N for disk counters"
+        );
+    }
+
+    #[test]
+    fn a_process_gone_before_its_disk_counters_is_published_without_rates() {
+        // Two calls, so that the process can be gone between them.
+        let mut l = ProcessPerfLoop {
+            one_sample_max: 0,
+            ..Default::default()
+        };
         l.configure(enabled(5, 2));
         let mut h = FakeHost::default();
         h.set(&[(1, 9.0, 1, 100, 100), (2, 8.0, 1, 100, 100)]);
