@@ -195,39 +195,63 @@ struct Row {
     why: Option<String>,
 }
 
-const WHY_SMALL_TICK: &str = "A guest tick pays a fixed cost the native loop does not: three calls across \
-    the sandbox boundary (CPU and memory of everyone, the disk counters of the top-N \
-    through sample-pids, their names), each lowering its lists into guest memory, plus \
-    code compiled by Cranelift rather than LLVM. At 100 processes that fixed part is most \
-    of the tick (the 0.1.0 guest, with one sample call and serde_json, measured 1.95x on \
-    2026-11-27); from 1,000 processes on, the guest's linear-time top-N \
-    selection and the smaller sample it asks for win it back. What would close it: on \
-    small tables, taking the disk counters in the one sample instead of a second call (a \
-    guest decision the API allows), which trades a crossing for reading every io file.";
+const WHY_SMALL_TICK: &str = "A guest tick pays a fixed cost the native loop does not: its calls \
+    across the sandbox boundary (on a table this small, one sample with everyone's disk \
+    counters and the names of the top-N; the first tick of a loop, and tables over 128 \
+    processes, also ask sample-pids for the top-N's disk counters), each lowering its lists \
+    into guest memory, plus code compiled by Cranelift rather than LLVM. At 100 processes \
+    that fixed part is most of the tick. Sampling small tables in one call, a guest decision \
+    the API allows, saved a crossing without moving this row beyond noise (three runs each \
+    on 2026-12-02: 1.48-2.00x before, 1.49-1.58x after; the 0.1.0 guest, with one sample \
+    call and serde_json, measured 1.95x on 2026-11-27); from 1,000 processes on, the guest's linear-time top-N selection and the \
+    smaller sample it asks for win it back. What bounds it is the cost of each crossing \
+    itself, which fewer calls per tick could lower only with a WIT function that samples \
+    and names at once.";
 
-const WHY_SYSINFO: &str = "On a machine with few processes, splitting the disk counters off costs \
-    about what it saves: the second enumeration (sample-pids for the top 20) goes through \
-    the time box's worker thread again and reads each chosen process's stat file before \
-    its io file, while the io reads it saves are few. Both sides spend nearly all of a \
-    tick in sysinfo, so the ratio also moves with machine noise (see the load average \
-    above). What would close it: a guest that takes the disk counters \
-    in the one sample when the table is small.";
+const WHY_SYSINFO: &str = "On a table of at most 128 processes the guest takes everything in one \
+    sample, as the native reference does, so both read the same /proc files. What remains \
+    is the fixed cost the native loop does not pay: the hand-off to the time box's worker \
+    thread and back (the enumeration runs there so that a hung /proc read cannot stall the \
+    agent) and the guest call. The one-sample path moved this row from 1.22-1.33x (three \
+    runs) to 1.12-1.21x (four runs) on 2026-12-02, same machine. Both sides spend \
+    nearly all of a tick in sysinfo, so the ratio also moves with machine noise (see the \
+    load average above). What would close it: enumerating on the caller's thread, which \
+    would give up the time box; the agent keeps it.";
+
+/// Largest table the default guest samples in one call with disk counters
+/// (`ONE_SAMPLE_MAX` in `guest-process-perf/src/logic.rs`).
+const GUEST_ONE_SAMPLE_MAX: usize = 128;
 
 /// Why the whole tick cannot reach half the seed's on this machine: the /proc files each
 /// side reads, counted from this run's process and thread counts.
 fn why_seed(processes: usize, with_threads: usize) -> String {
     let top_n = 20;
-    let share = (processes * 2 + top_n * 2) as f64 / (with_threads.max(1) * 3) as f64;
+    let (runtime_files, how) = if processes <= GUEST_ONE_SAMPLE_MAX {
+        (
+            processes * 3,
+            format!(
+                "on a table of at most {GUEST_ONE_SAMPLE_MAX} processes the runtime reads the \
+                 same three files for processes only, so its share is {processes} processes × 3"
+            ),
+        )
+    } else {
+        (
+            processes * 2 + top_n * 2,
+            format!(
+                "the runtime reads stat and statm for processes only, and stat and io for the \
+                 top {top_n}, so its share is ({processes} processes × 2 + {top_n} × 2)"
+            ),
+        )
+    };
+    let share = runtime_files as f64 / (with_threads.max(1) * 3) as f64;
     format!(
         "The seed's loop reads stat, statm and io for every process and every thread \
          (sysinfo lists a process's threads as processes when tasks are refreshed, and the \
-         seed sorts them all); the runtime reads stat and statm for processes only, and stat \
-         and io for the top {top_n}. Counting files, the runtime's share is ({processes} \
-         processes × 2 + {top_n} × 2) ÷ ({with_threads} processes and threads × 3) = \
-         {share:.2} on this machine, before the fixed costs the seed does not pay (two \
-         hand-offs to the enumeration's worker thread, the guest call). The fewer threads a \
-         machine runs per process, the higher that floor: what bounds it is reading two \
-         /proc files per process, which any loop that ranks every process by CPU pays."
+         seed sorts them all); {how} ÷ ({with_threads} processes and threads × 3) = \
+         {share:.2} on this machine, before the fixed costs the seed does not pay (the \
+         hand-off to the enumeration's worker thread, the guest call). The fewer threads a \
+         machine runs per process, the higher that floor: what bounds it is reading the \
+         /proc files of every process, which any loop that ranks every process by CPU pays."
     )
 }
 
