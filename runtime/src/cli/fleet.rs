@@ -15,7 +15,8 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use super::ops;
 use crate::fleet::status::AgentStatus;
 use crate::fleet::{
-    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, NatsArgs, STATUS_BUCKET, kv,
+    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, MODULES_STREAM, NatsArgs,
+    STATUS_BUCKET, kv,
 };
 
 /// How many status records are fetched at once.
@@ -123,8 +124,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        let stream = format!("OBJ_{MODULES_STORE}");
-        match kv::stream_replicas(&js, &stream).await? {
+        match kv::stream_replicas(&js, MODULES_STREAM).await? {
             Some(n) => println!("{MODULES_STORE}: already there ({})", copies(n)),
             None => {
                 kv::create_objects(&js, MODULES_STORE, replicas).await?;

@@ -133,7 +133,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     enumeration_timeout: Duration,
 
-    /// How often the --config file is checked for changes.
+    /// How often the --config file is checked for changes. A problem with it is reported
+    /// once two checks in a row find it, so a file caught while an editor writes it is
+    /// read again first.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     config_poll: Duration,
 

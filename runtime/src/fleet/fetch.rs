@@ -11,7 +11,7 @@ use async_nats::jetstream::stream::{self, DirectGetErrorKind};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
 
-use super::{MODULES_STORE, object_name};
+use super::{MODULES_STORE, MODULES_STREAM, object_name};
 
 /// Why a bundle could not be fetched.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +32,46 @@ pub struct Fetched {
     pub digest: Option<String>,
 }
 
-/// The stream behind [`MODULES_STORE`].
-fn store_stream() -> String {
-    format!("OBJ_{MODULES_STORE}")
+/// One object of the module store: the store's stream (opened without a request) and
+/// the object's name, and `source`, how messages name it.
+struct Target {
+    stream: stream::Stream<()>,
+    object: String,
+    source: String,
+}
+
+impl Target {
+    async fn open(js: &jetstream::Context, name: &str, version: u64) -> Result<Self, FetchError> {
+        let object = object_name(name, version);
+        let stream = js
+            .get_stream_no_info(MODULES_STREAM)
+            .await
+            .map_err(|e| FetchError::Unavailable(format!("object store {MODULES_STORE}: {e}")))?;
+        Ok(Self {
+            stream,
+            source: format!("{MODULES_STORE}/{object}"),
+            object,
+        })
+    }
+
+    /// The store's description of the object, read with one direct get of its metadata.
+    async fn info(&self) -> Result<ObjectInfo, FetchError> {
+        let source = &self.source;
+        let subject = format!("$O.{MODULES_STORE}.M.{}", URL_SAFE.encode(&self.object));
+        let message = self
+            .stream
+            .direct_get_last_for_subject(subject)
+            .await
+            .map_err(|e| match e.kind() {
+                DirectGetErrorKind::NotFound => {
+                    FetchError::Unavailable(format!("{source}: not found"))
+                }
+                _ => FetchError::Unavailable(direct_get_error(source, "metadata", &e)),
+            })?;
+        serde_json::from_slice(&message.payload).map_err(|e| {
+            FetchError::Refused(format!("{source}: its metadata is not an object's: {e}"))
+        })
+    }
 }
 
 /// A direct get's error, in words an operator can act on.
@@ -48,24 +85,6 @@ fn direct_get_error(source: &str, what: &str, e: &stream::DirectGetError) -> Str
     }
 }
 
-/// The store's description of `object`, read with one direct get of its metadata.
-async fn object_info(
-    stream: &stream::Stream<()>,
-    object: &str,
-    source: &str,
-) -> Result<ObjectInfo, FetchError> {
-    let subject = format!("$O.{MODULES_STORE}.M.{}", URL_SAFE.encode(object));
-    let message = stream
-        .direct_get_last_for_subject(subject)
-        .await
-        .map_err(|e| match e.kind() {
-            DirectGetErrorKind::NotFound => FetchError::Unavailable(format!("{source}: not found")),
-            _ => FetchError::Unavailable(direct_get_error(source, "metadata", &e)),
-        })?;
-    serde_json::from_slice(&message.payload)
-        .map_err(|e| FetchError::Refused(format!("{source}: its metadata is not an object's: {e}")))
-}
-
 /// The store's digest of `name`/`version` (cheap: no download), to tell whether a
 /// refused object was replaced since.
 ///
@@ -77,13 +96,7 @@ pub async fn digest(
     name: &str,
     version: u64,
 ) -> Result<Option<String>, FetchError> {
-    let object = object_name(name, version);
-    let source = format!("{MODULES_STORE}/{object}");
-    let stream = js
-        .get_stream_no_info(store_stream())
-        .await
-        .map_err(|e| FetchError::Unavailable(format!("object store {MODULES_STORE}: {e}")))?;
-    match object_info(&stream, &object, &source).await {
+    match Target::open(js, name, version).await?.info().await {
         Ok(info) => Ok(info.digest),
         Err(FetchError::Refused(e)) => Err(FetchError::Unavailable(e)),
         Err(e) => Err(e),
@@ -110,14 +123,11 @@ pub async fn fetch(
     max_len: u64,
     timeout: Duration,
 ) -> Result<Fetched, FetchError> {
-    let object = object_name(name, version);
-    let source = format!("{MODULES_STORE}/{object}");
+    let source = format!("{MODULES_STORE}/{}", object_name(name, version));
     let work = async {
-        let stream = js
-            .get_stream_no_info(store_stream())
-            .await
-            .map_err(|e| FetchError::Unavailable(format!("object store {MODULES_STORE}: {e}")))?;
-        let info = object_info(&stream, &object, &source).await?;
+        let target = Target::open(js, name, version).await?;
+        let source = &target.source;
+        let info = target.info().await?;
         if info.deleted {
             return Err(FetchError::Unavailable(format!("{source}: deleted")));
         }
@@ -154,7 +164,8 @@ pub async fn fetch(
                     info.size
                 )));
             }
-            let chunk = stream
+            let chunk = target
+                .stream
                 .direct_get_next_for_subject(chunks.as_str(), next)
                 .await
                 .map_err(|e| match e.kind() {
@@ -166,7 +177,7 @@ pub async fn fetch(
                         info.chunks
                     )),
                     _ => FetchError::Unavailable(direct_get_error(
-                        &source,
+                        source,
                         &format!("chunk {} of {}", count + 1, info.chunks),
                         &e,
                     )),

@@ -36,6 +36,8 @@ pub const ASSIGNMENTS_BUCKET: &str = "collector_config";
 pub const STATUS_BUCKET: &str = "collector_status";
 /// Signed bundles, as `<name>/<version>`.
 pub const MODULES_STORE: &str = "collector_modules";
+/// The JetStream stream behind [`MODULES_STORE`].
+pub const MODULES_STREAM: &str = "OBJ_collector_modules";
 
 /// Object name of a module version in [`MODULES_STORE`].
 pub fn object_name(name: &str, version: u64) -> String {
