@@ -33,17 +33,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use collector_runtime::agent::AgentOptions;
-use collector_runtime::bundle::TrustStore;
-use collector_runtime::deploy::{Deployer, Policy, StateDir};
-use collector_runtime::engine::Sandbox;
-use collector_runtime::fleet::status::AgentStatus;
-use collector_runtime::fleet::watch::{self, WatchOptions};
-use collector_runtime::fleet::{NatsArgs, STATUS_BUCKET};
-use collector_runtime::host::{HostStats, Limits, Services};
-use collector_runtime::reconcile::{FleetLink, Reconciler, ReconcilerOptions, ReconcilerStats};
-use collector_runtime::sink::NatsSink;
-use collector_runtime::source::{SharedSource, SysinfoSource, TimeBoxed};
+use collector_bundle::TrustStore;
+use collector_deploy::nats_sink::NatsSink;
+use collector_deploy::reconcile::{FleetLink, Reconciler, ReconcilerOptions, ReconcilerStats};
+use collector_deploy::{Deployer, Policy, StateDir};
+use collector_fleet::status::AgentStatus;
+use collector_fleet::watch::{self, WatchOptions};
+use collector_fleet::{NatsOptions, STATUS_BUCKET};
+use collector_sandbox::agent::AgentOptions;
+use collector_sandbox::engine::Sandbox;
+use collector_sandbox::host::{HostStats, Limits, Services};
+use collector_sandbox::source::{SharedSource, SysinfoSource, TimeBoxed};
 use futures_util::StreamExt as _;
 
 type Result<T> = std::result::Result<T, String>;
@@ -383,9 +383,9 @@ fn simulate(o: &Options) -> Result<Report> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let nats = NatsArgs {
+    let nats = NatsOptions {
         nats_url: Some(cluster.urls.clone()),
-        ..NatsArgs::default()
+        ..NatsOptions::default()
     };
     let observer = runtime
         .block_on(nats.connect("fleet-sim", Duration::from_secs(10)))
@@ -651,7 +651,7 @@ fn totals(stats: &[Arc<ReconcilerStats>]) -> [u64; 4] {
 
 /// The agents, running.
 struct Fleet {
-    handles: Vec<collector_runtime::reconcile::ReconcilerHandle>,
+    handles: Vec<collector_deploy::reconcile::ReconcilerHandle>,
     threads: Vec<std::thread::JoinHandle<()>>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
     stats: Vec<Arc<ReconcilerStats>>,
@@ -674,7 +674,7 @@ impl Fleet {
 fn start_agents(
     pcs: &[String],
     runtime: &tokio::runtime::Runtime,
-    nats: &NatsArgs,
+    nats: &NatsOptions,
     work: &Path,
 ) -> Result<Fleet> {
     let sandbox = Sandbox::share_compiled(&work.join("compiled")).map_err(|e| format!("{e:#}"))?;

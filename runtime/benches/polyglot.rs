@@ -14,12 +14,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use collector_runtime::engine::Sandbox;
-use collector_runtime::guest::{GuestModule, Supervisor};
-use collector_runtime::host::{Datetime, Limits, Services, TickTime};
-use collector_runtime::sink::MemorySink;
-use collector_runtime::source::{ProcessTable, StaticSource};
-use collector_runtime::{bundle, cache};
+use collector_bundle as bundle;
+use collector_sandbox::cache;
+use collector_sandbox::engine::Sandbox;
+use collector_sandbox::guest::{GuestModule, Supervisor};
+use collector_sandbox::host::{Datetime, Limits, Services, TickTime};
+use collector_sandbox::sink::MemorySink;
+use collector_sandbox::source::{ProcessTable, StaticSource};
 use collector_shared::EffectiveConfig;
 
 const SIZES: [usize; 3] = [100, 1_000, 10_000];

@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use collector_runtime::bundle::{self, Manifest, SecretKey, TrustStore};
-use collector_runtime::engine::Sandbox;
-use collector_runtime::guest::{GuestModule, Supervisor};
-use collector_runtime::host::{Datetime, HostStats, Services, TickTime};
-use collector_runtime::reference::ReferenceLoop;
-use collector_runtime::sink::{Sink, SinkError};
-use collector_runtime::source::{
+use collector_bundle::{self as bundle, Manifest, SecretKey, TrustStore};
+use collector_reference::ReferenceLoop;
+use collector_sandbox::engine::Sandbox;
+use collector_sandbox::guest::{GuestModule, Supervisor};
+use collector_sandbox::host::{Datetime, HostStats, Services, TickTime};
+use collector_sandbox::sink::{Sink, SinkError};
+use collector_sandbox::source::{
     Fields, ProcessSource, ProcessTable, StaticSource, SysinfoSource, TimeBoxed,
 };
 use collector_shared::EffectiveConfig;

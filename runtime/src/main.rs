@@ -1,5 +1,8 @@
-//! The `collector` binary. Everything lives in the library; see `collector_runtime::cli`.
+//! The `collector` binary: the agent, the mock host, and the signing and fleet tools. A
+//! thin layer over the runtime's crates; see `cli` for the commands.
+
+mod cli;
 
 fn main() -> std::process::ExitCode {
-    collector_runtime::cli::main()
+    cli::main()
 }

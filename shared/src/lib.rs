@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod perf;
+pub mod scope;
 pub mod subject;
 
 pub use config::{ConfigError, ConfigScope, EffectiveConfig, FieldConflict, Resolved};

@@ -1,7 +1,7 @@
-//! libFuzzer entry point of the `manifest` target; the body is `collector_runtime::fuzzing::manifest`.
+//! libFuzzer entry point of the `manifest` target; the body is `collector_fuzzing::manifest`.
 #![no_main]
 
 #[global_allocator]
-static ALLOC: collector_runtime::fuzzing::CappedAlloc = collector_runtime::fuzzing::CappedAlloc;
+static ALLOC: collector_fuzzing::CappedAlloc = collector_fuzzing::CappedAlloc;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| collector_runtime::fuzzing::manifest(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| collector_fuzzing::manifest(data));

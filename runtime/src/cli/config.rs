@@ -12,9 +12,9 @@ use collector_shared::ConfigScope;
 use collector_shared::config::resolve;
 use serde_json::{Map, Value};
 
-use super::ops::{self, OptionalScope};
-use crate::fleet::scope::Scope;
-use crate::fleet::{AgentGroups, CONFIG_BUCKET, GROUPS_BUCKET, NatsArgs, kv};
+use super::ops::{self, NatsArgs, OptionalScope};
+use collector_fleet::{AgentGroups, CONFIG_BUCKET, GROUPS_BUCKET, kv};
+use collector_shared::scope::Scope;
 
 /// kanade keeps one revision per key of its configuration buckets.
 pub(super) const KANADE_HISTORY: i64 = 1;

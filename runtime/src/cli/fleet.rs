@@ -12,11 +12,11 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use futures_util::{StreamExt as _, TryStreamExt as _};
 
-use super::ops;
-use crate::fleet::status::AgentStatus;
-use crate::fleet::{
-    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, MODULES_STREAM, NatsArgs,
-    STATUS_BUCKET, kv,
+use super::ops::{self, NatsArgs};
+use collector_fleet::status::AgentStatus;
+use collector_fleet::{
+    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, MODULES_STREAM, STATUS_BUCKET,
+    kv,
 };
 
 /// How many status records are fetched at once.
@@ -379,7 +379,7 @@ fn short(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::status::{ModuleStatus, Pending, Refusal};
+    use collector_fleet::status::{ModuleStatus, Pending, Refusal};
 
     fn module(name: &str, version: u64, probation: bool, now: DateTime<Utc>) -> ModuleStatus {
         ModuleStatus {

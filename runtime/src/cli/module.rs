@@ -11,18 +11,16 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, anyhow, bail};
 use chrono::{DateTime, SubsecRound as _, Utc};
 use clap::{Args, Subcommand};
-#[cfg(feature = "sandbox")]
-use wasmtime::component::Component;
-#[cfg(feature = "sandbox")]
-use wasmtime::component::types::ComponentItem;
 
 use super::module_fleet;
-use crate::bundle::{self, Bundle, MAX_BUNDLE_LEN, Manifest, SecretKey, TrustStore, VersionStore};
+use collector_bundle::grant::DEFAULT_GRANT;
+use collector_bundle::{
+    self as bundle, Bundle, MAX_BUNDLE_LEN, Manifest, SecretKey, TrustStore, VersionStore,
+};
 #[cfg(feature = "sandbox")]
-use crate::engine::Sandbox;
-use crate::grant::DEFAULT_GRANT;
+use collector_sandbox::engine::Sandbox;
 #[cfg(feature = "sandbox")]
-use crate::guest::{GuestModule, check_header};
+use collector_sandbox::guest::{GuestModule, check_header};
 
 /// Make, check and ship signed guest bundles.
 ///
@@ -406,36 +404,8 @@ fn component_imports(_bytes: &[u8], _manifest: Option<&Manifest>) -> anyhow::Res
 fn component_imports(bytes: &[u8], manifest: Option<&Manifest>) -> anyhow::Result<String> {
     check_header(bytes)?;
     let sandbox = Sandbox::new()?;
-    let engine = sandbox.engine();
-    let component = Component::from_binary(engine, bytes).map_err(|e| anyhow!("{e:#}"))?;
-    let mut out = String::from("imports:\n");
-    for (name, item) in component.component_type().imports(engine) {
-        let detail = match &item.ty {
-            ComponentItem::ComponentInstance(instance) => {
-                let funcs: Vec<&str> = instance
-                    .exports(engine)
-                    .filter(|(_, e)| matches!(e.ty, ComponentItem::ComponentFunc(_)))
-                    .map(|(n, _)| n)
-                    .collect();
-                if funcs.is_empty() {
-                    "types only".to_string()
-                } else {
-                    funcs.join(", ")
-                }
-            }
-            ComponentItem::ComponentFunc(_) => "function".to_string(),
-            _ => "other item".to_string(),
-        };
-        let _ = writeln!(out, "  {name}: {detail}");
-    }
     let name = manifest.map_or("bundle", |m| m.name.as_str());
-    match GuestModule::from_component(&sandbox, name, &component) {
-        Ok(_) => out.push_str("this host would load the component\n"),
-        Err(e) => {
-            let _ = writeln!(out, "this host would refuse the component: {e}");
-        }
-    }
-    Ok(out)
+    collector_sandbox::guest::describe_imports(&sandbox, name, bytes)
 }
 
 /// The lines describing an accepted or freshly signed bundle.

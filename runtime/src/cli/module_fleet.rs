@@ -15,11 +15,11 @@ use futures_util::TryStreamExt as _;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-use super::ops::{self, RequiredScope};
-use crate::bundle::{self, MAX_BUNDLE_LEN, TrustStore};
-use crate::fleet::assignment::{self, AssignmentScope};
-use crate::fleet::scope::Scope;
-use crate::fleet::{self, ASSIGNMENTS_BUCKET, MODULES_STORE, NatsArgs, kv};
+use super::ops::{self, NatsArgs, RequiredScope};
+use collector_bundle::{self as bundle, MAX_BUNDLE_LEN, TrustStore};
+use collector_fleet::assignment::{self, AssignmentScope};
+use collector_fleet::{self as fleet, ASSIGNMENTS_BUCKET, MODULES_STORE, kv};
+use collector_shared::scope::Scope;
 
 /// Revisions kept per key of `collector_config`: enough to see what a scope said
 /// before the last few rollouts.

@@ -3,13 +3,84 @@
 //! name a key of kanade's layered buckets, and reading the layers one PC resolves.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::fleet::scope::{Layers, Scope, keys_for};
-use crate::fleet::{AgentGroups, GROUPS_BUCKET, NatsArgs, kv};
+use collector_fleet::{AgentGroups, GROUPS_BUCKET, NatsOptions, kv};
+use collector_shared::scope::{Layers, Scope, keys_for};
+
+/// How to reach and authenticate to NATS: the flags of `collector run` and of the operator
+/// commands. Secrets may come from the environment instead of the command line.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NatsArgs {
+    /// NATS server URL; several, comma-separated, for a cluster (the client fails over).
+    #[arg(long, value_name = "URL", env = "NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// A NATS credentials file (JWT and nkey seed, as `nsc` writes it).
+    #[arg(long, value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// User name (with --nats-password).
+    #[arg(long, value_name = "USER", env = "NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// Password of --nats-user.
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<String>,
+
+    /// Authentication token.
+    #[arg(long, value_name = "TOKEN", env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+
+    /// A file holding an nkey seed (`SU...`).
+    #[arg(long, value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify the server with; turns TLS on.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS, with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Prefix of this client's reply subjects (default `_INBOX`). Give each agent its
+    /// own, such as `_INBOX_pc-a`, and let it subscribe only there, so that no agent can
+    /// read the replies sent to others (docs/securing-a-deployment.md).
+    #[arg(long, value_name = "PREFIX", env = "NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
+}
+
+impl NatsArgs {
+    /// The connection these flags describe.
+    pub fn options(&self) -> NatsOptions {
+        NatsOptions {
+            nats_url: self.nats_url.clone(),
+            nats_creds: self.nats_creds.clone(),
+            nats_user: self.nats_user.clone(),
+            nats_password: self.nats_password.clone(),
+            nats_token: self.nats_token.clone(),
+            nats_nkey: self.nats_nkey.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            nats_inbox_prefix: self.nats_inbox_prefix.clone(),
+        }
+    }
+}
 
 /// How long an operator command waits for the server before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,7 +96,10 @@ pub fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result
 
 /// Connects as an operator tool and returns the JetStream context.
 pub async fn jetstream(nats: &NatsArgs) -> anyhow::Result<async_nats::jetstream::Context> {
-    let client = nats.connect("collector-cli", CONNECT_TIMEOUT).await?;
+    let client = nats
+        .options()
+        .connect("collector-cli", CONNECT_TIMEOUT)
+        .await?;
     Ok(async_nats::jetstream::new(client))
 }
 

@@ -10,18 +10,20 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::agent::AgentOptions;
-use crate::bundle::TrustStore;
-use crate::config_file;
-use crate::deploy::{self, Accepted, Deployer, FleetState, Policy, StateDir};
-use crate::engine::Sandbox;
-use crate::fleet::NatsArgs;
-use crate::fleet::watch::{self, WatchOptions};
-use crate::grant::DEFAULT_GRANT;
-use crate::host::{HostStats, Limits, Services};
-use crate::reconcile::{FleetLink, Reconciler, ReconcilerOptions};
-use crate::sink::{NatsSink, Sink, StdoutSink};
-use crate::source::{SharedSource, SysinfoSource, TimeBoxed};
+use super::ops::NatsArgs;
+
+use collector_bundle::TrustStore;
+use collector_bundle::grant::DEFAULT_GRANT;
+use collector_deploy::config_file;
+use collector_deploy::nats_sink::NatsSink;
+use collector_deploy::reconcile::{FleetLink, Reconciler, ReconcilerOptions};
+use collector_deploy::{self as deploy, Accepted, Deployer, FleetState, Policy, StateDir};
+use collector_fleet::watch::{self, WatchOptions};
+use collector_sandbox::agent::AgentOptions;
+use collector_sandbox::engine::Sandbox;
+use collector_sandbox::host::{HostStats, Limits, Services};
+use collector_sandbox::sink::{Sink, StdoutSink};
+use collector_sandbox::source::{SharedSource, SysinfoSource, TimeBoxed};
 
 /// Samples of several modules closer than this share one enumeration.
 const SHARED_SAMPLE_WINDOW: Duration = Duration::from_millis(100);
@@ -147,13 +149,14 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let pc_id = match &args.pc_id {
         Some(id) => {
-            crate::grant::check_pc_id(id).map_err(|e| anyhow::anyhow!("--pc-id {id:?}: {e}"))?;
+            collector_bundle::grant::check_pc_id(id)
+                .map_err(|e| anyhow::anyhow!("--pc-id {id:?}: {e}"))?;
             id.clone()
         }
         None => {
-            let host =
-                sysinfo::System::host_name().context("cannot read the host name; pass --pc-id")?;
-            crate::grant::check_pc_id(&host).map_err(|e| {
+            let host = collector_sandbox::source::host_name()
+                .context("cannot read the host name; pass --pc-id")?;
+            collector_bundle::grant::check_pc_id(&host).map_err(|e| {
                 anyhow::anyhow!(
                     "the host name {host:?} cannot be the machine id ({e}); pass --pc-id"
                 )
@@ -183,7 +186,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         Some(TrustStore::from_files(&args.trust, args.threshold).context("--trust")?)
     };
-    crate::grant::Grant::new(&args.grants, &pc_id).context("--grant")?;
+    collector_bundle::grant::Grant::new(&args.grants, &pc_id).context("--grant")?;
     let ceilings = Limits {
         memory_bytes: (args.max_memory_mib as usize) << 20,
         call_budget: args.call_timeout,
@@ -209,7 +212,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let client = match args.nats.nats_url {
         Some(_) => Some(
             runtime
-                .block_on(args.nats.connect_in_background("collector"))
+                .block_on(args.nats.options().connect_in_background("collector"))
                 .context("--nats-url")?,
         ),
         None => None,

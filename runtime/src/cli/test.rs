@@ -7,9 +7,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::engine::Sandbox;
-use crate::guest::GuestModule;
-use crate::testkit::scenario::{self, Scenario};
+use collector_sandbox::engine::Sandbox;
+use collector_sandbox::guest::GuestModule;
+use collector_testkit::scenario::{self, Scenario};
 
 /// Test a guest module against scripted scenarios, with no agent, broker or real processes.
 ///

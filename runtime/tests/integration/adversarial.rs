@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{Duration as ChronoDuration, Utc};
-use collector_runtime::bundle::{Bundle, Manifest, sign};
+use collector_bundle::{Bundle, Manifest, sign};
 
 use crate::common::*;
 

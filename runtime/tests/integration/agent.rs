@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use collector_runtime::host::HostStats;
-use collector_runtime::sink::MemorySink;
+use collector_sandbox::host::HostStats;
+use collector_sandbox::sink::MemorySink;
 use collector_shared::{EffectiveConfig, ProcessPerf};
 
 use crate::common::*;

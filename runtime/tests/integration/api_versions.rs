@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use collector_runtime::bundle::{Manifest, SecretKey, TrustStore};
-use collector_runtime::deploy::{Deployer, Policy};
-use collector_runtime::guest::{GuestModule, Supervisor};
-use collector_runtime::host::{HostStats, Limits};
-use collector_runtime::sink::MemorySink;
-use collector_runtime::source::SysinfoSource;
-use collector_runtime::testkit::{MockHost, MockOptions, MockProcess};
+use collector_bundle::{Manifest, SecretKey, TrustStore};
+use collector_deploy::{Deployer, Policy};
+use collector_sandbox::guest::{GuestModule, Supervisor};
+use collector_sandbox::host::{HostStats, Limits};
+use collector_sandbox::sink::MemorySink;
+use collector_sandbox::source::SysinfoSource;
 use collector_shared::{ConfigScope, EffectiveConfig};
+use collector_testkit::{MockHost, MockOptions, MockProcess};
 
 use crate::common::*;
 
@@ -171,7 +171,7 @@ fn bundles_declare_the_version_they_target_and_the_agent_holds_them_to_it() {
         let path = dir.path().join("ok.bundle");
         std::fs::write(
             &path,
-            collector_runtime::bundle::sign(&manifest, &component, &[&key]).unwrap(),
+            collector_bundle::sign(&manifest, &component, &[&key]).unwrap(),
         )
         .unwrap();
         let accepted = deployer.load_file(&path).unwrap();
@@ -190,7 +190,7 @@ fn bundles_declare_the_version_they_target_and_the_agent_holds_them_to_it() {
         let path = dir.path().join("lying.bundle");
         std::fs::write(
             &path,
-            collector_runtime::bundle::sign(&lying, &component, &[&key]).unwrap(),
+            collector_bundle::sign(&lying, &component, &[&key]).unwrap(),
         )
         .unwrap();
         let Err(refused) = deployer.load_file(&path) else {

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use collector_runtime::guest::{GuestFault, Supervisor, TickError};
-use collector_runtime::host::{HostStats, Limits};
-use collector_runtime::sink::MemorySink;
-use collector_runtime::source::StaticSource;
+use collector_sandbox::guest::{GuestFault, Supervisor, TickError};
+use collector_sandbox::host::{HostStats, Limits};
+use collector_sandbox::sink::MemorySink;
+use collector_sandbox::source::StaticSource;
 
 use crate::common::*;
 
@@ -92,14 +92,14 @@ fn the_agent_keeps_running_a_guest_that_always_traps() {
 fn the_time_budget_holds_after_the_sandbox_is_dropped() {
     let module = {
         // A library user who keeps only the module (as the mock host does).
-        let sandbox = collector_runtime::engine::Sandbox::new().unwrap();
+        let sandbox = collector_sandbox::engine::Sandbox::new().unwrap();
         let component = wasmtime::component::Component::new(
             sandbox.engine(),
             wat_guest("(loop $l (br $l)) (i32.const 0)"),
         )
         .unwrap();
         Arc::new(
-            collector_runtime::guest::GuestModule::from_component(&sandbox, "spin", &component)
+            collector_sandbox::guest::GuestModule::from_component(&sandbox, "spin", &component)
                 .unwrap(),
         )
     };
@@ -141,7 +141,7 @@ fn guests_that_import_the_network_are_refused_before_they_run() {
     );
     let sandbox = sandbox();
     let component = wasmtime::component::Component::new(sandbox.engine(), wat).unwrap();
-    let err = collector_runtime::guest::GuestModule::from_component(&sandbox, "net", &component)
+    let err = collector_sandbox::guest::GuestModule::from_component(&sandbox, "net", &component)
         .err()
         .expect("refused")
         .to_string();

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
-use collector_runtime::bundle::MAX_BUNDLE_LEN;
-use collector_runtime::fleet::fetch;
-use collector_runtime::fleet::status::AgentStatus;
-use collector_runtime::fleet::{ASSIGNMENTS_BUCKET, CONFIG_BUCKET, MODULES_STORE, STATUS_BUCKET};
+use collector_bundle::MAX_BUNDLE_LEN;
+use collector_fleet::fetch;
+use collector_fleet::status::AgentStatus;
+use collector_fleet::{ASSIGNMENTS_BUCKET, CONFIG_BUCKET, MODULES_STORE, STATUS_BUCKET};
 use futures_util::StreamExt as _;
 
 use crate::common::{AgentProcess, NatsServer, key, signed, write_public};

@@ -248,7 +248,7 @@ fn tampering_rollback_and_unsignable_input_are_refused_with_reasons() {
         state.join("bundle-versions.json"),
         format!(
             r#"{{"format": "collector-versions/1", "modules": {{"process-perf": {{"version": 5, "sha256": "{}", "floor": 3}}}}}}"#,
-            collector_runtime::bundle::sha256_hex(&std::fs::read(&guest).unwrap())
+            collector_bundle::sha256_hex(&std::fs::read(&guest).unwrap())
         ),
     )
     .unwrap();

@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::time::Instant;
 
-use collector_runtime::cache::{CacheOutcome, CompileCache};
-use collector_runtime::guest::{GuestModule, Supervisor};
-use collector_runtime::host::Limits;
-use collector_runtime::sink::MemorySink;
-use collector_runtime::source::{Fields, ProcessSource, SysinfoSource};
+use collector_sandbox::cache::{CacheOutcome, CompileCache};
+use collector_sandbox::guest::{GuestModule, Supervisor};
+use collector_sandbox::host::Limits;
+use collector_sandbox::sink::MemorySink;
+use collector_sandbox::source::{Fields, ProcessSource, SysinfoSource};
 use std::sync::Arc;
 
 use crate::common::*;

@@ -10,14 +10,14 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use collector_runtime::agent::{Agent, AgentHandle, AgentOptions, ModuleSpec};
-use collector_runtime::bundle::{self, Bundle, Manifest, SecretKey};
-use collector_runtime::engine::Sandbox;
-use collector_runtime::grant::{DEFAULT_GRANT, Grant};
-use collector_runtime::guest::{GuestModule, Supervisor};
-use collector_runtime::host::{Datetime, HostStats, Limits, Services, TickTime};
-use collector_runtime::sink::MemorySink;
-use collector_runtime::source::{Fields, ProcessSource, SysinfoSource};
+use collector_bundle::grant::{DEFAULT_GRANT, Grant};
+use collector_bundle::{self as bundle, Bundle, Manifest, SecretKey};
+use collector_sandbox::agent::{Agent, AgentHandle, AgentOptions, ModuleSpec};
+use collector_sandbox::engine::Sandbox;
+use collector_sandbox::guest::{GuestModule, Supervisor};
+use collector_sandbox::host::{Datetime, HostStats, Limits, Services, TickTime};
+use collector_sandbox::sink::MemorySink;
+use collector_sandbox::source::{Fields, ProcessSource, SysinfoSource};
 use collector_shared::{EffectiveConfig, ProcessPerf};
 
 pub const PC_ID: &str = "pc-test";

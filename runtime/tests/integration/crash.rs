@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use collector_runtime::bundle::{TrustStore, VERSIONS_FILE, VersionStore};
-use collector_runtime::deploy::{AGENT_STATE_FILE, Deployer, LKG_DIR, ModuleId, Policy, StateDir};
-use collector_runtime::engine::Sandbox;
-use collector_runtime::host::Limits;
+use collector_bundle::{TrustStore, VERSIONS_FILE, VersionStore};
+use collector_deploy::{AGENT_STATE_FILE, Deployer, LKG_DIR, ModuleId, Policy, StateDir};
+use collector_sandbox::engine::Sandbox;
+use collector_sandbox::host::Limits;
 
 use crate::common::*;
 

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use collector_runtime::reference::ReferenceLoop;
-use collector_runtime::source::{ProcessTable, StaticSource};
-use collector_runtime::testkit::{MockHost, MockOptions, MockProcess};
+use collector_reference::ReferenceLoop;
+use collector_sandbox::source::{ProcessTable, StaticSource};
 use collector_shared::ConfigScope;
+use collector_testkit::{MockHost, MockOptions, MockProcess};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
@@ -75,7 +75,7 @@ fn scope() -> impl Strategy<Value = ConfigScope> {
             // Relative to the default start; `Some(None)` cannot be expressed by a scope,
             // so "no expiry" is written as a far-away one.
             process_perf_expires_at: expiry.map(|e| {
-                let base = collector_runtime::testkit::default_start();
+                let base = collector_testkit::default_start();
                 match e {
                     Some(secs) => base + chrono::Duration::seconds(secs),
                     None => base + chrono::Duration::days(3650),
@@ -114,10 +114,8 @@ fn source_of(procs: &[MockProcess]) -> StaticSource {
 fn run_both(ops: &[Op]) -> Result<usize, TestCaseError> {
     let mut guest = MockHost::with_module(process_perf_module(), MockOptions::default())
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let mut reference = ReferenceLoop::new(
-        collector_runtime::testkit::DEFAULT_PC_ID,
-        guest.config().clone(),
-    );
+    let mut reference =
+        ReferenceLoop::new(collector_testkit::DEFAULT_PC_ID, guest.config().clone());
     let mut source = StaticSource::default();
     let mut compared = 0;
     let mut configured = false;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_nats::jetstream::object_store::ObjectMetadata;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
-use collector_runtime::fleet::MODULES_STORE;
-use collector_runtime::fleet::fetch::{self, FetchError, Fetched};
+use collector_fleet::MODULES_STORE;
+use collector_fleet::fetch::{self, FetchError, Fetched};
 
 use crate::fleet::Fleet;
 

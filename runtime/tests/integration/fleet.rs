@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, object_store};
-use collector_runtime::fleet::status::AgentStatus;
-use collector_runtime::fleet::{
+use collector_fleet::status::AgentStatus;
+use collector_fleet::{
     ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, STATUS_BUCKET,
 };
 use futures_util::StreamExt;

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use async_nats::jetstream::{self, kv::Operation};
 use chrono::Utc;
-use collector_runtime::bundle::{Manifest, sha256_hex};
-use collector_runtime::fleet::status::{AgentStatus, ModuleStatus, Pending, Refusal, RolledBack};
+use collector_bundle::{Manifest, sha256_hex};
+use collector_fleet::status::{AgentStatus, ModuleStatus, Pending, Refusal, RolledBack};
 use futures_util::StreamExt as _;
 
 use crate::common::{NatsServer, craft, key, signed, write_public};

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use collector_runtime::host::HostStats;
+use collector_sandbox::host::HostStats;
 
 use crate::common::*;
 

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use collector_runtime::guest::{GuestFault, GuestModule, Supervisor, TickError};
-use collector_runtime::host::{HostStats, Limits};
-use collector_runtime::sink::MemorySink;
-use collector_runtime::source::{Fields, ProcessSource, ProcessTable, StaticSource};
+use collector_sandbox::guest::{GuestFault, GuestModule, Supervisor, TickError};
+use collector_sandbox::host::{HostStats, Limits};
+use collector_sandbox::sink::MemorySink;
+use collector_sandbox::source::{Fields, ProcessSource, ProcessTable, StaticSource};
 
 use crate::common::*;
 
@@ -588,8 +588,7 @@ fn refusals_in_a_loop_cost_one_log_line_each_within_the_budget_then_one_summary(
 }
 
 /// A line that, printed raw after a newline, would pass for the agent's own.
-const FORGED: &str =
-    "INFO collector_runtime::deploy: saved as the last-known-good module module=evil v9";
+const FORGED: &str = "INFO collector_deploy: saved as the last-known-good module module=evil v9";
 
 #[test]
 fn guest_text_in_the_log_is_escaped_and_capped() {

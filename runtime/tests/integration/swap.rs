@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use collector_runtime::agent::ModuleSpec;
-use collector_runtime::host::HostStats;
-use collector_runtime::sink::MemorySink;
+use collector_sandbox::agent::ModuleSpec;
+use collector_sandbox::host::HostStats;
+use collector_sandbox::sink::MemorySink;
 use collector_shared::ProcessPerf;
 
 use crate::common::*;

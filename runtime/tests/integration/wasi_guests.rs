@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use collector_runtime::guest::{GuestFault, GuestModule, Supervisor, TickError};
-use collector_runtime::host::{Limits, Services};
-use collector_runtime::sink::MemorySink;
-use collector_runtime::source::StaticSource;
-use collector_runtime::testkit::{MockHost, MockOptions};
+use collector_sandbox::guest::{GuestFault, GuestModule, Supervisor, TickError};
+use collector_sandbox::host::{Limits, Services};
+use collector_sandbox::sink::MemorySink;
+use collector_sandbox::source::StaticSource;
+use collector_testkit::{MockHost, MockOptions};
 
 use crate::common::{enabled, guest_exports, now, sandbox, wat_module};
 

@@ -1,0 +1,1016 @@
+//! Which module the agent runs, and where it comes from: signed bundles checked against
+//! the trust store (unsigned components only when explicitly allowed), the last-known-good
+//! module kept in the state directory, and a watched directory that new bundles are
+//! dropped into. Everything here happens off the tick path; the agent only receives
+//! modules that are verified, compiled and linked.
+
+pub mod config_file;
+pub mod nats_sink;
+pub mod reconcile;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use collector_bundle::grant::Grant;
+use collector_bundle::{self as bundle, MAGIC, MAX_BUNDLE_LEN, Manifest, TrustStore, VersionStore};
+use collector_fsutil::{Links, MAX_STATE_FILE_LEN, open_regular, read_regular, write_atomic};
+use collector_sandbox::agent::{HealthyHook, ModuleSpec, RollbackHook};
+use collector_sandbox::engine::Sandbox;
+use collector_sandbox::guest::GuestModule;
+use collector_sandbox::host::Limits;
+
+/// Directory of the state directory holding last-known-good bundles, one file per
+/// module version (so that the file the state points to is never overwritten).
+pub const LKG_DIR: &str = "last-known-good";
+/// File of the state directory recording the last-known-good module and rolled-back ones.
+pub const AGENT_STATE_FILE: &str = "agent-state.json";
+/// One last-known-good module per module name.
+const AGENT_STATE_FORMAT: &str = "collector-agent-state/2";
+/// The first format: a single last-known-good module. Read, then rewritten as the second.
+const AGENT_STATE_FORMAT_V1: &str = "collector-agent-state/1";
+/// File of the state directory holding the fleet's last view of this PC (settings and
+/// assignments), so that an agent started while NATS is away runs what it ran before.
+pub const FLEET_STATE_FILE: &str = "fleet-state.json";
+const FLEET_STATE_FORMAT: &str = "collector-fleet-state/1";
+
+/// What the agent accepts to run.
+pub struct Policy {
+    /// Keys and threshold for bundles; `None` when no `--trust` was given.
+    pub trust: Option<TrustStore>,
+    /// Whether bare (unsigned) components may run (`--insecure-allow-unsigned`).
+    pub allow_unsigned: bool,
+    /// Grant for unsigned components (bundles carry their own).
+    pub unsigned_grants: Vec<String>,
+    /// The agent's own limits: ceilings for what a manifest asks.
+    pub ceilings: Limits,
+    pub pc_id: String,
+}
+
+/// A module's identity, as far as deployment is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleId {
+    pub name: String,
+    pub version: u64,
+    /// SHA-256 of the component bytes.
+    pub sha256: String,
+}
+
+impl std::fmt::Display for ModuleId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} v{}", self.name, self.version)
+    }
+}
+
+/// A module that passed every check, ready to run.
+pub struct Accepted {
+    pub id: ModuleId,
+    pub module: Arc<GuestModule>,
+    pub grant: Grant,
+    pub limits: Limits,
+    /// The manifest, for signed bundles.
+    pub manifest: Option<Manifest>,
+    /// The bundle file's bytes, kept to become the last-known-good.
+    pub bundle: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("id", &self.id)
+            .field("grant", &self.grant)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a file was not accepted. The message names the file, and the module and version
+/// when the manifest could be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{subject}: {reason}")]
+pub struct Refused {
+    pub subject: String,
+    pub reason: String,
+}
+
+/// A module recorded as rolled back, so it is not tried again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedModule {
+    #[serde(flatten)]
+    pub id: ModuleId,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct AgentStateFile {
+    format: String,
+    /// By module name.
+    #[serde(default)]
+    last_known_good: BTreeMap<String, ModuleId>,
+    #[serde(default)]
+    failed: Vec<FailedModule>,
+}
+
+/// The first format of `agent-state.json`.
+#[derive(Debug, Deserialize)]
+struct AgentStateFileV1 {
+    last_known_good: Option<ModuleId>,
+    #[serde(default)]
+    failed: Vec<FailedModule>,
+}
+
+impl AgentStateFile {
+    fn parse(bytes: &[u8]) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Format {
+            format: String,
+        }
+        let format: Format = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        match format.format.as_str() {
+            AGENT_STATE_FORMAT => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+            AGENT_STATE_FORMAT_V1 => {
+                let v1: AgentStateFileV1 =
+                    serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+                Ok(Self {
+                    format: AGENT_STATE_FORMAT.into(),
+                    last_known_good: v1
+                        .last_known_good
+                        .into_iter()
+                        .map(|id| (id.name.clone(), id))
+                        .collect(),
+                    failed: v1.failed,
+                })
+            }
+            other => Err(format!(
+                "unknown format {other:?}, expected {AGENT_STATE_FORMAT:?}"
+            )),
+        }
+    }
+}
+
+/// What the fleet last said about this PC, kept for a start without NATS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetState {
+    format: String,
+    /// The effective settings in force (when they came from the fleet).
+    pub config: Option<collector_shared::EffectiveConfig>,
+    pub config_revision: u64,
+    /// The modules assigned (when they came from the fleet): name → version.
+    pub modules: Option<BTreeMap<String, u64>>,
+    pub assignment_revision: u64,
+}
+
+impl FleetState {
+    pub fn new(
+        config: Option<collector_shared::EffectiveConfig>,
+        config_revision: u64,
+        modules: Option<BTreeMap<String, u64>>,
+        assignment_revision: u64,
+    ) -> Self {
+        Self {
+            format: FLEET_STATE_FORMAT.into(),
+            config,
+            config_revision,
+            modules,
+            assignment_revision,
+        }
+    }
+}
+
+/// The state directory: accepted versions (anti-rollback), the last-known-good bundle,
+/// and the modules that were rolled back.
+pub struct StateDir {
+    dir: PathBuf,
+    versions: VersionStore,
+    state: AgentStateFile,
+}
+
+impl StateDir {
+    /// Opens (or creates) a state directory.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be created, or a state file is unreadable or corrupt (never reset
+    /// silently: that would lift anti-rollback).
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the state directory {}: {e}", dir.display())
+        })?;
+        let versions = VersionStore::open(dir)?;
+        let path = dir.join(AGENT_STATE_FILE);
+        let state = match read_regular(&path, MAX_STATE_FILE_LEN, Links::Refuse) {
+            Ok(bytes) => {
+                let state = AgentStateFile::parse(&bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} is corrupt ({e}); fix or remove it (removing forgets the last-known-good modules)",
+                        path.display()
+                    )
+                })?;
+                // Checked as when they came in a manifest, whoever edited the file since:
+                // a last-known-good's name becomes a file name.
+                if let Some((key, id)) = state
+                    .last_known_good
+                    .iter()
+                    .find(|(key, id)| **key != id.name)
+                {
+                    anyhow::bail!(
+                        "{} is corrupt (field `last_known_good.{key}` holds module name {:?}); fix or remove it (removing forgets the last-known-good modules)",
+                        path.display(),
+                        id.name
+                    );
+                }
+                let lkg = state
+                    .last_known_good
+                    .values()
+                    .map(|id| ("last_known_good.name".to_string(), id));
+                let failed = state
+                    .failed
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (format!("failed[{i}].name"), &f.id));
+                for (field, id) in lkg.chain(failed) {
+                    bundle::check_module_name(&id.name).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{} is corrupt (field `{field}`: {e}); fix or remove it (removing forgets the last-known-good modules)",
+                            path.display()
+                        )
+                    })?;
+                }
+                state
+            }
+            Err(e) if e.is_not_found() => AgentStateFile {
+                format: AGENT_STATE_FORMAT.into(),
+                ..Default::default()
+            },
+            Err(e) => anyhow::bail!("cannot read the agent state: {e}"),
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            versions,
+            state,
+        })
+    }
+
+    /// Where the compile cache lives.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.join("cache")
+    }
+
+    /// The last-known-good version of module `name`, if any.
+    pub fn last_known_good(&self, name: &str) -> Option<&ModuleId> {
+        self.state.last_known_good.get(name)
+    }
+
+    /// Every last-known-good module, by name.
+    pub fn last_known_goods(&self) -> &BTreeMap<String, ModuleId> {
+        &self.state.last_known_good
+    }
+
+    /// The fleet's last view of this PC, if one was saved.
+    ///
+    /// # Errors
+    ///
+    /// When the file exists but cannot be read or parsed.
+    pub fn fleet_state(&self) -> anyhow::Result<Option<FleetState>> {
+        let path = self.dir.join(FLEET_STATE_FILE);
+        match read_regular(&path, MAX_STATE_FILE_LEN, Links::Refuse) {
+            Ok(bytes) => {
+                let state: FleetState = serde_json::from_slice(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", path.display()))?;
+                anyhow::ensure!(
+                    state.format == FLEET_STATE_FORMAT,
+                    "{}: unknown format {:?}, expected {FLEET_STATE_FORMAT:?}",
+                    path.display(),
+                    state.format
+                );
+                // Module names become object and file names: checked like names from
+                // the network.
+                for name in state.modules.iter().flat_map(|m| m.keys()) {
+                    bundle::check_module_name(name).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{} is corrupt (field `modules.{name}`: {e})",
+                            path.display()
+                        )
+                    })?;
+                }
+                Ok(Some(state))
+            }
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    }
+
+    /// Saves the fleet's view of this PC.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be written.
+    pub fn save_fleet_state(&self, state: &FleetState) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(state).expect("fleet state serializes");
+        bytes.push(b'\n');
+        write_atomic(&self.dir.join(FLEET_STATE_FILE), &bytes, None)
+    }
+
+    /// Whether this exact module (name, version and bytes) was rolled back, and why.
+    pub fn failed(&self, id: &ModuleId) -> Option<&FailedModule> {
+        self.state.failed.iter().find(|f| f.id == *id)
+    }
+
+    /// Where the last-known-good bundle of `id` lives. Names are checked when they come
+    /// in, but whatever the name, the file stays in its directory: a character a module
+    /// name cannot hold (a `/` above all) is replaced.
+    fn lkg_path(&self, id: &ModuleId) -> PathBuf {
+        let name: String = id
+            .name
+            .chars()
+            .map(|c| {
+                if bundle::is_module_name_char(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir
+            .join(LKG_DIR)
+            .join(format!("{name}-v{}.bundle", id.version))
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(&self.state).expect("state serializes");
+        bytes.push(b'\n');
+        write_atomic(&self.dir.join(AGENT_STATE_FILE), &bytes, None)
+    }
+
+    /// Makes `bundle` the last-known-good module of its name. The bundle is written under its own
+    /// name before the state points to it, and the previous one is removed only after:
+    /// a crash at any point leaves a state whose bundle exists.
+    fn set_last_known_good(&mut self, id: &ModuleId, bundle: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.dir.join(LKG_DIR))?;
+        // What an earlier crash left goes first, so a crash during this save leaves at
+        // most one file besides the current bundle, however many crashes came before.
+        self.remove_unreferenced_bundles();
+        write_atomic(&self.lkg_path(id), bundle, None)?;
+        self.state
+            .last_known_good
+            .insert(id.name.clone(), id.clone());
+        self.save()?;
+        self.remove_unreferenced_bundles();
+        Ok(())
+    }
+
+    /// Removes the files of the last-known-good directory the state does not point to:
+    /// the previous bundle, and what a crash left (a previous bundle the state no longer
+    /// named, a bundle half-written under its temporary name). Only this agent writes
+    /// there, under the state lock, so nothing else is being written meanwhile.
+    fn remove_unreferenced_bundles(&self) {
+        let keep: std::collections::HashSet<PathBuf> = self
+            .state
+            .last_known_good
+            .values()
+            .map(|id| self.lkg_path(id))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(self.dir.join(LKG_DIR)) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if !keep.contains(&path) && entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    fn record_failure(&mut self, id: &ModuleId, reason: &str) -> std::io::Result<()> {
+        if self.failed(id).is_none() {
+            self.state.failed.push(FailedModule {
+                id: id.clone(),
+                reason: reason.to_string(),
+                at: Utc::now(),
+            });
+        }
+        self.save()
+    }
+}
+
+/// Loads and checks modules for one agent.
+pub struct Deployer {
+    sandbox: Arc<Sandbox>,
+    policy: Policy,
+    state: Option<Arc<Mutex<StateDir>>>,
+}
+
+impl Deployer {
+    pub fn new(sandbox: Arc<Sandbox>, policy: Policy, state: Option<StateDir>) -> Arc<Self> {
+        Arc::new(Self {
+            sandbox,
+            policy,
+            state: state.map(|s| Arc::new(Mutex::new(s))),
+        })
+    }
+
+    /// Loads a bundle or (when allowed) an unsigned component from `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`Refused`] with the reason; nothing is recorded.
+    pub fn load_file(&self, path: &Path) -> Result<Accepted, Refused> {
+        let bytes = bundle::read_bounded(path, MAX_BUNDLE_LEN).map_err(|e| Refused {
+            subject: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let file_stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.load_bytes(&path.display().to_string(), &file_stem, bytes, true)
+    }
+
+    fn load_bytes(
+        &self,
+        subject: &str,
+        unsigned_name: &str,
+        bytes: Vec<u8>,
+        anti_rollback: bool,
+    ) -> Result<Accepted, Refused> {
+        if bytes.starts_with(MAGIC) {
+            self.load_bundle(subject, bytes, anti_rollback)
+        } else {
+            self.load_unsigned(subject, unsigned_name, &bytes)
+        }
+    }
+
+    fn load_bundle(
+        &self,
+        subject: &str,
+        bytes: Vec<u8>,
+        anti_rollback: bool,
+    ) -> Result<Accepted, Refused> {
+        let refuse = |reason: String| Refused {
+            subject: describe(subject, &bytes),
+            reason,
+        };
+        let Some(trust) = &self.policy.trust else {
+            return Err(refuse(
+                "a signed bundle, but no --trust key was given to check it against".into(),
+            ));
+        };
+        let state = self.state.as_ref().map(|s| s.lock().expect("state lock"));
+        let versions = state
+            .as_ref()
+            .filter(|_| anti_rollback)
+            .map(|s| &s.versions);
+        let verified = bundle::verify(subject, &bytes, trust, Utc::now(), versions)
+            .map_err(|e| refuse(e.refusal.to_string()))?;
+        let manifest = verified.manifest;
+        let id = ModuleId {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            sha256: manifest.sha256.clone(),
+        };
+        if let Some(failed) = state.as_ref().and_then(|s| s.failed(&id)) {
+            return Err(refuse(format!(
+                "this version was rolled back on {} ({}); publish a new version",
+                failed.at.format("%Y-%m-%d %H:%M:%S UTC"),
+                failed.reason
+            )));
+        }
+        drop(state);
+        let grant = manifest
+            .grant(&self.policy.pc_id)
+            .map_err(|e| refuse(format!("manifest grant: {e}")))?;
+        let module = GuestModule::from_bytes(&self.sandbox, &manifest.name, &verified.component)
+            .map_err(|e| refuse(e.to_string()))?;
+        // The signers vouched for a component of this API version: another one would run
+        // against host functions they did not review it with.
+        let declared = manifest.wit.rsplit('@').next().unwrap_or_default();
+        if declared != module.api_version() {
+            return Err(refuse(format!(
+                "manifest field `wit` says {}, but the component exports the guest interface \
+                 of {}@{}",
+                manifest.wit,
+                collector_bundle::wit::WIT_PACKAGE,
+                module.api_version()
+            )));
+        }
+        let ceilings = &self.policy.ceilings;
+        let limits = Limits {
+            memory_bytes: manifest
+                .limits
+                .memory_mib
+                .map_or(ceilings.memory_bytes, |m| {
+                    usize::try_from(m.saturating_mul(1 << 20))
+                        .unwrap_or(usize::MAX)
+                        .min(ceilings.memory_bytes)
+                }),
+            call_budget: manifest
+                .limits
+                .call_timeout()
+                .map_or(ceilings.call_budget, |t| t.min(ceilings.call_budget)),
+            ..ceilings.clone()
+        };
+        Ok(Accepted {
+            id,
+            module: Arc::new(module),
+            grant,
+            limits,
+            manifest: Some(manifest),
+            bundle: Some(bytes),
+        })
+    }
+
+    fn load_unsigned(&self, subject: &str, name: &str, bytes: &[u8]) -> Result<Accepted, Refused> {
+        let refuse = |reason: String| Refused {
+            subject: subject.to_string(),
+            reason,
+        };
+        if !self.policy.allow_unsigned {
+            return Err(refuse(
+                "not a signed bundle; sign it with `collector module sign`, or run it for \
+                 development with --insecure-allow-unsigned"
+                    .into(),
+            ));
+        }
+        tracing::warn!(
+            file = subject,
+            "RUNNING AN UNSIGNED MODULE (--insecure-allow-unsigned): nobody vouched for this code; never use this flag in production"
+        );
+        let module = GuestModule::from_bytes(&self.sandbox, name, bytes)
+            .map_err(|e| refuse(e.to_string()))?;
+        let grant = Grant::new(&self.policy.unsigned_grants, &self.policy.pc_id)
+            .map_err(|e| refuse(format!("--grant: {e}")))?;
+        Ok(Accepted {
+            id: ModuleId {
+                name: name.to_string(),
+                version: 0,
+                sha256: bundle::sha256_hex(bytes),
+            },
+            module: Arc::new(module),
+            grant,
+            limits: self.policy.ceilings.clone(),
+            manifest: None,
+            bundle: None,
+        })
+    }
+
+    /// Loads the last-known-good bundle of the state directory. Its signature is checked
+    /// again (the trust store may have changed); anti-rollback is not, since it is older
+    /// than a module that was rolled back, by design.
+    ///
+    /// # Errors
+    ///
+    /// When there is none, or it no longer passes the checks.
+    pub fn load_last_known_good(&self, name: Option<&str>) -> Result<Option<Accepted>, Refused> {
+        let Some(state) = &self.state else {
+            return Ok(None);
+        };
+        let (path, expected) = {
+            let s = state.lock().expect("state lock");
+            let all = s.last_known_goods();
+            let id = match name {
+                Some(name) => s.last_known_good(name),
+                None if all.len() > 1 => {
+                    return Err(Refused {
+                        subject: s.dir.join(AGENT_STATE_FILE).display().to_string(),
+                        reason: format!(
+                            "there is a last-known-good module for each of {}; pass --module NAME",
+                            all.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                }
+                None => all.values().next(),
+            };
+            let Some(id) = id.cloned() else {
+                return Ok(None);
+            };
+            (s.lkg_path(&id), id)
+        };
+        // Written by the agent in its state directory: a link there was planted.
+        let bytes = read_regular(&path, MAX_BUNDLE_LEN, Links::Refuse).map_err(|e| Refused {
+            subject: path.display().to_string(),
+            reason: e.problem.to_string(),
+        })?;
+        let accepted = self.load_bytes(&path.display().to_string(), "", bytes, false)?;
+        if accepted.id != expected {
+            return Err(Refused {
+                subject: path.display().to_string(),
+                reason: format!("holds {} but the state records {expected}", accepted.id),
+            });
+        }
+        Ok(Some(accepted))
+    }
+
+    /// Checks a bundle that came from the network (`subject` names where): only signed
+    /// bundles, whatever `--insecure-allow-unsigned` says, with anti-rollback.
+    ///
+    /// # Errors
+    ///
+    /// [`Refused`] with the reason; nothing is recorded.
+    pub fn load_remote_bundle(&self, subject: &str, bytes: Vec<u8>) -> Result<Accepted, Refused> {
+        if !bytes.starts_with(MAGIC) {
+            return Err(Refused {
+                subject: subject.to_string(),
+                reason: "not a signed bundle; modules from the fleet must be signed".into(),
+            });
+        }
+        self.load_bundle(subject, bytes, true)
+    }
+
+    /// The state directory, when there is one.
+    pub fn state(&self) -> Option<std::sync::MutexGuard<'_, StateDir>> {
+        self.state.as_ref().map(|s| s.lock().expect("state lock"))
+    }
+
+    /// Records that `accepted` is about to run: its version becomes the lowest this agent
+    /// will take for its name (anti-rollback).
+    ///
+    /// # Errors
+    ///
+    /// When the state directory cannot be written.
+    pub fn record_accepted(&self, accepted: &Accepted) -> std::io::Result<()> {
+        if let (Some(state), Some(manifest)) = (&self.state, &accepted.manifest) {
+            state
+                .lock()
+                .expect("state lock")
+                .versions
+                .record(manifest)?;
+        }
+        Ok(())
+    }
+
+    /// Hook that makes `accepted` the last-known-good once it is healthy.
+    pub fn healthy_hook(self: &Arc<Self>, accepted: &Accepted) -> Option<HealthyHook> {
+        let state = self.state.clone()?;
+        let bundle = accepted.bundle.clone()?;
+        let id = accepted.id.clone();
+        Some(Box::new(move || {
+            match state
+                .lock()
+                .expect("state lock")
+                .set_last_known_good(&id, &bundle)
+            {
+                Ok(()) => tracing::info!(module = %id, "saved as the last-known-good module"),
+                Err(e) => {
+                    tracing::error!(module = %id, error = %e, "cannot save the last-known-good module")
+                }
+            }
+        }))
+    }
+
+    /// Hook that records a rolled-back module so it is never tried again.
+    pub fn rollback_hook(self: &Arc<Self>, accepted: &Accepted) -> Option<RollbackHook> {
+        let state = self.state.clone()?;
+        let id = accepted.id.clone();
+        Some(Box::new(move |reason: &str| {
+            if let Err(e) = state
+                .lock()
+                .expect("state lock")
+                .record_failure(&id, reason)
+            {
+                tracing::error!(module = %id, error = %e, "cannot record the rollback");
+            }
+        }))
+    }
+
+    /// Turns an accepted module into what the agent swaps in, with its hooks.
+    pub fn spec(self: &Arc<Self>, accepted: Accepted) -> ModuleSpec {
+        ModuleSpec {
+            on_healthy: self.healthy_hook(&accepted),
+            on_rolled_back: self.rollback_hook(&accepted),
+            label: accepted.id.to_string(),
+            module: accepted.module,
+            grant: accepted.grant,
+            limits: accepted.limits,
+        }
+    }
+
+    /// The newest acceptable bundle among `files` for `name` (any name when `None`),
+    /// newer than `above`. Refusals are logged with the file, module and version.
+    pub fn best_of(
+        &self,
+        files: &[PathBuf],
+        name: Option<&str>,
+        above: Option<&ModuleId>,
+    ) -> Option<Accepted> {
+        let mut best: Option<Accepted> = None;
+        for path in files {
+            if !starts_with_magic(path) {
+                tracing::warn!(file = %path.display(), "not a signed bundle; a modules directory takes bundles only (see `collector module sign`)");
+                continue;
+            }
+            match self.load_file(path) {
+                Ok(a) if name.is_some_and(|n| n != a.id.name) => {
+                    tracing::info!(file = %path.display(), module = %a.id, "bundle for another module; ignored");
+                }
+                Ok(a) if above.is_some_and(|cur| a.id.version <= cur.version) => {}
+                Ok(a) if best.as_ref().is_none_or(|b| a.id.version > b.id.version) => {
+                    best = Some(a)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("module refused: {e}"),
+            }
+        }
+        best
+    }
+}
+
+/// Whether the file begins like a bundle (reads 8 bytes only). The name may have turned
+/// into a FIFO or a device since it was listed: the open never blocks, and only a regular
+/// file counts.
+fn starts_with_magic(path: &Path) -> bool {
+    use std::io::Read as _;
+    let mut head = [0u8; 8];
+    open_regular(path, Links::Follow)
+        .is_ok_and(|mut f| f.read_exact(&mut head).is_ok_and(|()| head == *MAGIC))
+}
+
+/// Names a bundle by its manifest when it can be read, for log lines.
+fn describe(subject: &str, bytes: &[u8]) -> String {
+    bundle::Bundle::parse(bytes)
+        .ok()
+        .and_then(|b| Manifest::parse(b.manifest).ok())
+        .map_or_else(
+            || subject.to_string(),
+            |m| format!("{subject} ({} v{})", m.name, m.version),
+        )
+}
+
+/// Regular files of `dir`, in name order.
+pub fn bundle_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && !is_hidden(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Files being written by hand are often dot-files or editor temporaries.
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.') || n.ends_with('~') || n.ends_with(".tmp"))
+}
+
+/// Where the `--modules` watcher hands accepted modules: the reconciler.
+pub trait ModuleTarget: Send + 'static {
+    /// Takes a module that passed every check and was recorded as accepted.
+    fn offer(&self, accepted: Accepted);
+    /// Whether offers are still wanted (the watcher stops when this turns false).
+    fn is_running(&self) -> bool;
+}
+
+/// Watches `dir` every `poll` for a newer bundle of the running module and offers it to
+/// `agent`. Verification and compilation happen on this thread, never on the tick path.
+/// Stops when the target is gone.
+pub fn watch(
+    deployer: Arc<Deployer>,
+    dir: PathBuf,
+    running: ModuleId,
+    agent: impl ModuleTarget,
+    poll: Duration,
+) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("modules-watch".into())
+        .spawn(move || {
+            let mut current = running;
+            // Files already looked at, by size and modification time: a refused bundle
+            // is reported once, not at every poll.
+            let mut seen: HashMap<PathBuf, (u64, Option<SystemTime>)> = HashMap::new();
+            loop {
+                if !agent.is_running() {
+                    return;
+                }
+                // Rebuilt at every poll, so deleted files are forgotten.
+                let mut now_seen = HashMap::new();
+                let mut changed = Vec::new();
+                for path in bundle_files(&dir) {
+                    let stamp = std::fs::metadata(&path)
+                        .map(|m| (m.len(), m.modified().ok()))
+                        .unwrap_or_default();
+                    if seen.get(&path) != Some(&stamp) {
+                        changed.push(path.clone());
+                    }
+                    now_seen.insert(path, stamp);
+                }
+                seen = now_seen;
+                if let Some(next) = deployer.best_of(&changed, Some(&current.name), Some(&current)) {
+                    match deployer.record_accepted(&next) {
+                        Ok(()) => {
+                            current = next.id.clone();
+                            agent.offer(next);
+                        }
+                        Err(e) => {
+                            tracing::error!(module = %next.id, error = %e, "cannot record the accepted version; not swapping (retrying at the next poll)");
+                            seen.clear();
+                        }
+                    }
+                }
+                std::thread::sleep(poll);
+            }
+        })
+        .expect("spawn the modules watcher thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(version: u64, sha: &str) -> ModuleId {
+        ModuleId {
+            name: "process-perf".into(),
+            version,
+            sha256: sha.into(),
+        }
+    }
+
+    #[test]
+    fn a_rolled_back_version_does_not_taint_other_versions_of_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = StateDir::open(dir.path()).unwrap();
+        state.set_last_known_good(&id(2, "aa"), b"v2").unwrap();
+        // v3 re-signs the same component (other limits) and is rolled back.
+        state
+            .record_failure(&id(3, "aa"), "failed to start")
+            .unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert!(state.failed(&id(3, "aa")).is_some());
+        assert!(
+            state.failed(&id(2, "aa")).is_none(),
+            "the last-known-good stays usable"
+        );
+        assert_eq!(state.last_known_good("process-perf"), Some(&id(2, "aa")));
+    }
+
+    #[test]
+    fn the_last_known_good_file_is_replaced_only_after_the_state_points_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = StateDir::open(dir.path()).unwrap();
+        state.set_last_known_good(&id(1, "aa"), b"one").unwrap();
+        state.set_last_known_good(&id(2, "bb"), b"two").unwrap();
+        let lkg = dir.path().join(LKG_DIR);
+        let mut files: Vec<_> = std::fs::read_dir(&lkg)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["process-perf-v2.bundle"]);
+        assert_eq!(
+            std::fs::read(lkg.join("process-perf-v2.bundle")).unwrap(),
+            b"two"
+        );
+    }
+
+    #[test]
+    fn bundles_a_crash_left_behind_are_removed_at_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = StateDir::open(dir.path()).unwrap();
+        state.set_last_known_good(&id(2, "bb"), b"two").unwrap();
+        let lkg = dir.path().join(LKG_DIR);
+        // Killed after the state pointed to v2 but before v1 was removed, and later while
+        // v3 was being written.
+        std::fs::write(lkg.join("process-perf-v1.bundle"), b"one").unwrap();
+        std::fs::write(lkg.join(".process-perf-v3.bundle.tmp"), b"thr").unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert_eq!(state.last_known_good("process-perf"), Some(&id(2, "bb")));
+        let mut state = state;
+        state.set_last_known_good(&id(4, "dd"), b"four").unwrap();
+        let files: Vec<_> = std::fs::read_dir(&lkg)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files, ["process-perf-v4.bundle"]);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(AGENT_STATE_FILE), "{not json").unwrap();
+        let err = StateDir::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains(AGENT_STATE_FILE) && err.contains("corrupt"),
+            "{err}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_state_file_or_bundle_that_blocks_or_never_ends_is_an_error_at_once() {
+        use collector_fsutil::hostile;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AGENT_STATE_FILE);
+        hostile::each(&path, |what| {
+            let state = dir.path().to_path_buf();
+            let err = hostile::promptly(what, move || StateDir::open(&state).err())
+                .unwrap_or_else(|| panic!("{what} accepted as {AGENT_STATE_FILE}"));
+            assert!(err.to_string().contains(AGENT_STATE_FILE), "{what}: {err}");
+        });
+        let bundle = dir.path().join("v1.bundle");
+        hostile::each(&bundle, |what| {
+            let p = bundle.clone();
+            assert!(
+                !hostile::promptly(what, move || starts_with_magic(&p)),
+                "{what}"
+            );
+            let p = bundle.clone();
+            let read = hostile::promptly(what, move || bundle::read_bounded(&p, MAX_BUNDLE_LEN));
+            assert!(read.is_err(), "{what}");
+        });
+    }
+
+    #[test]
+    fn module_names_read_back_from_the_state_file_are_checked_like_manifest_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(state.join(LKG_DIR)).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let victim = outside.join("victim-v1.bundle");
+        let absolute = outside.join("victim").display().to_string();
+        let module = |name: &str| serde_json::json!({"name": name, "version": 1, "sha256": "aa"});
+        let cases = [
+            (
+                serde_json::json!({"format": AGENT_STATE_FORMAT_V1, "last_known_good": module("../../outside/victim")}),
+                "last_known_good.name",
+            ),
+            (
+                serde_json::json!({"format": AGENT_STATE_FORMAT_V1, "last_known_good": module(&absolute)}),
+                "last_known_good.name",
+            ),
+            (
+                serde_json::json!({"format": AGENT_STATE_FORMAT, "last_known_good": {"victim": module("../../outside/victim")}}),
+                "last_known_good.victim",
+            ),
+            (
+                serde_json::json!({
+                    "format": AGENT_STATE_FORMAT,
+                    "last_known_good": {"process-perf": module("process-perf")},
+                    "failed": [
+                        {"name": "process-perf", "version": 2, "sha256": "bb", "reason": "trap", "at": "2025-01-01T00:00:00Z"},
+                        {"name": "../x", "version": 3, "sha256": "cc", "reason": "trap", "at": "2025-01-01T00:00:00Z"},
+                    ],
+                }),
+                "failed[1].name",
+            ),
+        ];
+        for (file, field) in cases {
+            std::fs::write(&victim, b"not the agent's").unwrap();
+            std::fs::write(state.join(AGENT_STATE_FILE), file.to_string()).unwrap();
+            // What the agent does next with a state it accepted: a new last-known-good
+            // replaces the recorded one, whose file is removed.
+            let result =
+                StateDir::open(&state).map(|mut s| s.set_last_known_good(&id(2, "bb"), b"two"));
+            assert!(
+                victim.exists(),
+                "{field}: a file outside the state directory was removed"
+            );
+            let err = result
+                .err()
+                .unwrap_or_else(|| panic!("{file} accepted"))
+                .to_string();
+            assert!(
+                err.contains(AGENT_STATE_FILE)
+                    && err.contains(field)
+                    && err.contains("module name"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_last_known_good_path_stays_in_its_directory_whatever_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        for name in ["../../x", "/tmp/abs", "a/b", "..", ""] {
+            let path = state.lkg_path(&ModuleId {
+                name: name.into(),
+                version: 1,
+                sha256: "aa".into(),
+            });
+            assert_eq!(
+                path.parent(),
+                Some(dir.path().join(LKG_DIR).as_path()),
+                "{name:?}: {}",
+                path.display()
+            );
+            assert!(
+                path.file_name().is_some_and(|f| f != ".." && f != "."),
+                "{name:?}: {}",
+                path.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,898 @@
+//! The one component that reconciles what is wanted of this PC (the fleet's settings and
+//! module assignments, from NATS or from the copy kept in the state directory; or local
+//! modules from `--guest`, `--modules` and the last-known-good) with what runs:
+//! one agent per module, each on its own thread with its own supervisor, ticker, grant,
+//! limits, probation and state. It downloads and checks assigned bundles off every tick
+//! path, hands accepted ones to the module's agent (which swaps them in at a tick
+//! boundary), hears back from agents on a channel (healthy, rolled back), and keeps the
+//! PC's status record and kanade `ObsEvent`s current.
+//!
+//! One module's trap, hang or rollback touches only that module's agent thread.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use collector_shared::EffectiveConfig;
+
+use crate::{Accepted, Deployer, FleetState, ModuleId};
+use collector_bundle::MAX_BUNDLE_LEN;
+use collector_fleet::assignment::Desired;
+use collector_fleet::fetch::{self, FetchError};
+use collector_fleet::status::{
+    AgentStatus, KIND_REFUSED, KIND_ROLLED_BACK, KIND_UPDATE, ModuleStatus, ObsEvent, Pending,
+    Refusal, RolledBack,
+};
+use collector_fleet::watch::FleetView;
+use collector_fleet::{MODULES_STORE, STATUS_BUCKET, object_name, obs_subject, random_below};
+use collector_sandbox::agent::{Agent, AgentHandle, AgentOptions, ConfigTarget, ModuleSpec};
+use collector_sandbox::guest::Supervisor;
+use collector_sandbox::host::{HostStats, Services};
+
+/// Knobs of the reconciler.
+#[derive(Debug, Clone)]
+pub struct ReconcilerOptions {
+    /// Options of every module's agent loop.
+    pub agent: AgentOptions,
+    /// A new assignment is fetched after a random delay up to this (spreads a fleet's
+    /// downloads); zero fetches at once.
+    pub rollout_jitter: Duration,
+    /// The status record is rewritten at least this often, and on every change.
+    pub status_every: Duration,
+    /// Largest bundle downloaded (checked from the object's info first).
+    pub max_bundle_len: u64,
+    /// Longest a download may take.
+    pub fetch_timeout: Duration,
+    /// First retry delay of a failed download; doubles up to `retry_max`.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// How often a refused object is looked at again (replaced objects are retried).
+    pub recheck_refused: Duration,
+}
+
+impl Default for ReconcilerOptions {
+    fn default() -> Self {
+        Self {
+            agent: AgentOptions::default(),
+            rollout_jitter: Duration::ZERO,
+            status_every: Duration::from_secs(60),
+            max_bundle_len: MAX_BUNDLE_LEN,
+            fetch_timeout: Duration::from_secs(30),
+            retry_min: Duration::from_millis(250),
+            retry_max: Duration::from_secs(5),
+            recheck_refused: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the reconciler reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// The fleet's new view of this PC.
+    Fleet(Box<FleetView>),
+    /// Settings from `--config FILE`.
+    Config(Box<EffectiveConfig>),
+    /// A local module (from `--modules`) that passed every check and was recorded.
+    Offer(Box<Accepted>),
+    /// A module completed its probation.
+    Healthy(ModuleId),
+    /// A module was rolled back.
+    RolledBack(ModuleId, String),
+    /// Stop every module and return.
+    Shutdown,
+}
+
+/// Sends events to a running reconciler. Cloneable.
+#[derive(Debug, Clone)]
+pub struct ReconcilerHandle {
+    tx: Sender<Event>,
+    running: Arc<AtomicBool>,
+}
+
+impl ReconcilerHandle {
+    /// Delivers the fleet's new view.
+    pub fn fleet(&self, view: FleetView) {
+        let _ = self.tx.send(Event::Fleet(Box::new(view)));
+    }
+
+    /// Asks every module to stop; [`Reconciler::run`] returns once they have.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Event::Shutdown);
+    }
+}
+
+impl crate::ModuleTarget for ReconcilerHandle {
+    fn offer(&self, accepted: Accepted) {
+        let _ = self.tx.send(Event::Offer(Box::new(accepted)));
+    }
+    fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+}
+
+impl ConfigTarget for ReconcilerHandle {
+    fn configure(&self, config: EffectiveConfig) {
+        let _ = self.tx.send(Event::Config(Box::new(config)));
+    }
+    fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+}
+
+/// The NATS side, when there is one.
+pub struct FleetLink {
+    pub client: async_nats::Client,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Makes the services of a new module's agent (its own counters; the shared process
+/// source and sink).
+pub type ServicesFactory = Box<dyn Fn() -> Services + Send>;
+
+/// Counters of the reconciler's own work.
+#[derive(Debug, Default)]
+pub struct ReconcilerStats {
+    /// Downloads that failed and were retried.
+    pub download_retries: std::sync::atomic::AtomicU64,
+    /// Modules handed to an agent (first start or swap).
+    pub deployed: std::sync::atomic::AtomicU64,
+    /// Bundles refused.
+    pub refused: std::sync::atomic::AtomicU64,
+    /// Bundles downloaded whole, and the time spent: downloading, verifying and
+    /// compiling (or loading from the compile cache), recording the accepted version.
+    pub downloads: std::sync::atomic::AtomicU64,
+    pub fetch_micros: std::sync::atomic::AtomicU64,
+    pub load_micros: std::sync::atomic::AtomicU64,
+    pub record_micros: std::sync::atomic::AtomicU64,
+}
+
+/// Adds the time since `start` to a counter of microseconds.
+fn add_micros(counter: &std::sync::atomic::AtomicU64, start: Instant) {
+    let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    HostStats::bump(counter, micros);
+}
+
+/// A module's agent.
+struct Running {
+    handle: AgentHandle,
+    thread: JoinHandle<()>,
+    /// The module the agent runs now (or will after the swap it was sent).
+    id: ModuleId,
+    /// What a rollback returns to, while `id` is on probation.
+    fallback: Option<ModuleId>,
+    since: DateTime<Utc>,
+    probation: bool,
+    stats: Arc<HostStats>,
+}
+
+/// An assigned version that does not run yet.
+struct Wanted {
+    version: u64,
+    /// When to try (again); `None`: never (it was rolled back here).
+    due: Option<Instant>,
+    attempts: u32,
+    why: String,
+    /// Set when the object was refused: its digest then, so only a replaced object is
+    /// tried again.
+    refused_digest: Option<Option<String>>,
+}
+
+/// Reconciles desired with actual state; see the module documentation.
+pub struct Reconciler {
+    pc_id: String,
+    deployer: Arc<Deployer>,
+    options: ReconcilerOptions,
+    make_services: ServicesFactory,
+    fleet: Option<FleetLink>,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+    running: Arc<AtomicBool>,
+    config: EffectiveConfig,
+    config_revision: u64,
+    assignment_revision: u64,
+    /// What the fleet assigns; `None` until it (or the saved copy) said anything.
+    desired: Option<Desired>,
+    /// Whether settings come from the fleet (else from `--config` or the defaults).
+    fleet_config: bool,
+    modules: BTreeMap<String, Running>,
+    wanted: BTreeMap<String, Wanted>,
+    rolled_back: Vec<RolledBack>,
+    last_refusal: Option<Refusal>,
+    outbox: Vec<ObsEvent>,
+    status_dirty: bool,
+    next_status: Instant,
+    stats: Arc<ReconcilerStats>,
+}
+
+/// Most events kept while NATS is away; older ones are dropped first.
+const OUTBOX_LIMIT: usize = 64;
+/// Longest the reconciler waits on NATS for a status write or an event.
+const NATS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Reconciler {
+    /// A reconciler running nothing yet, with `config` in force.
+    pub fn new(
+        pc_id: &str,
+        deployer: Arc<Deployer>,
+        options: ReconcilerOptions,
+        make_services: ServicesFactory,
+        fleet: Option<FleetLink>,
+        config: EffectiveConfig,
+        fleet_config: bool,
+    ) -> (Self, ReconcilerHandle) {
+        let (tx, rx) = mpsc::channel();
+        let running = Arc::new(AtomicBool::new(true));
+        let handle = ReconcilerHandle {
+            tx: tx.clone(),
+            running: running.clone(),
+        };
+        let reconciler = Self {
+            pc_id: pc_id.to_string(),
+            deployer,
+            options,
+            make_services,
+            fleet,
+            tx,
+            rx,
+            running,
+            config,
+            config_revision: 0,
+            assignment_revision: 0,
+            desired: None,
+            fleet_config,
+            modules: BTreeMap::new(),
+            wanted: BTreeMap::new(),
+            rolled_back: Vec::new(),
+            last_refusal: None,
+            outbox: Vec::new(),
+            status_dirty: true,
+            next_status: Instant::now(),
+            stats: Arc::new(ReconcilerStats::default()),
+        };
+        (reconciler, handle)
+    }
+
+    /// The reconciler's counters.
+    pub fn stats(&self) -> Arc<ReconcilerStats> {
+        self.stats.clone()
+    }
+
+    /// Starts from what the state directory remembers: the last settings and assignment
+    /// from the fleet, and each assigned module's last-known-good version, so that an
+    /// agent started while NATS is away runs what it ran before.
+    pub fn restore(&mut self, saved: FleetState) {
+        if self.fleet_config
+            && let Some(config) = saved.config
+        {
+            tracing::info!(
+                revision = saved.config_revision,
+                "using the settings saved from the fleet until it answers"
+            );
+            self.config = config;
+            self.config_revision = saved.config_revision;
+        }
+        let Some(modules) = saved.modules else {
+            return;
+        };
+        self.assignment_revision = saved.assignment_revision;
+        for name in modules.keys() {
+            match self.deployer.load_last_known_good(Some(name)) {
+                Ok(Some(lkg)) => {
+                    tracing::info!(module = %lkg.id, "starting with the last-known-good module");
+                    self.start(lkg, false);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("the last-known-good module cannot be used: {e}"),
+            }
+        }
+        self.desired = Some(modules);
+        self.plan();
+    }
+
+    /// Runs until [`ReconcilerHandle::shutdown`]; stops every module before returning.
+    pub fn run(mut self) {
+        tracing::info!(pc_id = %self.pc_id, "reconciler started");
+        loop {
+            let now = Instant::now();
+            let next = self
+                .wanted
+                .values()
+                .filter_map(|w| w.due)
+                .chain([self.next_status])
+                .min()
+                .unwrap_or(now + self.options.status_every);
+            match self.rx.recv_timeout(next.saturating_duration_since(now)) {
+                Ok(Event::Shutdown) => break,
+                Ok(event) => self.on_event(event),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    unreachable!("the reconciler holds a sender")
+                }
+            }
+            self.deploy_due();
+            self.report();
+        }
+        self.running.store(false, Ordering::Relaxed);
+        for (name, running) in std::mem::take(&mut self.modules) {
+            running.handle.shutdown();
+            if running.thread.join().is_err() {
+                tracing::error!(module = %name, "the module's agent thread panicked");
+            }
+        }
+        self.status_dirty = true;
+        self.report();
+        tracing::info!("reconciler stopped");
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Fleet(view) => self.on_view(*view),
+            Event::Config(config) => self.set_config(*config),
+            Event::Offer(accepted) => self.deploy(*accepted),
+            Event::Healthy(id) => {
+                if let Some(r) = self.modules.get_mut(&id.name)
+                    && r.id == id
+                {
+                    r.probation = false;
+                    r.fallback = None;
+                    self.status_dirty = true;
+                }
+            }
+            Event::RolledBack(id, reason) => self.on_rolled_back(id, reason),
+            Event::Shutdown => {}
+        }
+    }
+
+    fn on_view(&mut self, view: FleetView) {
+        let mut changed = false;
+        if let Some(config) = view.config {
+            changed |= self.config_revision != view.config_revision;
+            self.config_revision = view.config_revision;
+            self.set_config(config);
+        }
+        if let Some(modules) = view.modules {
+            changed |= self.assignment_revision != view.assignment_revision
+                || self.desired.as_ref() != Some(&modules);
+            self.assignment_revision = view.assignment_revision;
+            self.desired = Some(modules);
+            self.plan();
+        }
+        if changed {
+            self.save();
+        }
+        self.status_dirty = true;
+    }
+
+    /// Hands a changed configuration to every module; an unchanged one to none.
+    fn set_config(&mut self, config: EffectiveConfig) {
+        if config == self.config {
+            return;
+        }
+        tracing::info!(
+            revision = self.config_revision,
+            "effective configuration changed; reconfiguring modules"
+        );
+        for r in self.modules.values() {
+            r.handle.configure(config.clone());
+        }
+        self.config = config;
+        self.save();
+    }
+
+    fn save(&self) {
+        let saved = FleetState::new(
+            self.fleet_config.then(|| self.config.clone()),
+            self.config_revision,
+            self.desired.clone(),
+            self.assignment_revision,
+        );
+        if let Some(state) = self.deployer.state()
+            && let Err(e) = state.save_fleet_state(&saved)
+        {
+            tracing::error!(error = %e, "cannot save the fleet's view in the state directory");
+        }
+    }
+
+    /// Compares desired with actual state: stops unassigned modules, schedules downloads
+    /// of assigned versions that do not run.
+    fn plan(&mut self) {
+        let Some(desired) = self.desired.clone() else {
+            return;
+        };
+        let unassigned: Vec<String> = self
+            .modules
+            .keys()
+            .filter(|name| !desired.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in unassigned {
+            let r = self.modules.remove(&name).expect("listed");
+            tracing::info!(module = %r.id, "no longer assigned; stopping it");
+            r.handle.shutdown();
+            if r.thread.join().is_err() {
+                tracing::error!(module = %name, "the module's agent thread panicked");
+            }
+            self.event(
+                KIND_UPDATE,
+                &name,
+                r.id.version,
+                [
+                    ("from", r.id.version.into()),
+                    ("to", serde_json::Value::Null),
+                ],
+            );
+            self.status_dirty = true;
+        }
+        self.wanted
+            .retain(|name, w| desired.get(name) == Some(&w.version));
+        for (name, &version) in &desired {
+            if self
+                .modules
+                .get(name)
+                .is_some_and(|r| r.id.version == version)
+            {
+                self.wanted.remove(name);
+                continue;
+            }
+            if self.wanted.contains_key(name) {
+                continue;
+            }
+            let jitter = random_below(self.options.rollout_jitter);
+            tracing::info!(module = %name, version, ?jitter, "assigned; fetching it");
+            self.wanted.insert(
+                name.clone(),
+                Wanted {
+                    version,
+                    due: Some(Instant::now() + jitter),
+                    attempts: 0,
+                    why: "waiting to download".into(),
+                    refused_digest: None,
+                },
+            );
+            self.status_dirty = true;
+        }
+    }
+
+    fn deploy_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .wanted
+            .iter()
+            .filter(|(_, w)| w.due.is_some_and(|d| d <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.try_deploy(&name);
+        }
+    }
+
+    fn try_deploy(&mut self, name: &str) {
+        let Some(w) = self.wanted.get(name) else {
+            return;
+        };
+        let version = w.version;
+        let source = format!("{MODULES_STORE}/{}", object_name(name, version));
+        let Some(fleet) = &self.fleet else {
+            self.retry(name, "no NATS connection".into());
+            return;
+        };
+        if fleet.client.connection_state() != async_nats::connection::State::Connected {
+            self.retry(name, "not connected to NATS".into());
+            return;
+        }
+        // The JetStream context spawns a task: it needs the runtime's context.
+        let _runtime = fleet.runtime.enter();
+        let js = async_nats::jetstream::new(fleet.client.clone());
+        if let Some(refused) = &w.refused_digest {
+            let now = fleet.runtime.block_on(fetch::digest(&js, name, version));
+            if now.as_ref().ok() == Some(refused) || now.is_err() {
+                let w = self.wanted.get_mut(name).expect("present");
+                w.due = Some(Instant::now() + self.options.recheck_refused);
+                return;
+            }
+            tracing::info!(module = %name, version, "the refused object was replaced; trying it again");
+        }
+        let started = Instant::now();
+        let fetched = fleet.runtime.block_on(fetch::fetch(
+            &js,
+            name,
+            version,
+            self.options.max_bundle_len,
+            self.options.fetch_timeout,
+        ));
+        let fetched = match fetched {
+            Ok(f) => f,
+            Err(FetchError::Unavailable(e)) => {
+                self.retry(name, format!("download failed: {e}"));
+                return;
+            }
+            Err(FetchError::Refused(e)) => {
+                let digest = fleet
+                    .runtime
+                    .block_on(fetch::digest(&js, name, version))
+                    .ok()
+                    .flatten();
+                self.refuse(name, version, &source, e, digest);
+                return;
+            }
+        };
+        let digest = fetched.digest.clone();
+        HostStats::bump(&self.stats.downloads, 1);
+        add_micros(&self.stats.fetch_micros, started);
+        let started = Instant::now();
+        let loaded = self.deployer.load_remote_bundle(&source, fetched.bytes);
+        add_micros(&self.stats.load_micros, started);
+        let accepted = match loaded {
+            Ok(a) => a,
+            Err(refused) => {
+                self.refuse(name, version, &source, refused.reason, digest);
+                return;
+            }
+        };
+        if accepted.id.name != name || accepted.id.version != version {
+            let reason = format!("holds {} where {name} v{version} was expected", accepted.id);
+            self.refuse(name, version, &source, reason, digest);
+            return;
+        }
+        let started = Instant::now();
+        let recorded = self.deployer.record_accepted(&accepted);
+        add_micros(&self.stats.record_micros, started);
+        if let Err(e) = recorded {
+            self.retry(name, format!("cannot record the accepted version: {e}"));
+            return;
+        }
+        self.wanted.remove(name);
+        self.deploy(accepted);
+    }
+
+    /// Hands an accepted module to its agent: a swap at the next tick boundary, or a new
+    /// agent when the module does not run yet.
+    fn deploy(&mut self, accepted: Accepted) {
+        HostStats::bump(&self.stats.deployed, 1);
+        let name = accepted.id.name.clone();
+        let to = accepted.id.clone();
+        match self.modules.get_mut(&name) {
+            Some(r) => {
+                let from = r.id.clone();
+                tracing::info!(%from, %to, "new module accepted; swapping at the next tick boundary");
+                let spec = hooked_spec(&self.deployer, &self.tx, accepted);
+                r.handle.swap(spec);
+                r.fallback = if r.probation {
+                    r.fallback.take().or(Some(from.clone()))
+                } else {
+                    Some(from.clone())
+                };
+                r.id = to.clone();
+                r.since = Utc::now();
+                r.probation = true;
+                self.event(
+                    KIND_UPDATE,
+                    &name,
+                    to.version,
+                    [("from", from.version.into()), ("to", to.version.into())],
+                );
+            }
+            None => {
+                tracing::info!(module = %to, "new module accepted; starting it");
+                self.start(accepted, true);
+                self.event(
+                    KIND_UPDATE,
+                    &name,
+                    to.version,
+                    [("from", serde_json::Value::Null), ("to", to.version.into())],
+                );
+            }
+        }
+        self.status_dirty = true;
+    }
+
+    /// Starts an agent thread for a module that does not run yet. `probation`: it
+    /// becomes the last-known-good once healthy (false for the last-known-good itself).
+    pub fn start(&mut self, accepted: Accepted, probation: bool) {
+        let name = accepted.id.name.clone();
+        let id = accepted.id.clone();
+        let mut services = (self.make_services)();
+        services.grant = accepted.grant.clone();
+        services.limits = accepted.limits.clone();
+        let stats = services.stats.clone();
+        let spec = hooked_spec(&self.deployer, &self.tx, accepted);
+        let ModuleSpec {
+            module,
+            label,
+            on_healthy,
+            ..
+        } = spec;
+        let supervisor = Supervisor::new(module, services);
+        let (mut agent, handle) = Agent::new(supervisor, self.options.agent.clone());
+        let thread_label = label.clone();
+        agent.set_label(label);
+        if probation && let Some(hook) = on_healthy {
+            agent.on_first_healthy(hook);
+        }
+        let config = self.config.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("module-{name}"))
+            .spawn(move || {
+                let services = agent.run(config);
+                let stats = &services.stats;
+                tracing::info!(
+                    module = %thread_label,
+                    ticks = HostStats::get(&stats.ticks),
+                    published = HostStats::get(&stats.published),
+                    publish_denied = HostStats::get(&stats.publish_denied),
+                    publish_failed = HostStats::get(&stats.publish_failed),
+                    traps = HostStats::get(&stats.traps),
+                    "module summary"
+                );
+            })
+            .expect("spawn a module's agent thread");
+        self.modules.insert(
+            name,
+            Running {
+                handle,
+                thread,
+                id,
+                fallback: None,
+                since: Utc::now(),
+                probation,
+                stats,
+            },
+        );
+        self.status_dirty = true;
+    }
+
+    fn on_rolled_back(&mut self, id: ModuleId, reason: String) {
+        tracing::warn!(module = %id, reason = %reason, "module rolled back; it will not be tried again here");
+        self.rolled_back
+            .retain(|r| !(r.name == id.name && r.version == id.version));
+        self.rolled_back.push(RolledBack {
+            name: id.name.clone(),
+            version: id.version,
+            reason: reason.clone(),
+            at: Utc::now(),
+        });
+        let mut to = serde_json::Value::Null;
+        if let Some(r) = self.modules.get_mut(&id.name)
+            && r.id == id
+        {
+            if let Some(fallback) = r.fallback.take() {
+                to = fallback.version.into();
+                r.id = fallback;
+            }
+            r.probation = false;
+            r.since = Utc::now();
+            // The assigned version failed here: do not fetch it again.
+            self.wanted.insert(
+                id.name.clone(),
+                Wanted {
+                    version: id.version,
+                    due: None,
+                    attempts: 0,
+                    why: format!("rolled back: {reason}"),
+                    refused_digest: None,
+                },
+            );
+        }
+        self.event(
+            KIND_ROLLED_BACK,
+            &id.name,
+            id.version,
+            [("to", to), ("reason", reason.into())],
+        );
+        self.status_dirty = true;
+    }
+
+    fn retry(&mut self, name: &str, why: String) {
+        let (min, max) = (self.options.retry_min, self.options.retry_max);
+        let Some(w) = self.wanted.get_mut(name) else {
+            return;
+        };
+        HostStats::bump(&self.stats.download_retries, 1);
+        let delay = min.saturating_mul(1u32 << w.attempts.min(16)).min(max);
+        w.attempts += 1;
+        if w.attempts == 1 {
+            tracing::warn!(module = %name, version = w.version, retry_in = ?delay, "{why}");
+        } else {
+            tracing::debug!(module = %name, version = w.version, retry_in = ?delay, attempts = w.attempts, "{why}");
+        }
+        w.due = Some(Instant::now() + delay);
+        if w.why != why {
+            w.why = why;
+            self.status_dirty = true;
+        }
+    }
+
+    fn refuse(
+        &mut self,
+        name: &str,
+        version: u64,
+        source: &str,
+        reason: String,
+        digest: Option<String>,
+    ) {
+        HostStats::bump(&self.stats.refused, 1);
+        tracing::warn!("module refused: {source}: {reason}");
+        if let Some(w) = self.wanted.get_mut(name) {
+            w.why = format!("refused: {reason}");
+            w.refused_digest = Some(digest);
+            w.due = Some(Instant::now() + self.options.recheck_refused);
+        }
+        self.last_refusal = Some(Refusal {
+            name: name.to_string(),
+            version,
+            source: source.to_string(),
+            reason: reason.clone(),
+            at: Utc::now(),
+        });
+        self.event(
+            KIND_REFUSED,
+            name,
+            version,
+            [("source", source.into()), ("reason", reason.into())],
+        );
+        self.status_dirty = true;
+    }
+
+    fn event<const N: usize>(
+        &mut self,
+        kind: &str,
+        name: &str,
+        version: u64,
+        fields: [(&str, serde_json::Value); N],
+    ) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let payload = fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        if self.outbox.len() == OUTBOX_LIMIT {
+            self.outbox.remove(0);
+        }
+        self.outbox.push(ObsEvent::module(
+            &self.pc_id,
+            Utc::now(),
+            kind,
+            name,
+            version,
+            payload,
+        ));
+    }
+
+    /// The status record as of now.
+    pub fn status(&self) -> AgentStatus {
+        AgentStatus {
+            pc_id: self.pc_id.clone(),
+            last_seen: Utc::now(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            modules: self
+                .modules
+                .values()
+                .map(|r| ModuleStatus {
+                    name: r.id.name.clone(),
+                    version: r.id.version,
+                    sha256: r.id.sha256.clone(),
+                    since: r.since,
+                    probation: r.probation,
+                    traps: HostStats::get(&r.stats.traps),
+                })
+                .collect(),
+            rolled_back: self.rolled_back.clone(),
+            last_refusal: self.last_refusal.clone(),
+            pending: self
+                .wanted
+                .iter()
+                .map(|(name, w)| Pending {
+                    name: name.clone(),
+                    version: w.version,
+                    why: w.why.clone(),
+                })
+                .collect(),
+            config_revision: self.config_revision,
+            assignment_revision: self.assignment_revision,
+        }
+    }
+
+    /// Sends pending events and, when it changed or is due, the status record. Skipped
+    /// while NATS is away (the next report catches up).
+    fn report(&mut self) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        let now = Instant::now();
+        if fleet.client.connection_state() != async_nats::connection::State::Connected {
+            // Looked at again in a second: the loop sleeps until then, never spins.
+            self.next_status = now + Duration::from_secs(1).min(self.options.status_every);
+            return;
+        }
+        if !self.outbox.is_empty() {
+            let client = fleet.client.clone();
+            let subject = obs_subject(&self.pc_id);
+            let events = std::mem::take(&mut self.outbox);
+            let sent = fleet.runtime.block_on(async {
+                tokio::time::timeout(NATS_CALL_TIMEOUT, async {
+                    for e in &events {
+                        let bytes = serde_json::to_vec(e).expect("events serialize");
+                        client
+                            .publish(subject.clone(), bytes.into())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    client.flush().await.map_err(|e| e.to_string())
+                })
+                .await
+            });
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::debug!("cannot send module events now; keeping them for later");
+                self.outbox = events;
+            }
+        }
+        if !self.status_dirty && now < self.next_status {
+            return;
+        }
+        let status = self.status();
+        let bytes = serde_json::to_vec(&status).expect("status serializes");
+        let _runtime = fleet.runtime.enter();
+        let js = async_nats::jetstream::new(fleet.client.clone());
+        let pc_id = self.pc_id.clone();
+        let written = fleet.runtime.block_on(async {
+            tokio::time::timeout(NATS_CALL_TIMEOUT, async {
+                let kv = match js.get_key_value(STATUS_BUCKET).await {
+                    Ok(kv) => kv,
+                    Err(_) => js
+                        .create_key_value(async_nats::jetstream::kv::Config {
+                            bucket: STATUS_BUCKET.into(),
+                            history: 1,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?,
+                };
+                kv.put(pc_id, bytes.into()).await.map_err(|e| e.to_string())
+            })
+            .await
+        });
+        match written {
+            Ok(Ok(_)) => {
+                self.status_dirty = false;
+                self.next_status = now + self.options.status_every;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot write the status record to {STATUS_BUCKET} (an operator creates the fleet's buckets with `collector fleet init`)");
+                self.next_status = now + Duration::from_secs(5).min(self.options.status_every);
+            }
+            Err(_) => {
+                tracing::debug!("status write timed out");
+                self.next_status = now + Duration::from_secs(5).min(self.options.status_every);
+            }
+        }
+    }
+}
+
+/// The deployer's spec, with hooks that also tell the reconciler.
+fn hooked_spec(deployer: &Arc<Deployer>, tx: &Sender<Event>, accepted: Accepted) -> ModuleSpec {
+    let id = accepted.id.clone();
+    let mut spec = deployer.spec(accepted);
+    let record = spec.on_healthy.take();
+    let (healthy_tx, healthy_id) = (tx.clone(), id.clone());
+    spec.on_healthy = Some(Box::new(move || {
+        if let Some(record) = record {
+            record();
+        }
+        let _ = healthy_tx.send(Event::Healthy(healthy_id));
+    }));
+    let record = spec.on_rolled_back.take();
+    let rolled_tx = tx.clone();
+    spec.on_rolled_back = Some(Box::new(move |reason: &str| {
+        if let Some(record) = record {
+            record(reason);
+        }
+        let _ = rolled_tx.send(Event::RolledBack(id, reason.to_string()));
+    }));
+    spec
+}
