@@ -257,6 +257,8 @@ fn test(extra: &[String]) -> Result<()> {
         "checking formatting (cargo fmt --check)",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
+    eprintln!("xtask: checking the crates' layering (xtask/src/layers.rs)");
+    layers::check(&root())?;
     ensure_guest_target()?;
     run_step(
         "linting (cargo clippy -D warnings)",
@@ -543,6 +545,7 @@ fn soak(extra: &[String]) -> Result<()> {
     soak::run(extra)
 }
 
+mod layers;
 mod polyglot;
 mod soak;
 

@@ -15,8 +15,6 @@
 //! should not pull in a broker client. Where modules come from and where publishes go over
 //! the network is `collector-deploy`'s business.
 
-#![warn(missing_docs)]
-
 pub mod agent;
 pub mod cache;
 pub mod engine;

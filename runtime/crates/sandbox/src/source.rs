@@ -512,6 +512,16 @@ impl ProcessSource for SharedSource {
     }
 }
 
+/// This machine's host name, as the operating system reports it: the agent's default PC
+/// id, so that it matches the one kanade's agent uses.
+///
+/// # Errors
+///
+/// When the operating system does not tell.
+pub fn host_name() -> Result<String, sysinfo::Error> {
+    sysinfo::System::host_name()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,14 +692,4 @@ mod tests {
             "samples further apart than the window enumerate"
         );
     }
-}
-
-/// This machine's host name, as the operating system reports it: the agent's default PC
-/// id, so that it matches the one kanade's agent uses.
-///
-/// # Errors
-///
-/// When the operating system does not tell.
-pub fn host_name() -> Result<String, sysinfo::Error> {
-    sysinfo::System::host_name()
 }
