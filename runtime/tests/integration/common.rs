@@ -620,7 +620,13 @@ pub fn with_captured_logs<R>(f: impl FnOnce() -> R) -> (R, String) {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
+    let out = tracing::subscriber::with_default(subscriber, || {
+        // Another test thread may have met a callsite while no subscriber was interested,
+        // and tracing caches that as "never": ask every callsite again now that this
+        // thread's subscriber exists, or its lines could be lost.
+        tracing::callsite::rebuild_interest_cache();
+        f()
+    });
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     (out, text)
 }
