@@ -15,8 +15,10 @@ pub const FALLBACK_HOST_PERF_INTERVAL: Duration = Duration::from_secs(60);
 /// decoding; unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EffectiveConfig {
+    /// The most local jobs the PC runs at once; `None`: no limit. Default: `None`.
     #[serde(default)]
     pub max_local_concurrent: Option<NonZeroU32>,
+    /// The agent version this PC should run, when pinned. Default: `None`.
     pub target_version: Option<String>,
     /// Humantime duration.
     pub target_version_jitter: String,
@@ -24,9 +26,13 @@ pub struct EffectiveConfig {
     pub heartbeat_interval: String,
     /// Humantime duration; also the cadence of the process loop.
     pub host_perf_interval: String,
+    /// Whether the per-process loop (`ProcessPerf` messages) is on. Default: false.
     pub process_perf_enabled: bool,
+    /// When the per-process loop switches itself off (exclusive); `None`: never.
     pub process_perf_expires_at: Option<DateTime<Utc>>,
+    /// How many processes a `ProcessPerf` message carries at most. Default: 20.
     pub process_perf_top_n: u32,
+    /// The PC's display name, when set. Default: `None`.
     pub client_display_name: Option<String>,
 }
 
@@ -68,22 +74,34 @@ impl EffectiveConfig {
 /// when unset. `{}` is an empty scope.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigScope {
+    /// Sets [`EffectiveConfig::max_local_concurrent`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_local_concurrent: Option<NonZeroU32>,
+    /// Sets [`EffectiveConfig::target_version`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_version: Option<String>,
+    /// Sets [`EffectiveConfig::target_version_jitter`]; humantime text, checked only by
+    /// [`ConfigScope::validate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_version_jitter: Option<String>,
+    /// Sets [`EffectiveConfig::heartbeat_interval`]; humantime text, checked only by
+    /// [`ConfigScope::validate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_interval: Option<String>,
+    /// Sets [`EffectiveConfig::host_perf_interval`]; humantime text, checked only by
+    /// [`ConfigScope::validate`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_perf_interval: Option<String>,
+    /// Sets [`EffectiveConfig::process_perf_enabled`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_perf_enabled: Option<bool>,
+    /// Sets [`EffectiveConfig::process_perf_expires_at`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_perf_expires_at: Option<DateTime<Utc>>,
+    /// Sets [`EffectiveConfig::process_perf_top_n`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_perf_top_n: Option<u32>,
+    /// Sets [`EffectiveConfig::client_display_name`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_display_name: Option<String>,
 }
@@ -228,6 +246,7 @@ impl<T> Assign<Option<T>> for Option<T> {
 /// A field set by more than one group of the same PC: the alphabetically last group wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldConflict {
+    /// The name of the field, as in [`ConfigScope::FIELDS`].
     pub field: &'static str,
     /// The groups that set it, in resolution order.
     pub groups: Vec<String>,
@@ -247,7 +266,9 @@ impl fmt::Display for FieldConflict {
 /// The outcome of resolving layers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
+    /// The configuration that applies to the PC.
     pub config: EffectiveConfig,
+    /// Fields set by more than one of the PC's groups, for a warning; empty when none.
     pub conflicts: Vec<FieldConflict>,
 }
 
@@ -290,6 +311,7 @@ pub fn resolve<'a>(
 pub struct ConfigError {
     /// The offending field, when the error is about one.
     pub field: Option<String>,
+    /// What is wrong, for people; `Display` puts the field, if any, before it.
     pub message: String,
 }
 

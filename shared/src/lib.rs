@@ -3,6 +3,10 @@
 //!
 //! This crate does no I/O and reads no clock: it is compiled into guests (wasm32-wasip2)
 //! as well as into the native runtime, and both must agree on every byte.
+//!
+//! It holds pure wire types, so it must not depend on tokio, async-nats, wasmtime,
+//! sysinfo, clap or any other collector crate (the layering of ARCHITECTURE.md, checked
+//! by `cargo xtask test`).
 
 pub mod config;
 pub mod perf;

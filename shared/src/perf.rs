@@ -18,6 +18,7 @@ pub struct ProcessPerf {
 /// One process in a [`ProcessPerf`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProcessSnapshot {
+    /// The operating system's process id.
     pub pid: u32,
     /// Empty when unknown.
     pub name: String,

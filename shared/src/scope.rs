@@ -13,8 +13,11 @@ const PC_PREFIX: &str = "pcs.";
 /// Which layer a key of a layered bucket names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope<'a> {
+    /// `global`: the layer every PC reads.
     Global,
+    /// `groups.<name>`: the layer of the named group.
     Group(&'a str),
+    /// `pcs.<pc_id>`: the layer of the PC with that id.
     Pc(&'a str),
 }
 
@@ -62,8 +65,12 @@ pub fn keys_for(pc_id: &str, groups: &[String]) -> Vec<String> {
 /// The layers of one bucket that apply to one PC, with the revision each was read at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layers<T> {
+    /// The `global` layer; `None` when absent or deleted.
     pub global: Option<T>,
+    /// Every group layer read, by group name, whether or not the PC is a member (see
+    /// [`Layers::groups_of`]).
     pub groups: BTreeMap<String, T>,
+    /// The PC's own `pcs.<pc_id>` layer; `None` when absent or deleted.
     pub pc: Option<T>,
     /// Last revision applied per key, so that entries a watch replays are ignored.
     revisions: BTreeMap<String, u64>,

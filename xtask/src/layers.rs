@@ -19,6 +19,13 @@ const RULES: &[(&str, &[&str])] = &[
             "wasmtime",
             "sysinfo",
             "collector-fsutil",
+            "collector-bundle",
+            "collector-fleet",
+            "collector-sandbox",
+            "collector-deploy",
+            "collector-testkit",
+            "collector-reference",
+            "collector-fuzzing",
         ],
     ),
     (
@@ -82,9 +89,41 @@ const RULES: &[(&str, &[&str])] = &[
     ("collector-fuzzing", &["collector-reference"]),
 ];
 
-/// Fails naming every crate that depends on something its layer forbids.
+/// The manifest of a library crate of [`RULES`].
+fn manifest(root: &std::path::Path, krate: &str) -> std::path::PathBuf {
+    match krate {
+        "collector-shared" => root.join("shared/Cargo.toml"),
+        _ => root
+            .join("runtime/crates")
+            .join(krate.trim_start_matches("collector-"))
+            .join("Cargo.toml"),
+    }
+}
+
+/// Fails naming every crate that depends on something its layer forbids, or that does
+/// not take the workspace's lints (`missing_docs` among them: every library crate
+/// documents its public API, and clippy's `-D warnings` makes a gap fail the build).
 pub fn check(root: &std::path::Path) -> Result<()> {
     let mut broken = Vec::new();
+    for (krate, _) in RULES {
+        let path = manifest(root, krate);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let lints = text
+            .split("\n[")
+            .find(|section| section.starts_with("lints]"))
+            .is_some_and(|section| {
+                section
+                    .lines()
+                    .any(|l| l.replace(' ', "") == "workspace=true")
+            });
+        if !lints {
+            broken.push(format!(
+                "{krate} does not take the workspace's lints (`[lints] workspace = true` in {})",
+                path.display()
+            ));
+        }
+    }
     for (krate, forbidden) in RULES {
         let out = Command::new(env!("CARGO"))
             .current_dir(root)

@@ -17,6 +17,7 @@ commands:
   build-guest-js  build the JavaScript example guest into target/guests/top-memory-js.wasm
   run           build the guest and run the agent with an example config (JSON lines on stdout)
   test          check formatting and lints, build the guest, and run every test of the workspace
+  layers        check the crates' layering and that each documents its API (part of `test`)
   bench         measure what the sandbox costs against native baselines; writes BENCHMARKS.md
   bench-polyglot  measure the top-memory guest in Rust and JavaScript; writes its BENCHMARKS.md section
   fuzz          run the libFuzzer targets: fuzz [--seconds N] [TARGET...] [-- LIBFUZZER-ARGS]
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         }
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("layers") => layers::check(&root()).map(|()| println!("crate layering: ok")),
         Some("bench") => bench(&args[1..]),
         Some("bench-polyglot") => build_top_memory().and_then(|g| polyglot::bench(&g, &args[1..])),
         Some("fuzz") => fuzz(&args[1..]),

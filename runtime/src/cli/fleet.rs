@@ -123,6 +123,23 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
                     );
                 }
             }
+            match kv::harden(&js, bucket).await {
+                Ok(changes) => {
+                    for change in changes {
+                        println!("{bucket}: {change}");
+                    }
+                }
+                // The bucket works as it is; agents under the least-privilege template
+                // need what this would have set, so say so and go on.
+                Err(e) => eprintln!(
+                    "warning: {bucket}: {e:#}; agents under docs/nats-server.conf need direct gets on it{}",
+                    if bucket == STATUS_BUCKET {
+                        ", and rollup headers refused"
+                    } else {
+                        ""
+                    }
+                ),
+            }
         }
         match kv::stream_replicas(&js, MODULES_STREAM).await? {
             Some(n) => println!("{MODULES_STORE}: already there ({})", copies(n)),

@@ -106,6 +106,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     status_interval: Duration,
 
+    /// Fleet mode: how often every key the agent follows is read again, whatever the
+    /// change notices said (they are lost while the connection is down; a reconnect
+    /// also reads everything again).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_resync)]
+    fleet_resync: Duration,
+
     /// This machine's id in subjects and messages. Default: the host name.
     #[arg(long, value_name = "ID")]
     pc_id: Option<String>,
@@ -338,6 +344,10 @@ fn run_agent(
         config,
         fleet_config,
     );
+    let last_good = saved
+        .as_ref()
+        .map(|s| s.last_good.clone())
+        .unwrap_or_default();
     if let Some(mut saved) = saved {
         if local {
             // Local modules: only the saved settings apply.
@@ -359,6 +369,8 @@ fn run_agent(
         let options = WatchOptions {
             config: fleet_config,
             assignments: !local,
+            last_good,
+            resync: args.fleet_resync,
             ..WatchOptions::new(pc_id)
         };
         runtime.spawn(watch::run(client, options, move |view| target.fleet(view)))
@@ -416,4 +428,13 @@ fn first_module(args: &RunArgs, deployer: &Arc<Deployer>) -> anyhow::Result<(Acc
         "nothing to run: pass --guest FILE, or --modules DIR (with --state-dir the agent \
          also remembers the last module that ran healthy)"
     )
+}
+
+/// `--fleet-resync`: a duration of at least 100 ms (a smaller one would spin).
+fn parse_resync(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{text}: at least 100ms"));
+    }
+    Ok(d)
 }

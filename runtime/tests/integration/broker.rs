@@ -16,7 +16,9 @@ use base64::engine::general_purpose::URL_SAFE;
 use collector_bundle::MAX_BUNDLE_LEN;
 use collector_fleet::fetch;
 use collector_fleet::status::AgentStatus;
-use collector_fleet::{ASSIGNMENTS_BUCKET, CONFIG_BUCKET, MODULES_STORE, STATUS_BUCKET};
+use collector_fleet::{
+    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, MODULES_STORE, MODULES_STREAM, STATUS_BUCKET,
+};
 use futures_util::StreamExt as _;
 
 use crate::common::{AgentProcess, NatsServer, key, signed, write_public};
@@ -452,7 +454,7 @@ fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
         // Publishing opens the module store, which agents may only read by direct gets.
         // So is a rollout, which checks the store before it writes the assignment.
         "$JS.API.STREAM.INFO.OBJ_collector_modules",
-        "$KV.agent_config",
+        "KV_agent_config",
     ] {
         assert!(log.contains(needle), "no violation with {needle:?}:\n{log}");
     }
@@ -496,44 +498,56 @@ fn an_agents_credentials_cannot_write_the_fleet_or_speak_for_another_pc() {
         "the client was not told of its violations: {told}"
     );
 
-    // JetStream writes get no acknowledgement: they fail, and nothing is stored.
-    let js = broker.js("pc-a");
+    // JetStream writes get no acknowledgement: they fail, and nothing is stored. An
+    // agent has no JetStream of its own: only its status key is ever acknowledged.
     broker.rt.block_on(async {
-        let status = js.get_key_value(STATUS_BUCKET).await.unwrap();
-        assert!(status.put("pc-a", "{}".into()).await.is_ok(), "its own key");
-        assert!(status.put("pc-b", "{}".into()).await.is_err());
-        let config = js.get_key_value(ASSIGNMENTS_BUCKET).await.unwrap();
-        assert!(config.put("global", "{}".into()).await.is_err());
-        assert!(config.delete("global").await.is_err());
-        assert!(js.delete_stream("KV_collector_config").await.is_err());
-        assert!(config.purge("global").await.is_err());
+        let ask = |subject: String, body: &'static str| {
+            let agent = agent.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(1), agent.request(subject, body.into()))
+                    .await
+                    .is_ok_and(|r| {
+                        r.is_ok_and(|m| String::from_utf8_lossy(&m.payload).contains("\"seq\""))
+                    })
+            }
+        };
         assert!(
-            js.create_key_value(kv::Config {
-                bucket: "elsewhere".into(),
-                ..Default::default()
-            })
-            .await
-            .is_err()
+            ask(format!("$KV.{STATUS_BUCKET}.pc-a"), "{}").await,
+            "its own key"
         );
-        // Other agents' records are not readable either.
-        assert!(status.get("pc-a").await.is_err());
-        // Nor can it write the module store's chunks or metadata by hand.
-        for subject in [
-            "$O.collector_modules.C.forged".to_string(),
-            format!(
-                "$O.collector_modules.M.{}",
-                URL_SAFE.encode("process-perf/1")
+        for (subject, body) in [
+            (format!("$KV.{STATUS_BUCKET}.pc-b"), "{}"),
+            (format!("$KV.{ASSIGNMENTS_BUCKET}.global"), "{}"),
+            (format!("$JS.API.STREAM.DELETE.KV_{ASSIGNMENTS_BUCKET}"), ""),
+            (format!("$JS.API.STREAM.PURGE.KV_{ASSIGNMENTS_BUCKET}"), ""),
+            (
+                "$JS.API.STREAM.CREATE.KV_elsewhere".to_string(),
+                r#"{"name":"KV_elsewhere","subjects":["$KV.elsewhere.>"]}"#,
+            ),
+            ("$O.collector_modules.C.forged".to_string(), "forged"),
+            (
+                format!(
+                    "$O.collector_modules.M.{}",
+                    URL_SAFE.encode("process-perf/1")
+                ),
+                "forged",
             ),
         ] {
-            // A stored message is acknowledged within milliseconds; a denied one never.
-            let stored = match js.publish(subject.clone(), "forged".into()).await {
-                Ok(ack) => tokio::time::timeout(Duration::from_secs(1), ack)
-                    .await
-                    .is_ok_and(|ack| ack.is_ok()),
-                Err(_) => false,
-            };
-            assert!(!stored, "{subject} was stored");
+            assert!(
+                !ask(subject.clone(), body).await,
+                "{subject} was acknowledged"
+            );
         }
+        // Other agents' records are not readable either.
+        let read = tokio::time::timeout(
+            Duration::from_secs(1),
+            agent.request(
+                format!("$JS.API.DIRECT.GET.KV_{STATUS_BUCKET}.$KV.{STATUS_BUCKET}.pc-b"),
+                "".into(),
+            ),
+        )
+        .await;
+        assert!(!read.is_ok_and(|r| r.is_ok()), "pc-a read a status record");
     });
     let log = broker.violations().join("\n");
     for needle in [
@@ -617,5 +631,301 @@ fn an_inbox_prefix_must_be_a_plain_subject() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{bad:?} accepted");
         assert!(stderr.contains("--nats-inbox-prefix"), "{bad:?}: {stderr}");
+    }
+}
+
+// --- An agent's credential as an attacker holds it -------------------------------
+//
+// What an attacker who stole pc-a's credential tries: the moves below were each seen to
+// work on the single-account layout this template replaced (found from outside with
+// nats-server 2.15.1).
+
+/// The operator's view of a key: its revision and value (`None` when absent).
+fn entry(broker: &Broker, bucket: &str, key: &str) -> Option<(u64, Vec<u8>)> {
+    let js = broker.js("operator");
+    broker.rt.block_on(async {
+        let store = js.get_key_value(bucket).await.unwrap();
+        store
+            .entry(key)
+            .await
+            .unwrap()
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| (e.revision, e.value.to_vec()))
+    })
+}
+
+/// pc-b's own status record, written with pc-b's credential as its agent does.
+fn put_own_status(broker: &Broker, pc: &str, body: &str) {
+    let (client, _) = broker.client(pc);
+    broker.rt.block_on(async {
+        let reply = client
+            .request(format!("$KV.{STATUS_BUCKET}.{pc}"), body.to_string().into())
+            .await
+            .unwrap_or_else(|e| panic!("{pc} cannot write its own status key: {e}"));
+        assert!(
+            String::from_utf8_lossy(&reply.payload).contains("\"seq\""),
+            "{}",
+            String::from_utf8_lossy(&reply.payload)
+        );
+    });
+}
+
+/// A fleet with a global and a canary assignment, settings, a status record of pc-b
+/// and two published versions.
+fn fleet_to_attack(broker: &Broker) {
+    broker.with_module();
+    let v2 = bundle_file(broker.dir.path(), 2);
+    broker.ok(
+        "publisher",
+        &["module", "publish", "--trust", s(&broker.trust), &v2],
+    );
+    broker.ok(
+        "operator",
+        &["module", "rollout", "process-perf", "1", "--global"],
+    );
+    broker.ok(
+        "operator",
+        &[
+            "module",
+            "rollout",
+            "process-perf",
+            "2",
+            "--group",
+            "canary",
+        ],
+    );
+    broker.ok("operator", &["config", "set", "process_perf_enabled=true"]);
+    broker.ok(
+        "operator",
+        &["config", "set", "--pc", "pc-b", "process_perf_top_n=7"],
+    );
+    put_own_status(broker, "pc-b", r#"{"pc_id":"pc-b","genuine":true}"#);
+}
+
+#[test]
+fn an_agents_credential_cannot_steer_jetstream_answers_into_the_fleet() {
+    let broker = Broker::start();
+    fleet_to_attack(&broker);
+    let meta_v2 = format!("$O.{MODULES_STORE}.M.{}", URL_SAFE.encode("process-perf/2"));
+    let meta_v1 = format!("$O.{MODULES_STORE}.M.{}", URL_SAFE.encode("process-perf/1"));
+    let watched = [
+        (ASSIGNMENTS_BUCKET, "global"),
+        (ASSIGNMENTS_BUCKET, "pcs.pc-b"),
+        (CONFIG_BUCKET, "global"),
+        (STATUS_BUCKET, "pc-b"),
+    ];
+    let before: Vec<_> = watched.iter().map(|(b, k)| entry(&broker, b, k)).collect();
+    let (kanade, _) = broker.client("kanade");
+    let mut forged = broker.rt.block_on(async {
+        let sub = kanade.subscribe("process_perf.pc-b").await.unwrap();
+        let events = kanade.subscribe("obs.pc-b").await.unwrap();
+        kanade.flush().await.unwrap();
+        futures_util::stream::select(sub, events)
+    });
+
+    // Every request an agent might be allowed, answered onto every subject that matters:
+    // the answer to a read of the canary assignment becomes the fleet's, settings are
+    // reset, pc-b's status and data are forged, a bundle's metadata is repointed.
+    let requests: Vec<(String, String)> = vec![
+        (
+            format!(
+                "$JS.API.DIRECT.GET.KV_{ASSIGNMENTS_BUCKET}.$KV.{ASSIGNMENTS_BUCKET}.groups.canary"
+            ),
+            String::new(),
+        ),
+        (
+            format!("$JS.API.DIRECT.GET.KV_{CONFIG_BUCKET}.$KV.{CONFIG_BUCKET}.global"),
+            String::new(),
+        ),
+        (
+            format!("$JS.API.DIRECT.GET.{MODULES_STREAM}.{meta_v1}"),
+            String::new(),
+        ),
+        (
+            format!("$JS.API.STREAM.MSG.GET.KV_{ASSIGNMENTS_BUCKET}"),
+            format!(r#"{{"last_by_subj":"$KV.{ASSIGNMENTS_BUCKET}.groups.canary"}}"#),
+        ),
+        (
+            format!("$JS.API.CONSUMER.CREATE.KV_{ASSIGNMENTS_BUCKET}"),
+            format!(
+                r#"{{"stream_name":"KV_{ASSIGNMENTS_BUCKET}","config":{{"deliver_policy":"last_per_subject","ack_policy":"none","filter_subject":"$KV.{ASSIGNMENTS_BUCKET}.>","mem_storage":true,"num_replicas":1}}}}"#
+            ),
+        ),
+        (
+            format!("$JS.API.STREAM.INFO.KV_{CONFIG_BUCKET}"),
+            String::new(),
+        ),
+        (
+            format!("$KV.{STATUS_BUCKET}.pc-a"),
+            r#"{"pc_id":"pc-a"}"#.into(),
+        ),
+    ];
+    let targets = [
+        format!("$KV.{ASSIGNMENTS_BUCKET}.global"),
+        format!("$KV.{ASSIGNMENTS_BUCKET}.pcs.pc-b"),
+        format!("$KV.{CONFIG_BUCKET}.global"),
+        format!("$KV.{STATUS_BUCKET}.pc-b"),
+        meta_v2.clone(),
+        "process_perf.pc-b".into(),
+        "obs.pc-b".into(),
+    ];
+    let (agent, _) = broker.client("pc-a");
+    broker.rt.block_on(async {
+        for (subject, body) in &requests {
+            for target in &targets {
+                agent
+                    .publish_with_reply(subject.clone(), target.clone(), body.clone().into())
+                    .await
+                    .unwrap();
+            }
+        }
+        // And a consumer of its own whose deliveries go where the attacker says: a
+        // deliver subject is not checked against anyone's permissions either.
+        for target in &targets {
+            if target.starts_with(&format!("$KV.{ASSIGNMENTS_BUCKET}")) {
+                continue; // the server refuses a delivery into the stream's own subjects
+            }
+            let body = format!(
+                r#"{{"stream_name":"KV_{ASSIGNMENTS_BUCKET}","config":{{"deliver_subject":"{target}","deliver_policy":"last","ack_policy":"none","filter_subject":"$KV.{ASSIGNMENTS_BUCKET}.groups.canary","mem_storage":true,"num_replicas":1}}}}"#
+            );
+            let _ = agent
+                .request(format!("$JS.API.CONSUMER.CREATE.KV_{ASSIGNMENTS_BUCKET}"), body.into())
+                .await;
+        }
+        agent.flush().await.unwrap();
+    });
+    std::thread::sleep(QUIET);
+
+    let after: Vec<_> = watched.iter().map(|(b, k)| entry(&broker, b, k)).collect();
+    for (i, (bucket, key)) in watched.iter().enumerate() {
+        assert_eq!(
+            after[i]
+                .as_ref()
+                .map(|(rev, v)| (rev, String::from_utf8_lossy(v))),
+            before[i]
+                .as_ref()
+                .map(|(rev, v)| (rev, String::from_utf8_lossy(v))),
+            "{bucket} {key} was rewritten by pc-a's credential"
+        );
+    }
+    let (publisher, _) = broker.client("publisher");
+    let metadata = broker.rt.block_on(async {
+        let js = jetstream::new(publisher);
+        let stream = js.get_stream(MODULES_STREAM).await.unwrap();
+        stream
+            .get_last_raw_message_by_subject(&meta_v2)
+            .await
+            .unwrap()
+    });
+    let info: serde_json::Value = serde_json::from_slice(&metadata.payload).unwrap_or_else(|e| {
+        panic!(
+            "process-perf/2's metadata was replaced ({e}): {:?}",
+            metadata.payload
+        )
+    });
+    assert_eq!(info["name"], "process-perf/2", "{info}");
+    let got = broker
+        .rt
+        .block_on(async { tokio::time::timeout(QUIET, forged.next()).await })
+        .ok()
+        .flatten();
+    assert!(
+        got.is_none(),
+        "kanade received a message in pc-b's name: {:?}",
+        got.map(|m| (m.subject, m.payload))
+    );
+}
+
+#[test]
+fn an_agents_credential_cannot_purge_other_records_with_a_rollup() {
+    let broker = Broker::start();
+    fleet_to_attack(&broker);
+    let (agent, _) = broker.client("pc-a");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "all");
+    let answer = broker.rt.block_on(async {
+        agent
+            .request_with_headers(
+                format!("$KV.{STATUS_BUCKET}.pc-a"),
+                headers,
+                r#"{"pc_id":"pc-a"}"#.into(),
+            )
+            .await
+            .map(|m| String::from_utf8_lossy(&m.payload).to_string())
+    });
+    assert!(
+        entry(&broker, STATUS_BUCKET, "pc-b").is_some(),
+        "pc-a's rollup purged pc-b's status record (answer: {answer:?})"
+    );
+    // Its own plain puts still work.
+    put_own_status(&broker, "pc-a", r#"{"pc_id":"pc-a"}"#);
+}
+
+#[test]
+fn an_agents_credential_cannot_list_the_fleet_read_other_pcs_or_make_consumers() {
+    let broker = Broker::start();
+    fleet_to_attack(&broker);
+    let (agent, _) = broker.client("pc-a");
+    let answers = broker.rt.block_on(async {
+        let mut answers = Vec::new();
+        for (subject, body) in [
+            (
+                format!("$JS.API.STREAM.INFO.KV_{STATUS_BUCKET}"),
+                r#"{"subjects_filter":">"}"#.to_string(),
+            ),
+            (
+                format!("$JS.API.STREAM.INFO.KV_{CONFIG_BUCKET}"),
+                r#"{"subjects_filter":">"}"#.to_string(),
+            ),
+            (
+                format!("$JS.API.DIRECT.GET.KV_{CONFIG_BUCKET}.$KV.{CONFIG_BUCKET}.pcs.pc-b"),
+                String::new(),
+            ),
+            (
+                format!("$JS.API.DIRECT.GET.KV_{CONFIG_BUCKET}.$KV.{CONFIG_BUCKET}.global"),
+                format!(r#"{{"last_by_subj":"$KV.{CONFIG_BUCKET}.pcs.pc-b"}}"#),
+            ),
+            (
+                format!("$JS.API.DIRECT.GET.KV_{CONFIG_BUCKET}"),
+                format!(r#"{{"last_by_subj":"$KV.{CONFIG_BUCKET}.pcs.pc-b"}}"#),
+            ),
+        ] {
+            if let Ok(Ok(m)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                agent.request(subject.clone(), body.into()),
+            )
+            .await
+            {
+                answers.push(format!("{subject}: {}", String::from_utf8_lossy(&m.payload)));
+            }
+        }
+        // Durable consumers, as many as it likes.
+        for i in 0..20 {
+            for bucket in [CONFIG_BUCKET, ASSIGNMENTS_BUCKET] {
+                let body = format!(
+                    r#"{{"stream_name":"KV_{bucket}","config":{{"durable_name":"hoard{i}","deliver_policy":"last_per_subject","ack_policy":"none","num_replicas":1}}}}"#
+                );
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    agent.request(format!("$JS.API.CONSUMER.CREATE.KV_{bucket}.hoard{i}"), body.into()),
+                )
+                .await;
+            }
+        }
+        answers
+    });
+    for answer in &answers {
+        assert!(
+            !answer.contains("pc-b") && !answer.contains("process_perf_top_n"),
+            "pc-a learnt another PC's key: {answer}"
+        );
+    }
+    let js = broker.js("operator");
+    for bucket in [CONFIG_BUCKET, ASSIGNMENTS_BUCKET] {
+        let consumers = broker.rt.block_on(async {
+            let mut stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
+            stream.info().await.unwrap().state.consumer_count
+        });
+        assert_eq!(consumers, 0, "pc-a made consumers on KV_{bucket}");
     }
 }

@@ -42,53 +42,90 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ReadProblem> {
 /// Why bytes are not a well-formed bundle container.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
+    /// The bytes are a WebAssembly module or component (`\0asm`) that was never signed.
     #[error(
         "this is a bare WebAssembly file, not a signed bundle: sign it with \
          `collector module sign`"
     )]
     BareWasm,
+    /// The bytes do not start with [`MAGIC`] (or are shorter than it).
     #[error("not a signed bundle: it does not start with the magic bytes `CBUNDLE1`")]
     BadMagic,
+    /// The whole bundle, read or about to be written, is over [`MAX_BUNDLE_LEN`].
     #[error("the bundle is {len} bytes, more than the maximum of {max}")]
-    TooLarge { len: u64, max: u64 },
+    TooLarge {
+        /// Its length in bytes.
+        len: u64,
+        /// [`MAX_BUNDLE_LEN`].
+        max: u64,
+    },
+    /// The bytes end before a fixed-size field is complete.
     #[error("the file ends inside the {field}: it needs {needed} bytes, {remaining} remain")]
     Truncated {
+        /// The field cut short, such as "manifest length field".
         field: &'static str,
+        /// The field's size in bytes.
         needed: usize,
+        /// The bytes left in the file where the field starts.
         remaining: usize,
     },
+    /// A section is longer than its cap ([`MAX_MANIFEST_LEN`], [`MAX_SIGNATURES_LEN`]).
     #[error(
         "the {section} section is declared as {declared} bytes, more than the maximum of {max}"
     )]
     SectionTooLarge {
+        /// "manifest" or "signatures".
         section: &'static str,
+        /// Its length in bytes: as declared in the file, or as given to [`Bundle::encode`].
         declared: u64,
+        /// The section's cap in bytes.
         max: usize,
     },
+    /// A section's declared length runs past the end of the file.
     #[error(
         "the {section} section is declared as {declared} bytes, but only {remaining} bytes \
          remain in the file"
     )]
     SectionPastEnd {
+        /// "manifest" or "signatures".
         section: &'static str,
+        /// The length the file declares, in bytes.
         declared: u64,
+        /// The bytes left in the file after the length field.
         remaining: usize,
     },
+    /// The signatures section is not a JSON array of `key_id`/`signature` objects, or has
+    /// more than whitespace after it; the text is the JSON error, with its path.
     #[error(
         "the signatures section is not the expected JSON \
          `[{{\"key_id\": \"<16 hex digits>\", \"signature\": \"<base64>\"}}]`: {0}"
     )]
     SignaturesJson(String),
+    /// The bundle carries more than [`MAX_SIGNATURES`] signatures.
     #[error("the bundle carries {count} signatures, more than the maximum of {max}")]
-    TooManySignatures { count: usize, max: usize },
+    TooManySignatures {
+        /// How many it carries.
+        count: usize,
+        /// [`MAX_SIGNATURES`].
+        max: usize,
+    },
+    /// One signature entry has a malformed key id, is not base64, or is not 64 bytes.
     #[error("signature {index}: {reason}")]
-    SignatureEncoding { index: usize, reason: String },
+    SignatureEncoding {
+        /// The entry's position in the section, counting from 1.
+        index: usize,
+        /// What is wrong with it, for people.
+        reason: String,
+    },
 }
 
 /// One signature as stored in a bundle: the key id it claims and the 64 signature bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureEntry {
+    /// The key the signer claims; a hint only, as the signature counts for whichever
+    /// trusted key it verifies under.
     pub key_id: KeyId,
+    /// The Ed25519 signature over the exact manifest bytes.
     pub signature: [u8; SIGNATURE_LEN],
 }
 
@@ -105,7 +142,9 @@ struct SignatureJson {
 pub struct Bundle<'a> {
     /// The manifest exactly as stored: the bytes the signatures cover.
     pub manifest: &'a [u8],
+    /// The signatures over the manifest, in file order; the section itself is not signed.
     pub signatures: Vec<SignatureEntry>,
+    /// The WebAssembly component: every byte after the signatures section.
     pub component: &'a [u8],
 }
 

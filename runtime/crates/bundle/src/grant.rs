@@ -15,7 +15,9 @@ pub const DEFAULT_GRANT: &str = "*.{pc_id}";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid subject pattern {pattern:?}: {reason}")]
 pub struct PatternError {
+    /// The pattern as written, before `{pc_id}` was bound.
     pub pattern: String,
+    /// What is wrong with it, for people.
     pub reason: String,
 }
 

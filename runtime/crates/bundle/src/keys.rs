@@ -31,31 +31,63 @@ const MAX_KEY_FILE_LEN: u64 = 1024;
 /// Why a key could not be generated, read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// A key file could not be read: it is missing or unreadable, not a regular file, or
+    /// over 1 KiB.
     #[error("cannot read key file {path}: {source}")]
     Read {
+        /// The file's path.
         path: String,
+        /// The cause; a file that is not regular or too large comes as
+        /// [`std::io::ErrorKind::Other`].
         source: std::io::Error,
     },
+    /// A key file could not be created, written or synced, or (when forced) the old one
+    /// could not be removed.
     #[error("cannot write key file {path}: {source}")]
     Write {
+        /// The file's path.
         path: String,
+        /// The cause.
         source: std::io::Error,
     },
+    /// Something is already at a path a key file was to be written to, and overwriting
+    /// was not forced.
     #[error("key file {path} already exists; refusing to overwrite it")]
-    Exists { path: String },
+    Exists {
+        /// The path that is taken.
+        path: String,
+    },
+    /// The text is not one line `<prefix> <base64 of 32 bytes>` of the expected kind
+    /// (a public key file where a secret one is expected is reported as such).
     #[error(
         "{origin} is not a {expected} key file (expected one line `{prefix} <base64>`): {reason}"
     )]
     Format {
+        /// Where the text came from: the file's path, or the caller's name for it.
         origin: String,
+        /// The kind of key expected: "secret" or "public".
         expected: &'static str,
+        /// The first word that kind of file starts with ([`SECRET_PREFIX`] or
+        /// [`PUBLIC_PREFIX`]).
         prefix: &'static str,
+        /// What is wrong with the text, for people.
         reason: String,
     },
+    /// The 32 bytes are not a usable Ed25519 public key: not a curve point, or a weak
+    /// (small-order) key that would verify forged signatures.
     #[error("{origin} does not hold a usable Ed25519 public key: {reason}")]
-    InvalidKey { origin: String, reason: String },
+    InvalidKey {
+        /// Where the key came from: its file's path, the caller's name for it, or "the
+        /// key".
+        origin: String,
+        /// What is wrong with it, for people.
+        reason: String,
+    },
+    /// The operating system gave no randomness to generate a key with; holds its error.
     #[error("cannot get randomness from the operating system: {0}")]
     Random(String),
+    /// A key id is not 16 hex digits; holds the text (its first 40 characters when its
+    /// length is wrong).
     #[error("invalid key id {0:?}: expected 16 hex digits")]
     KeyId(String),
 }
@@ -107,6 +139,8 @@ pub struct PublicKey {
 }
 
 impl PublicKey {
+    /// The key with these 32 bytes (its compressed Edwards point).
+    ///
     /// # Errors
     ///
     /// When the bytes are not a valid curve point, or are a weak (small-order) key, for
@@ -132,10 +166,12 @@ impl PublicKey {
         })
     }
 
+    /// The key's 32 bytes, as in its key file.
     pub fn to_bytes(&self) -> [u8; 32] {
         self.key.to_bytes()
     }
 
+    /// The key's id ([`KeyId::of`] its bytes).
     pub fn id(&self) -> KeyId {
         self.id
     }
@@ -214,6 +250,7 @@ impl SecretKey {
         }
     }
 
+    /// The public half of this key: what verifies its signatures.
     pub fn public_key(&self) -> PublicKey {
         let key = self.key.verifying_key();
         PublicKey {
@@ -222,6 +259,7 @@ impl SecretKey {
         }
     }
 
+    /// The id of its public key, which its signatures claim.
     pub fn id(&self) -> KeyId {
         self.public_key().id()
     }
@@ -436,15 +474,24 @@ fn warn_if_readable_by_others(path: &Path) {
 /// Why a trust store could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
+    /// No public key was given.
     #[error("no trusted key given")]
     NoKeys,
+    /// The threshold is 0, which would accept unsigned bundles.
     #[error("a threshold of 0 would accept unsigned bundles; it must be at least 1")]
     ZeroThreshold,
+    /// The threshold is above the number of distinct keys given.
     #[error(
         "threshold {threshold} can never be met: only {keys} distinct trusted key(s) given \
          (the same key given twice counts once)"
     )]
-    Unreachable { threshold: usize, keys: usize },
+    Unreachable {
+        /// The threshold asked for.
+        threshold: usize,
+        /// How many distinct keys were given.
+        keys: usize,
+    },
+    /// A public key file could not be read or does not hold a usable public key.
     #[error(transparent)]
     Key(#[from] KeyError),
 }

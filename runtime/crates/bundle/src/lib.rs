@@ -38,6 +38,12 @@
 //! then its hash (before any WebAssembly parsing), and finally anti-rollback against a
 //! [`VersionStore`]. Recording the accepted version ([`VersionStore::record`]) is left to
 //! the caller, once the module has really been accepted.
+//!
+//! # Dependencies
+//!
+//! A signing machine needs only this crate, so it must not depend on tokio, async-nats,
+//! wasmtime, sysinfo, clap, or the fleet and sandbox crates (the layering of
+//! ARCHITECTURE.md, checked by `cargo xtask test`).
 
 mod format;
 pub mod grant;
@@ -55,7 +61,7 @@ pub use keys::{
     KeyError, KeyId, PUBLIC_PREFIX, PublicKey, SECRET_PREFIX, SecretKey, TrustError, TrustStore,
 };
 pub use manifest::{
-    FORMAT, Grants, Limits, Manifest, ManifestError, NameError, check_module_name,
+    FORMAT, Grants, Limits, MAX_NAME_LEN, Manifest, ManifestError, NameError, check_module_name,
     is_module_name_char, sha256_hex, wit_target, wit_target_of, wit_targets,
 };
 pub use verify::{

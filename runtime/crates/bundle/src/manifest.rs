@@ -13,8 +13,9 @@ use crate::wit::{WIT_PACKAGE, WIT_VERSION, WIT_VERSIONS};
 /// The `format` of manifests this host understands.
 pub const FORMAT: &str = "collector-bundle/1";
 
-/// Longest module name; names become keys of the version store and appear in every log.
-const MAX_NAME_LEN: usize = 64;
+/// Longest module name, in bytes; names become keys of the version store and appear in
+/// every log.
+pub const MAX_NAME_LEN: usize = 64;
 
 /// The newest `wit` target this host runs, such as `collector:api@0.2.0`.
 pub fn wit_target() -> String {
@@ -58,7 +59,7 @@ pub fn wit_target_of(component: &[u8]) -> String {
 /// A string that is not a module name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{0:?} is not a module name: expected 1 to {max} letters, digits, `.`, `_` or `-`",
+    "{0:?} is not a module name: expected 1 to {max} letters, digits, `.`, `_` or `-`, with no `.` at either end or two in a row",
     max = MAX_NAME_LEN
 )]
 pub struct NameError(pub String);
@@ -75,10 +76,17 @@ pub fn is_module_name_char(c: char) -> bool {
 ///
 /// # Errors
 ///
-/// When `name` is empty, longer than 64 bytes, or holds any other character than ASCII
-/// letters, digits, `.`, `_` and `-`.
+/// When `name` is empty, longer than 64 bytes, holds any other character than ASCII
+/// letters, digits, `.`, `_` and `-`, or has a `.` at either end or two in a row (so
+/// that neither `.` nor `..` is a name).
 pub fn check_module_name(name: &str) -> Result<(), NameError> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(is_module_name_char) {
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !name.chars().all(is_module_name_char)
+        || name.starts_with('.')
+        || name.ends_with('.')
+        || name.contains("..")
+    {
         return Err(NameError(name.to_string()));
     }
     Ok(())
@@ -112,9 +120,12 @@ pub struct Manifest {
     pub length: u64,
     /// The WIT package and version the component targets, such as `collector:api@0.1.0`.
     pub wit: String,
+    /// What the module may do outside its sandbox.
     pub grants: Grants,
+    /// Resource limits for the module; absent in the JSON: none set.
     #[serde(default)]
     pub limits: Limits,
+    /// When the bundle was made; `expires_at` must be after it.
     pub issued_at: DateTime<Utc>,
     /// After this instant the bundle is refused. `None`: it never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,13 +144,18 @@ pub struct Grants {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
+    /// Memory cap of the module's instance, in MiB (at least 1); the agent's own cap
+    /// still applies when it is lower.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// Time budget of each call into the module, in milliseconds (at least 1); the
+    /// agent's own budget still applies when it is shorter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_timeout_ms: Option<u64>,
 }
 
 impl Limits {
+    /// [`Limits::call_timeout_ms`] as a duration.
     pub fn call_timeout(&self) -> Option<Duration> {
         self.call_timeout_ms.map(Duration::from_millis)
     }
@@ -148,10 +164,25 @@ impl Limits {
 /// Why manifest bytes are not an acceptable manifest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
+    /// The bytes are not UTF-8 JSON of the manifest's shape (unknown, duplicate, missing
+    /// or mistyped field), or something other than whitespace follows the document.
     #[error("the manifest is not valid JSON of the expected shape, at `{path}`: {message}")]
-    Json { path: String, message: String },
+    Json {
+        /// Where in the document the error is, such as `limits.memory_mib`; `.` for the
+        /// document as a whole.
+        path: String,
+        /// The JSON parser's message, with line and column.
+        message: String,
+    },
+    /// A field is well-typed but holds a value no valid manifest has (see
+    /// [`Manifest::validate`]).
     #[error("manifest field `{field}`: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid {
+        /// The field, such as `name` or `grants.publish`.
+        field: &'static str,
+        /// What is wrong with its value, for people.
+        reason: String,
+    },
 }
 
 impl Manifest {

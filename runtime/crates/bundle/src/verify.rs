@@ -15,6 +15,7 @@ use super::versions::{RollbackError, VersionStore};
 /// A bundle that passed every check.
 #[derive(Debug, Clone)]
 pub struct Verified {
+    /// The manifest, parsed and checked.
     pub manifest: Manifest,
     /// The component bytes, whose length and hash match the manifest.
     pub component: Vec<u8>,
@@ -28,51 +29,86 @@ pub struct Verified {
 pub struct VerifyError {
     /// The bundle as the caller named it (usually its path).
     pub bundle: String,
+    /// Why it was refused.
     pub refusal: Refusal,
 }
 
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
+    /// The bundle file could not be read, is not a regular file, or is larger than
+    /// [`MAX_BUNDLE_LEN`] ([`verify_file`] only).
     #[error(transparent)]
     Read(#[from] ReadProblem),
+    /// The bytes are not a well-formed bundle container.
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// The manifest does not parse, or holds a value no valid manifest has.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// Fewer distinct trusted keys signed the manifest than the trust store requires.
     #[error("{}", threshold_message(signers, *required, problems))]
     Threshold {
         /// The distinct trusted keys whose signatures verified.
         signers: Vec<KeyId>,
+        /// The trust store's threshold.
         required: usize,
+        /// Why each signature that did not count did not, in signature order.
         problems: Vec<SignatureProblem>,
     },
+    /// The manifest's `format` is not [`FORMAT`].
     #[error("manifest format is {found:?}, this host reads {expected:?}")]
     WrongFormat {
+        /// The manifest's `format`.
         found: String,
+        /// [`FORMAT`].
         expected: &'static str,
     },
+    /// The manifest's `wit` target is none of those this host implements.
     #[error("the component targets WIT {found:?}, this host implements {expected:?}")]
-    WrongWit { found: String, expected: String },
+    WrongWit {
+        /// The manifest's `wit`.
+        found: String,
+        /// Every target this host implements, joined with " or ".
+        expected: String,
+    },
+    /// The manifest's `expires_at` is at or before `now`.
     #[error(
         "the bundle expired at {}, it is now {}",
         expires_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
         now.to_rfc3339_opts(SecondsFormat::AutoSi, true)
     )]
     Expired {
+        /// The manifest's `expires_at`.
         expires_at: DateTime<Utc>,
+        /// The instant the bundle was checked at, as the caller gave it.
         now: DateTime<Utc>,
     },
+    /// The component's length is not the manifest's `length`: bytes were added or removed
+    /// after signing.
     #[error(
         "the component is {actual} bytes, the manifest says {declared} (bytes were added or \
          removed after signing)"
     )]
-    LengthMismatch { declared: u64, actual: u64 },
+    LengthMismatch {
+        /// The manifest's `length`, in bytes.
+        declared: u64,
+        /// The component's length, in bytes.
+        actual: u64,
+    },
+    /// The component's SHA-256 is not the manifest's `sha256`: it was altered after
+    /// signing.
     #[error(
         "the component's sha256 is {actual}, the manifest says {declared} (the component was \
          altered after signing)"
     )]
-    HashMismatch { declared: String, actual: String },
+    HashMismatch {
+        /// The manifest's `sha256`, lowercase hex.
+        declared: String,
+        /// The component's SHA-256, lowercase hex.
+        actual: String,
+    },
+    /// The bundle would take its module back to a version this agent no longer accepts.
     #[error(transparent)]
     Rollback(#[from] RollbackError),
 }
@@ -81,12 +117,27 @@ pub enum Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignatureProblem {
     /// It claims a key id that is not trusted and verifies under no trusted key.
-    UnknownKey { index: usize, key_id: KeyId },
+    UnknownKey {
+        /// The signature's position in the bundle, counting from 1.
+        index: usize,
+        /// The key id it claims.
+        key_id: KeyId,
+    },
     /// It claims a trusted key id but verifies under no trusted key: the manifest was
     /// altered, or the signature was taken from another bundle.
-    Invalid { index: usize, key_id: KeyId },
+    Invalid {
+        /// The signature's position in the bundle, counting from 1.
+        index: usize,
+        /// The trusted key id it claims.
+        key_id: KeyId,
+    },
     /// It verifies under a trusted key that an earlier signature already counted for.
-    Duplicate { index: usize, signer: KeyId },
+    Duplicate {
+        /// The signature's position in the bundle, counting from 1.
+        index: usize,
+        /// The trusted key it verifies under.
+        signer: KeyId,
+    },
 }
 
 impl fmt::Display for SignatureProblem {
@@ -265,14 +316,20 @@ pub fn check_component(manifest: &Manifest, component: &[u8]) -> Result<(), Refu
 /// Why a bundle could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
+    /// No signing key was given.
     #[error("no signing key given")]
     NoKey,
+    /// The same key was given more than once; holds its id.
     #[error("key {0} is given twice; each signature must come from a different key")]
     DuplicateKey(KeyId),
+    /// The manifest's `length` or `sha256` does not match the component
+    /// ([`Refusal::LengthMismatch`] or [`Refusal::HashMismatch`]).
     #[error("the manifest does not describe the component: {0}")]
     Component(Refusal),
+    /// The manifest holds a value no valid manifest has (see [`Manifest::validate`]).
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The manifest section or the whole bundle would be over its size cap.
     #[error(transparent)]
     Format(#[from] FormatError),
 }

@@ -22,7 +22,9 @@ const STORE_FORMAT: &str = "collector-versions/1";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcceptedVersion {
+    /// The highest version of the module accepted.
     pub version: u64,
+    /// Lowercase hex SHA-256 of that version's component.
     pub sha256: String,
     /// SHA-256 of the manifest's canonical JSON: the same version may not come back with
     /// other grants, limits or expiry either. Absent in stores written before it existed.
@@ -42,7 +44,9 @@ pub struct AcceptedVersion {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pinned {
+    /// Lowercase hex SHA-256 of the component.
     pub sha256: String,
+    /// Lowercase hex SHA-256 of the manifest's canonical JSON.
     pub manifest_sha256: String,
 }
 
@@ -72,46 +76,77 @@ struct StoreFile {
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The file exists but cannot be read: unreadable, not a regular file (a symbolic
+    /// link included), or over [`collector_fsutil::MAX_STATE_FILE_LEN`].
     #[error("cannot read the version store {path}: {reason}")]
-    Read { path: String, reason: String },
+    Read {
+        /// The store file's path.
+        path: String,
+        /// Why it cannot be read, for people.
+        reason: String,
+    },
+    /// The file was read but is not a valid store: not its JSON shape, another `format`,
+    /// or an invalid module name. It is left as it is for the operator to deal with.
     #[error(
         "the version store {path} is corrupt ({reason}); it is never reset automatically, \
          since that would make older bundles acceptable again: restore it, or remove it \
          knowingly"
     )]
-    Corrupt { path: String, reason: String },
+    Corrupt {
+        /// The store file's path.
+        path: String,
+        /// What is wrong with it, for people.
+        reason: String,
+    },
 }
 
 /// A bundle that would take a module back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RollbackError {
+    /// The version is below the lowest one the module may go back to.
     #[error(
         "module `{name}` version {offered} is older than version {accepted}, which this \
          agent has already accepted, and its signers allow going back only to version \
          {floor} (anti-rollback)"
     )]
     Older {
+        /// The module's name.
         name: String,
+        /// The version the bundle carries.
         offered: u64,
+        /// The highest version accepted so far.
         accepted: u64,
+        /// The lowest version still acceptable.
         floor: u64,
     },
+    /// The version was accepted before with a different component.
     #[error(
         "module `{name}` version {version} was already accepted with a different component \
          (sha256 {accepted_sha256}, this one has {offered_sha256}); a changed component \
          needs a higher version"
     )]
     SameVersionOtherBytes {
+        /// The module's name.
         name: String,
+        /// The version, both accepted and offered.
         version: u64,
+        /// The bundle's component SHA-256, lowercase hex.
         offered_sha256: String,
+        /// The SHA-256 that version was accepted with, lowercase hex.
         accepted_sha256: String,
     },
+    /// The version was accepted before with the same component but a manifest that
+    /// differs elsewhere (grants, limits, expiry...).
     #[error(
         "module `{name}` version {version} was already accepted with a different manifest \
          (other grants, limits or expiry); a changed manifest needs a higher version"
     )]
-    SameVersionOtherManifest { name: String, version: u64 },
+    SameVersionOtherManifest {
+        /// The module's name.
+        name: String,
+        /// The version, both accepted and offered.
+        version: u64,
+    },
 }
 
 /// The highest accepted version per module name, persisted in a state directory.

@@ -18,12 +18,30 @@ pub const MAX_CONFIG_FILE_LEN: u64 = 1024 * 1024;
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
+    /// The file could not be opened or read, is not a regular file, or is larger than
+    /// [`MAX_CONFIG_FILE_LEN`].
     #[error("config file {path}: {problem}")]
-    Read { path: String, problem: ReadProblem },
+    Read {
+        /// The file, as given.
+        path: String,
+        /// What went wrong.
+        problem: ReadProblem,
+    },
+    /// The file's bytes are not UTF-8.
     #[error("config file {path}: it is not UTF-8 text")]
-    NotText { path: String },
+    NotText {
+        /// The file, as given.
+        path: String,
+    },
+    /// The text is not a valid config scope: not JSON of the expected shape, or a field
+    /// with an invalid value.
     #[error("config file {path}: {error}")]
-    Invalid { path: String, error: ConfigError },
+    Invalid {
+        /// The file, as given.
+        path: String,
+        /// The problem, naming the field.
+        error: ConfigError,
+    },
 }
 
 /// Parses `text` (the content of `path`) into an effective configuration, warning about

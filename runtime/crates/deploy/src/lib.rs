@@ -3,6 +3,10 @@
 //! module kept in the state directory, and a watched directory that new bundles are
 //! dropped into. Everything here happens off the tick path; the agent only receives
 //! modules that are verified, compiled and linked.
+//!
+//! It must not depend on `collector-testkit` or `collector-reference`, which are test and
+//! benchmark tools, not part of an agent, nor on the command line (clap, or the
+//! `collector` crate that uses this one). `cargo xtask test` checks this layering.
 
 pub mod config_file;
 pub mod nats_sink;
@@ -49,13 +53,16 @@ pub struct Policy {
     pub unsigned_grants: Vec<String>,
     /// The agent's own limits: ceilings for what a manifest asks.
     pub ceilings: Limits,
+    /// This machine's id, bound to `{pc_id}` in publish grants.
     pub pc_id: String,
 }
 
 /// A module's identity, as far as deployment is concerned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleId {
+    /// Module name, from the manifest (for an unsigned component, its file stem).
     pub name: String,
+    /// Version from the manifest; 0 for an unsigned component.
     pub version: u64,
     /// SHA-256 of the component bytes.
     pub sha256: String,
@@ -69,9 +76,15 @@ impl std::fmt::Display for ModuleId {
 
 /// A module that passed every check, ready to run.
 pub struct Accepted {
+    /// Which module and version this is.
     pub id: ModuleId,
+    /// The compiled component.
     pub module: Arc<GuestModule>,
+    /// Subjects it may publish to: the manifest's grant, or `--grant` for an unsigned
+    /// component, with `{pc_id}` bound.
     pub grant: Grant,
+    /// The manifest's limits capped by the agent's ceilings (the ceilings themselves for
+    /// an unsigned component).
     pub limits: Limits,
     /// The manifest, for signed bundles.
     pub manifest: Option<Manifest>,
@@ -93,16 +106,21 @@ impl std::fmt::Debug for Accepted {
 #[derive(Debug, thiserror::Error)]
 #[error("{subject}: {reason}")]
 pub struct Refused {
+    /// The file or object refused, with the module and version when known.
     pub subject: String,
+    /// Why, in words meant for the operator.
     pub reason: String,
 }
 
 /// A module recorded as rolled back, so it is not tried again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailedModule {
+    /// The exact module (name, version and bytes) rolled back.
     #[serde(flatten)]
     pub id: ModuleId,
+    /// Why it was rolled back, as the agent reported it.
     pub reason: String,
+    /// When the rollback was recorded.
     pub at: DateTime<Utc>,
 }
 
@@ -159,13 +177,22 @@ pub struct FleetState {
     format: String,
     /// The effective settings in force (when they came from the fleet).
     pub config: Option<collector_shared::EffectiveConfig>,
+    /// Highest revision of the fleet's `agent_config` bucket applied to those settings.
     pub config_revision: u64,
     /// The modules assigned (when they came from the fleet): name → version.
     pub modules: Option<BTreeMap<String, u64>>,
+    /// Highest revision of the fleet's `collector_config` bucket applied to those
+    /// assignments.
     pub assignment_revision: u64,
+    /// The last good value of each key the agent follows, by `<bucket>/<key>`: given
+    /// back to the fleet watch at start, so that a value refused then leaves the one
+    /// before it in force.
+    #[serde(default)]
+    pub last_good: BTreeMap<String, collector_fleet::watch::GoodValue>,
 }
 
 impl FleetState {
+    /// A fleet state in the current file format.
     pub fn new(
         config: Option<collector_shared::EffectiveConfig>,
         config_revision: u64,
@@ -178,6 +205,7 @@ impl FleetState {
             config_revision,
             modules,
             assignment_revision,
+            last_good: BTreeMap::new(),
         }
     }
 }
@@ -406,6 +434,8 @@ pub struct Deployer {
 }
 
 impl Deployer {
+    /// A deployer compiling with `sandbox`, accepting what `policy` allows, and keeping
+    /// anti-rollback and last-known-good in `state` (without one, neither is kept).
     pub fn new(sandbox: Arc<Sandbox>, policy: Policy, state: Option<StateDir>) -> Arc<Self> {
         Arc::new(Self {
             sandbox,

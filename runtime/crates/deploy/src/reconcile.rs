@@ -24,8 +24,8 @@ use collector_bundle::MAX_BUNDLE_LEN;
 use collector_fleet::assignment::Desired;
 use collector_fleet::fetch::{self, FetchError};
 use collector_fleet::status::{
-    AgentStatus, KIND_REFUSED, KIND_ROLLED_BACK, KIND_UPDATE, ModuleStatus, ObsEvent, Pending,
-    Refusal, RolledBack,
+    AgentStatus, KIND_REFUSED, KIND_ROLLED_BACK, KIND_UPDATE, KIND_VALUE_REFUSED, ModuleStatus,
+    OBS_SOURCE, ObsEvent, Pending, Refusal, RolledBack,
 };
 use collector_fleet::watch::FleetView;
 use collector_fleet::{MODULES_STORE, STATUS_BUCKET, object_name, obs_subject, random_below};
@@ -49,6 +49,7 @@ pub struct ReconcilerOptions {
     pub fetch_timeout: Duration,
     /// First retry delay of a failed download; doubles up to `retry_max`.
     pub retry_min: Duration,
+    /// Longest delay between retries of a failed download.
     pub retry_max: Duration,
     /// How often a refused object is looked at again (replaced objects are retried).
     pub recheck_refused: Duration,
@@ -125,7 +126,9 @@ impl ConfigTarget for ReconcilerHandle {
 
 /// The NATS side, when there is one.
 pub struct FleetLink {
+    /// Client for downloads, the status record and events.
     pub client: async_nats::Client,
+    /// Runtime the client's calls are run on.
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -145,8 +148,12 @@ pub struct ReconcilerStats {
     /// Bundles downloaded whole, and the time spent: downloading, verifying and
     /// compiling (or loading from the compile cache), recording the accepted version.
     pub downloads: std::sync::atomic::AtomicU64,
+    /// Microseconds spent downloading those bundles.
     pub fetch_micros: std::sync::atomic::AtomicU64,
+    /// Microseconds spent verifying and compiling (or loading from the compile cache)
+    /// downloaded bundles, refused ones included.
     pub load_micros: std::sync::atomic::AtomicU64,
+    /// Microseconds spent recording accepted versions (anti-rollback).
     pub record_micros: std::sync::atomic::AtomicU64,
 }
 
@@ -204,6 +211,12 @@ pub struct Reconciler {
     last_refusal: Option<Refusal>,
     outbox: Vec<ObsEvent>,
     status_dirty: bool,
+    /// Whether the status bucket was already made after a write found none.
+    tried_status_create: bool,
+    /// The fleet's last good values, saved for the next start.
+    last_good: BTreeMap<String, collector_fleet::watch::GoodValue>,
+    /// Values of the fleet's buckets refused, as the status record shows them.
+    refused_values: BTreeMap<String, collector_fleet::watch::RefusedValue>,
     next_status: Instant,
     stats: Arc<ReconcilerStats>,
 }
@@ -250,6 +263,9 @@ impl Reconciler {
             last_refusal: None,
             outbox: Vec::new(),
             status_dirty: true,
+            tried_status_create: false,
+            last_good: BTreeMap::new(),
+            refused_values: BTreeMap::new(),
             next_status: Instant::now(),
             stats: Arc::new(ReconcilerStats::default()),
         };
@@ -265,6 +281,7 @@ impl Reconciler {
     /// from the fleet, and each assigned module's last-known-good version, so that an
     /// agent started while NATS is away runs what it ran before.
     pub fn restore(&mut self, saved: FleetState) {
+        self.last_good = saved.last_good.clone();
         if self.fleet_config
             && let Some(config) = saved.config
         {
@@ -348,7 +365,14 @@ impl Reconciler {
     }
 
     fn on_view(&mut self, view: FleetView) {
-        let mut changed = false;
+        let mut changed = view.last_good != self.last_good;
+        self.last_good = view.last_good;
+        for (key, refusal) in &view.refused {
+            if self.refused_values.get(key) != Some(refusal) {
+                self.value_refused_event(key, refusal);
+            }
+        }
+        self.refused_values = view.refused;
         if let Some(config) = view.config {
             changed |= self.config_revision != view.config_revision;
             self.config_revision = view.config_revision;
@@ -384,12 +408,13 @@ impl Reconciler {
     }
 
     fn save(&self) {
-        let saved = FleetState::new(
+        let mut saved = FleetState::new(
             self.fleet_config.then(|| self.config.clone()),
             self.config_revision,
             self.desired.clone(),
             self.assignment_revision,
         );
+        saved.last_good = self.last_good.clone();
         if let Some(state) = self.deployer.state()
             && let Err(e) = state.save_fleet_state(&saved)
         {
@@ -737,6 +762,33 @@ impl Reconciler {
         self.status_dirty = true;
     }
 
+    /// Tells kanade's timeline that a value of a fleet bucket was refused.
+    fn value_refused_event(&mut self, key: &str, refusal: &collector_fleet::watch::RefusedValue) {
+        if self.fleet.is_none() {
+            return;
+        }
+        if self.outbox.len() == OUTBOX_LIMIT {
+            self.outbox.remove(0);
+        }
+        let at = Utc::now();
+        self.outbox.push(ObsEvent {
+            pc_id: self.pc_id.clone(),
+            at,
+            kind: KIND_VALUE_REFUSED.into(),
+            source: OBS_SOURCE.into(),
+            event_record_id: Some(format!(
+                "{KIND_VALUE_REFUSED}:{key}:{}:{}",
+                refusal.revision,
+                at.timestamp_nanos_opt().unwrap_or_default()
+            )),
+            payload: serde_json::json!({
+                "key": key,
+                "revision": refusal.revision,
+                "reason": refusal.reason,
+            }),
+        });
+    }
+
     fn event<const N: usize>(
         &mut self,
         kind: &str,
@@ -793,6 +845,7 @@ impl Reconciler {
                     why: w.why.clone(),
                 })
                 .collect(),
+            refused_values: self.refused_values.clone(),
             config_revision: self.config_revision,
             assignment_revision: self.assignment_revision,
         }
@@ -840,20 +893,27 @@ impl Reconciler {
         let _runtime = fleet.runtime.enter();
         let js = async_nats::jetstream::new(fleet.client.clone());
         let pc_id = self.pc_id.clone();
+        // A plain JetStream publish onto the record's subject: the agent needs no right
+        // to open the bucket (stream info), only to write its own key.
+        let tried_create = &mut self.tried_status_create;
         let written = fleet.runtime.block_on(async {
             tokio::time::timeout(NATS_CALL_TIMEOUT, async {
-                let kv = match js.get_key_value(STATUS_BUCKET).await {
-                    Ok(kv) => kv,
-                    Err(_) => js
-                        .create_key_value(async_nats::jetstream::kv::Config {
+                let subject = format!("$KV.{STATUS_BUCKET}.{pc_id}");
+                match put_status(&js, &subject, &bytes).await {
+                    Err(e) if !std::mem::replace(tried_create, true) => {
+                        // On an open broker without the bucket, the agent makes it, once.
+                        let config = async_nats::jetstream::kv::Config {
                             bucket: STATUS_BUCKET.into(),
                             history: 1,
                             ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?,
-                };
-                kv.put(pc_id, bytes.into()).await.map_err(|e| e.to_string())
+                        };
+                        match js.create_key_value(config).await {
+                            Ok(_) => put_status(&js, &subject, &bytes).await,
+                            Err(_) => Err(e),
+                        }
+                    }
+                    other => other,
+                }
             })
             .await
         });
@@ -872,6 +932,20 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Writes a status record: a JetStream publish onto its key's subject, acknowledged.
+async fn put_status(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    bytes: &[u8],
+) -> Result<(), String> {
+    js.publish(subject.to_string(), bytes.to_vec().into())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The deployer's spec, with hooks that also tell the reconciler.

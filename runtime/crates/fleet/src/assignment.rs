@@ -10,9 +10,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// One scope's assignments (one value of `collector_config`).
+/// One scope's assignments (one value of `collector_config`). A top-level field other
+/// than `modules` is refused: a value of another shape (a JetStream API answer steered
+/// onto the key, say) must never read as "assign nothing".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AssignmentScope {
+    /// What this scope says about each module, by module name.
     #[serde(default)]
     pub modules: BTreeMap<String, ModuleAssignment>,
 }
@@ -20,15 +24,20 @@ pub struct AssignmentScope {
 /// What one scope says about one module; absent fields leave wider scopes in force.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleAssignment {
+    /// The version to run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// `false` removes the module; `true` restores one a wider scope removed (it runs
+    /// only if some scope gives it a version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
 }
 
 impl AssignmentScope {
-    /// Parses a `collector_config` value. Unknown fields are ignored, so that values
-    /// written by a newer operator tool still assign what this agent understands.
+    /// Parses a `collector_config` value. Unknown top-level fields are refused; unknown
+    /// fields of a module's entry are ignored, so that values written by a newer
+    /// operator tool still assign what this agent understands. Module names are checked
+    /// ([`crate::names::module`]): one invalid name refuses the value.
     ///
     /// # Errors
     ///
@@ -39,6 +48,9 @@ impl AssignmentScope {
             let path = e.path().to_string();
             format!("field `{path}`: {}", e.into_inner())
         })?;
+        for name in scope.modules.keys() {
+            crate::names::module(name).map_err(|e| format!("field `modules`: {e}"))?;
+        }
         Ok(scope)
     }
 
@@ -54,6 +66,7 @@ pub type Desired = BTreeMap<String, u64>;
 /// The outcome of merging assignment layers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResolvedAssignment {
+    /// The modules the PC should run, with their versions.
     pub modules: Desired,
     /// Modules whose version two of the PC's groups set differently (the
     /// alphabetically last group wins), as `module: group, group`.

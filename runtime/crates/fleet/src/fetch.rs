@@ -27,6 +27,7 @@ pub enum FetchError {
 /// A downloaded object and the store's description of it.
 #[derive(Debug)]
 pub struct Fetched {
+    /// The object's content, at most the `max_len` asked for; not yet verified.
     pub bytes: Vec<u8>,
     /// The store's digest, used only to notice that an object was replaced.
     pub digest: Option<String>,

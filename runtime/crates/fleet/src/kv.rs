@@ -43,6 +43,61 @@ pub async fn stream_replicas(js: &Context, stream: &str) -> anyhow::Result<Optio
     }
 }
 
+/// Largest status record the status bucket stores: a record is a few KiB, and a reader
+/// of every record (`collector fleet status`) must not be made to hold megabytes each.
+pub const MAX_STATUS_RECORD: i32 = 64 * 1024;
+
+/// Makes an existing bucket what agents under docs/nats-server.conf need, and returns
+/// what it changed, in words: direct gets on (agents read a key with nothing else; a
+/// bucket made by another tool may lack them); on the status bucket, rollup headers
+/// refused (a put with `Nats-Rollup: all` on an agent's own key would purge every other
+/// record) and records capped at [`MAX_STATUS_RECORD`].
+///
+/// # Errors
+///
+/// When the bucket cannot be read or updated (the operator's credential lacks
+/// `$JS.API.STREAM.UPDATE.KV_<bucket>`).
+pub async fn harden(js: &Context, bucket: &str) -> anyhow::Result<Vec<String>> {
+    let name = format!("KV_{bucket}");
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .with_context(|| format!("cannot open JetStream stream {name}"))?;
+    let mut config = stream
+        .info()
+        .await
+        .with_context(|| format!("cannot read JetStream stream {name}"))?
+        .config
+        .clone();
+    let mut changes = Vec::new();
+    if !config.allow_direct {
+        config.allow_direct = true;
+        changes
+            .push("direct gets turned on (agents read their keys with nothing else)".to_string());
+    }
+    if bucket == super::STATUS_BUCKET {
+        if config.allow_rollup {
+            config.allow_rollup = false;
+            changes.push(
+                "rollup headers refused (one agent's rollup would purge every record)".into(),
+            );
+        }
+        if config.max_message_size <= 0 || config.max_message_size > MAX_STATUS_RECORD {
+            config.max_message_size = MAX_STATUS_RECORD;
+            changes.push(format!(
+                "records capped at {} KiB",
+                MAX_STATUS_RECORD / 1024
+            ));
+        }
+    }
+    if !changes.is_empty() {
+        js.update_stream(&config)
+            .await
+            .with_context(|| format!("cannot update JetStream stream {name}"))?;
+    }
+    Ok(changes)
+}
+
 /// Whether the JetStream stream `stream` exists.
 ///
 /// # Errors
@@ -177,7 +232,9 @@ pub async fn create_objects(
 /// revision that guards a compare-and-swap (`None` when the key never existed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Read {
+    /// The value; `None` when the key is absent, deleted or purged.
     pub value: Option<Vec<u8>>,
+    /// The key's latest revision, delete markers included; `None` when it never existed.
     pub revision: Option<u64>,
 }
 

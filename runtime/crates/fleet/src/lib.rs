@@ -12,10 +12,16 @@
 //!
 //! The collector never adds fields to `agent_config`: kanade's backend rewrites those
 //! values through a fixed field list and would drop them.
+//!
+//! It must not depend on wasmtime, sysinfo, the `collector-sandbox`, `collector-deploy`
+//! or `collector-testkit` crates, or the command line (`clap`, the `collector` crate):
+//! operators' machines use it without wasmtime. `cargo xtask test` checks this
+//! (`xtask/src/layers.rs`).
 
 pub mod assignment;
 pub mod fetch;
 pub mod kv;
+pub mod names;
 pub mod status;
 pub mod watch;
 
@@ -53,8 +59,38 @@ pub fn obs_subject(pc_id: &str) -> String {
 /// `{"groups":[...]}`, the value of `agent_groups`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AgentGroups {
+    /// Names of the groups the PC belongs to; absent in the value means none.
     #[serde(default)]
     pub groups: Vec<String>,
+}
+
+impl AgentGroups {
+    /// Parses a value of `agent_groups` (kanade's membership is free-form JSON): the
+    /// groups, sorted and de-duplicated, without the names that cannot be a key
+    /// ([`names::group`]), each of which costs only itself.
+    ///
+    /// # Errors
+    ///
+    /// When the value is not an object with a `groups` list of strings.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let Some(list) = value.get("groups") else {
+            return Err("no `groups` field: not a group membership".into());
+        };
+        let mut groups: Vec<String> = serde_json::from_value::<Vec<String>>(list.clone())
+            .map_err(|e| format!("field `groups`: {e}"))?;
+        groups.retain(|g| match names::group(g) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("agent_groups: group skipped: {e}");
+                false
+            }
+        });
+        groups.sort();
+        groups.dedup();
+        Ok(Self { groups })
+    }
 }
 
 /// How to reach and authenticate to NATS; shared by the agent and the operator commands.

@@ -13,10 +13,13 @@ pub const KIND_UPDATE: &str = "collector_module_update";
 pub const KIND_REFUSED: &str = "collector_module_refused";
 /// A module failed its probation and was rolled back.
 pub const KIND_ROLLED_BACK: &str = "collector_module_rolled_back";
+/// Event kind: a value in a fleet bucket was refused (the last good one stays).
+pub const KIND_VALUE_REFUSED: &str = "collector_fleet_value_refused";
 
 /// One agent's status record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentStatus {
+    /// The agent's PC id, also the record's key.
     pub pc_id: String,
     /// When the agent last wrote this record.
     pub last_seen: DateTime<Utc>,
@@ -34,6 +37,10 @@ pub struct AgentStatus {
     /// Modules assigned but not running, with why (downloading, refused...).
     #[serde(default)]
     pub pending: Vec<Pending>,
+    /// Values of the fleet's buckets this agent refused, by `<bucket>/<key>`: the last
+    /// good value of each is still in force.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refused_values: std::collections::BTreeMap<String, crate::watch::RefusedValue>,
     /// Highest `agent_config` revision in force (0: built-in defaults or offline copy).
     pub config_revision: u64,
     /// Highest `collector_config` revision in force.
@@ -43,9 +50,13 @@ pub struct AgentStatus {
 /// A running module.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleStatus {
+    /// Module name, from its manifest.
     pub name: String,
+    /// Version from its manifest; 0 for an unsigned local component.
     pub version: u64,
+    /// SHA-256 of the component bytes, in lowercase hex.
     pub sha256: String,
+    /// When this version took over: when it was deployed, or restored by a rollback.
     pub since: DateTime<Utc>,
     /// Still in its first health ticks: a trap rolls it back.
     pub probation: bool,
@@ -56,28 +67,39 @@ pub struct ModuleStatus {
 /// A version that failed on this agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolledBack {
+    /// Module name.
     pub name: String,
+    /// The version that failed.
     pub version: u64,
+    /// Why, such as the trap that ended its probation.
     pub reason: String,
+    /// When it was rolled back.
     pub at: DateTime<Utc>,
 }
 
 /// A module that was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
+    /// Module name.
     pub name: String,
+    /// The version refused.
     pub version: u64,
     /// Where it came from, e.g. `collector_modules/process-perf/7`.
     pub source: String,
+    /// Why it was refused (signature, anti-rollback, size, compile...).
     pub reason: String,
+    /// When it was refused.
     pub at: DateTime<Utc>,
 }
 
 /// A module assigned to this PC that does not run (yet).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
+    /// Module name.
     pub name: String,
+    /// The version assigned.
     pub version: u64,
+    /// Why it does not run, such as `waiting to download` or `refused: ...`.
     pub why: String,
 }
 
@@ -88,7 +110,7 @@ impl AgentStatus {
     pub fn health(&self, now: DateTime<Utc>, stale_after: chrono::Duration) -> &'static str {
         if now - self.last_seen > stale_after {
             "stale"
-        } else if !self.pending.is_empty() {
+        } else if !self.pending.is_empty() || !self.refused_values.is_empty() {
             "degraded"
         } else if self.modules.iter().any(|m| m.probation) {
             "probation"
@@ -101,12 +123,19 @@ impl AgentStatus {
 /// A kanade `ObsEvent` (`kanade_shared::wire::ObsEvent`), as published on `obs.<pc_id>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ObsEvent {
+    /// The PC the event happened on.
     pub pc_id: String,
+    /// When it happened on the agent (not when it was published).
     pub at: DateTime<Utc>,
+    /// What happened; the collector's kinds are [`KIND_UPDATE`], [`KIND_REFUSED`] and
+    /// [`KIND_ROLLED_BACK`].
     pub kind: String,
+    /// Who reports it; [`OBS_SOURCE`] for the collector.
     pub source: String,
     /// With `pc_id` and `source`, kanade's dedupe key.
     pub event_record_id: Option<String>,
+    /// Details, as a JSON object; the collector's hold `module` and `version`, and
+    /// fields that depend on the kind (`from`, `to`, `reason`, `source`).
     pub payload: serde_json::Value,
 }
 

@@ -3,6 +3,10 @@
 //! never block: every file the agent reads (bundles, state files, cache entries, keys,
 //! the config file) may have been swapped for a FIFO, a device or a huge file, and a read
 //! that hangs or exhausts memory would take the agent down with it.
+//!
+//! It is a bottom layer of the runtime: it must not depend on tokio, async-nats, wasmtime,
+//! sysinfo, clap or any other collector crate (the layering of ARCHITECTURE.md, checked
+//! by `cargo xtask test`).
 
 use std::fs::File;
 use std::io::{Read as _, Write};
@@ -28,7 +32,9 @@ pub enum Links {
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {problem}", path.display())]
 pub struct ReadError {
+    /// The path as the caller gave it.
     pub path: PathBuf,
+    /// What went wrong with it.
     pub problem: ReadProblem,
 }
 
@@ -42,12 +48,23 @@ impl ReadError {
 /// Why a file could not be read, without its name (for callers that name it their way).
 #[derive(Debug, thiserror::Error)]
 pub enum ReadProblem {
+    /// Looking at, opening or reading the file failed; [`ReadProblem::is_not_found`]
+    /// tells whether it does not exist.
     #[error("cannot read it: {0}")]
     Io(#[from] std::io::Error),
+    /// The path is not a regular file; the text says what it is instead, for people
+    /// ("a FIFO (named pipe)", "a directory", ...).
     #[error("it is {0}, expected a regular file")]
     NotAFile(&'static str),
+    /// The file holds more bytes than the caller's bound.
     #[error("it is {len} bytes, more than the maximum of {max}")]
-    TooLarge { len: u64, max: u64 },
+    TooLarge {
+        /// Its size in bytes, from its metadata; `max + 1` when it grew past the bound
+        /// while being read.
+        len: u64,
+        /// The bound the caller gave, in bytes.
+        max: u64,
+    },
 }
 
 impl ReadProblem {

@@ -1,12 +1,16 @@
 //! The bodies of the fuzz targets, as plain functions, so that libFuzzer (`runtime/fuzz`,
-//! `cargo xtask fuzz`) and the ordinary test suite (`runtime/tests/fuzz_smoke.rs`) run the
-//! very same code: the smoke test needs no instrumented build and no nightly flags.
+//! `cargo xtask fuzz`) and the ordinary test suite
+//! (`runtime/crates/fuzzing/tests/fuzz_smoke.rs`) run the very same code: the smoke test
+//! needs no instrumented build and no nightly flags.
 //!
 //! Every target takes arbitrary bytes and has one contract: it never panics, never
 //! allocates from a length it did not check (see [`CappedAlloc`]), and returns an error
 //! for garbage. Where a parser accepts its input, the target also checks what acceptance
 //! promises (a parsed value survives its own serialization, a well-signed bundle
 //! verifies), so a fuzzer finds wrong answers as well as crashes. Not part of the API.
+//!
+//! It must not depend on `collector-reference` or on the command line (clap, the
+//! `collector` crate). `cargo xtask test` checks this layering.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;

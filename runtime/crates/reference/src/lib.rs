@@ -9,6 +9,11 @@
 //!
 //! The one deliberate difference from the seed (S5): a NaN (or infinite) CPU reading is
 //! treated as 0.0 for sorting and in the JSON, because JSON has neither.
+//!
+//! It must not depend on a NATS client (async-nats), `collector-fleet`,
+//! `collector-deploy`, `collector-testkit`, or the command line (clap, the `collector`
+//! crate): it needs only the shared types and the sandbox's process source.
+//! `cargo xtask test` checks this layering.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -22,12 +22,20 @@ pub type RollbackHook = Box<dyn FnOnce(&str) + Send>;
 /// A module ready to take over: compiled and checked, with the grant and limits it runs
 /// under. Compilation happens before this is sent, off the tick path.
 pub struct ModuleSpec {
+    /// The component that takes over.
     pub module: Arc<GuestModule>,
+    /// Subjects it may publish to; replaces the running module's grant at the swap.
     pub grant: Grant,
+    /// The host limits it runs under; replace the running module's at the swap.
     pub limits: Limits,
     /// How logs name it, for instance `process-perf v3`.
     pub label: String,
+    /// Runs once the module has passed its probation ([`AgentOptions::health_ticks`]
+    /// ticks without a trap; at once when that is 0).
     pub on_healthy: Option<HealthyHook>,
+    /// Runs with the reason when the module fails to start, traps or times out during
+    /// its probation and the previous module is restored. Neither hook runs when the
+    /// module is replaced before it has proven healthy.
     pub on_rolled_back: Option<RollbackHook>,
 }
 

@@ -138,6 +138,7 @@ impl Sandbox {
         self.cache.as_ref()
     }
 
+    /// The wasmtime engine that compiles and runs this sandbox's guests.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }

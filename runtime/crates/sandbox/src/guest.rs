@@ -25,25 +25,42 @@ const API_IMPORTS: &[&str] = &["types", "processes", "publish", "log", "identity
 /// Why a module was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file, as given.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// Fewer than 8 bytes, or they do not start with `\0asm`.
     #[error("not a WebAssembly file (it does not start with the `\\0asm` header)")]
     NotWasm,
+    /// A core WebAssembly module (version 1), not a component.
     #[error(
         "this is a core WebAssembly module, not a component: build the guest for \
          wasm32-wasip2 (cargo build --target wasm32-wasip2), or wrap it with \
          `wasm-tools component new`"
     )]
     CoreModule,
+    /// A WebAssembly header whose version and layer bytes (given) are neither a core
+    /// module's nor a component's.
     #[error("unsupported WebAssembly encoding (version bytes {0:02x?})")]
     UnknownEncoding([u8; 4]),
+    /// The component did not compile or could not be linked; wasmtime's message.
     #[error("invalid component: {0}")]
     Invalid(String),
+    /// The component imports something outside `collector:api` and the capability-free
+    /// WASI subset (sockets, HTTP...), or an item that is not an interface instance.
     #[error("imports `{import}`, which this host never offers: {reason}")]
-    ForbiddenImport { import: String, reason: String },
+    ForbiddenImport {
+        /// The import's name as the component spells it, version included.
+        import: String,
+        /// Why the host does not offer it, worded for the guest's author.
+        reason: String,
+    },
+    /// The component does not export `collector:api/guest` in a version this host
+    /// implements; wasmtime's message.
     #[error(
         "does not export `{WIT_PACKAGE}/guest` in a version this host implements \
          ({versions}); guests must target the `collector` world of {WIT_PACKAGE}: {0}",
@@ -223,13 +240,28 @@ fn check_imports(sandbox: &Sandbox, component: &Component) -> Result<Vec<String>
 /// starts a fresh one.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GuestFault {
+    /// The guest trapped.
     #[error("trapped in `{call}`: {message}")]
-    Trap { call: &'static str, message: String },
+    Trap {
+        /// The guest export that was called: `tick`, `configure`, `interval`,
+        /// `save-state` or `restore-state`.
+        call: &'static str,
+        /// wasmtime's error with its backtrace (which names guest functions), escaped
+        /// and cut as a guest log line is.
+        message: String,
+    },
+    /// The call ran guest code for longer than [`Limits::call_budget`].
+    ///
+    /// [`Limits::call_budget`]: crate::host::Limits::call_budget
     #[error("`{call}` ran longer than its time budget of {budget:?}")]
     Timeout {
+        /// The guest export that was called, as in [`GuestFault::Trap`].
         call: &'static str,
+        /// The budget it ran out of.
         budget: Duration,
     },
+    /// No instance could be created: instantiation failed, trapped or ran out of time,
+    /// or the new instance trapped on its configuration. The message is escaped and cut.
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
 }
@@ -238,11 +270,22 @@ pub enum GuestFault {
 /// fresh. Typed so that the mock host can tell a guest's refusal from a host limit.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NotCarried {
+    /// The state was larger than the smaller of [`Limits::max_state_bytes`] and a
+    /// quarter of the successor's memory.
+    ///
+    /// [`Limits::max_state_bytes`]: crate::host::Limits::max_state_bytes
     #[error("the state of {bytes} bytes is over the limit of {limit} bytes")]
-    OverLimit { bytes: usize, limit: usize },
+    OverLimit {
+        /// Size of the state.
+        bytes: usize,
+        /// The limit it was over, in bytes.
+        limit: usize,
+    },
     /// The successor's `restore-state` returned this error (escaped and cut).
     #[error("it refused it: {0}")]
     Refused(String),
+    /// The successor trapped or timed out in `restore-state`; it was started again
+    /// without the state.
     #[error("it trapped on it: {0}")]
     Trapped(GuestFault),
 }
@@ -312,6 +355,7 @@ impl Supervisor {
         self.wasi = Some(customizer);
     }
 
+    /// The module being run.
     pub fn module(&self) -> &Arc<GuestModule> {
         &self.module
     }

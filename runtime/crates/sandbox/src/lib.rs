@@ -10,10 +10,12 @@
 //! - [`agent`]: the real-time loop of one module: ticks, configuration, swaps,
 //!   probation and rollback.
 //!
-//! It must not depend on a NATS client, the fleet protocol or the command line: the mock
-//! host for guest authors (`collector-testkit`) is built on it, and a guest author's tests
-//! should not pull in a broker client. Where modules come from and where publishes go over
-//! the network is `collector-deploy`'s business.
+//! It must not depend on `async-nats`, on the `collector-fleet`, `collector-deploy` or
+//! `collector-testkit` crates, or on the command line (`clap`, the `collector` crate);
+//! `cargo xtask test` checks this (`xtask/src/layers.rs`). It runs a guest on one machine:
+//! where publishes go is the caller's [`sink::Sink`], and where modules come from is
+//! `collector-deploy`'s business. The mock host for guest authors (`collector-testkit`)
+//! is built on it, so a guest author's tests never pull in a broker client.
 
 pub mod agent;
 pub mod cache;

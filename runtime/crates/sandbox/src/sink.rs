@@ -8,12 +8,18 @@ use std::time::Duration;
 /// Why a sink did not take a message.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
+    /// Writing the line to standard output failed (a closed pipe, a full disk).
     #[error("write to standard output failed: {0}")]
     Stdout(#[from] std::io::Error),
+    /// The NATS client refused the publish; its message. [`MemorySink`] fails this
+    /// way while set failing.
     #[error("NATS publish failed: {0}")]
     Nats(String),
+    /// The NATS publish did not complete within the sink's timeout (given).
     #[error("NATS publish timed out after {0:?}")]
     Timeout(Duration),
+    /// The sink cannot take messages now (for a NATS sink: not connected), so the
+    /// message was not attempted.
     #[error("sink unavailable: {0}")]
     Unavailable(String),
 }

@@ -11,8 +11,12 @@ use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 /// The measurements a sample should contain (mirrors the WIT `fields` flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Fields {
+    /// CPU usage ([`ProcessTable::cpu_pct`]).
     pub cpu: bool,
+    /// Resident memory ([`ProcessTable::rss_bytes`]).
     pub memory: bool,
+    /// Disk I/O counters ([`ProcessTable::disk_read_bytes`] and
+    /// [`ProcessTable::disk_written_bytes`]).
     pub disk: bool,
 }
 
@@ -36,10 +40,16 @@ impl Fields {
 /// Columns that were not requested are empty.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProcessTable {
+    /// Process ids; always filled, one per row.
     pub pids: Vec<u32>,
+    /// CPU usage since the previous CPU reading, in percent of one core (two busy cores
+    /// read about 200); 0 on a first reading, and may be NaN on some platforms.
     pub cpu_pct: Vec<f32>,
+    /// Resident set size, in bytes.
     pub rss_bytes: Vec<u64>,
+    /// Bytes read from disk since the process started (cumulative).
     pub disk_read_bytes: Vec<u64>,
+    /// Bytes written to disk since the process started (cumulative).
     pub disk_written_bytes: Vec<u64>,
 }
 
@@ -380,7 +390,9 @@ impl ProcessSource for TimeBoxed {
 /// A scripted process table: what tests, the mock host and benchmarks feed a guest.
 #[derive(Debug, Clone, Default)]
 pub struct StaticSource {
+    /// What every sample returns, less the columns not asked for.
     pub table: ProcessTable,
+    /// Process names by PID; a PID missing here has the empty name.
     pub names: HashMap<u32, String>,
 }
 

@@ -55,7 +55,10 @@ impl MatchOptions {
 pub struct Mismatch {
     /// Where, such as `processes[0].pid` (empty for the root).
     pub path: String,
+    /// What the pattern asks for there: shortened JSON, or a description such as
+    /// `no such key`.
     pub expected: String,
+    /// What the document holds there, in the same form.
     pub actual: String,
 }
 

@@ -7,6 +7,11 @@
 //! The guest runs in the same sandbox as in production (same linker, limits, traps and
 //! ticker), so what passes here behaves the same in the agent.
 //!
+//! It must not depend on a NATS client (async-nats), the fleet (`collector-fleet`),
+//! `collector-deploy`, or the command line (clap, the `collector` crate): guest authors
+//! take it as a dev-dependency, and it should bring them no broker client and no CLI.
+//! `cargo xtask test` checks this layering.
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use collector_testkit::{MockHost, MockProcess};
@@ -53,11 +58,17 @@ pub fn default_start() -> DateTime<Utc> {
 /// One scripted process.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MockProcess {
+    /// Process id.
     pub pid: u32,
+    /// What `processes.names` returns for it.
     pub name: String,
+    /// CPU usage, in percent of one core (NaN allowed).
     pub cpu_pct: f32,
+    /// Resident memory, in bytes.
     pub rss_bytes: u64,
+    /// Cumulative bytes read from disk.
     pub disk_read_bytes: u64,
+    /// Cumulative bytes written to disk.
     pub disk_written_bytes: u64,
     /// The process exits right after the next sample: that sample lists it, a `names`
     /// call after it gets the empty string, and later samples no longer list it.
@@ -167,7 +178,9 @@ impl SharedClock {
 /// A message the guest published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Published {
+    /// Subject it was published on.
     pub subject: String,
+    /// Payload bytes, as the guest gave them.
     pub payload: Vec<u8>,
     /// Virtual wall-clock time of the publish.
     pub at: DateTime<Utc>,
@@ -176,7 +189,11 @@ pub struct Published {
 /// Options of a [`MockHost`].
 #[derive(Debug, Clone)]
 pub struct MockOptions {
+    /// Machine id the guest sees (`identity.pc-id`) and that `{pc_id}` stands for in
+    /// grants; [`DEFAULT_PC_ID`] by default.
     pub pc_id: String,
+    /// Virtual wall-clock time at the start; [`default_start`] by default. Monotonic
+    /// time starts at zero.
     pub start: DateTime<Utc>,
     /// Grant patterns; `None` uses the default grant.
     pub grants: Option<Vec<String>>,
@@ -591,7 +608,10 @@ pub enum Handoff {
     /// The predecessor saved nothing (or trapped while saving).
     NoState,
     /// The successor's `restore-state` accepted the state.
-    Carried { bytes: usize },
+    Carried {
+        /// Size of the state handed over, in bytes.
+        bytes: usize,
+    },
     /// The successor started fresh, without the state.
     NotCarried(NotCarried),
 }

@@ -70,7 +70,9 @@ pub type Modules = BTreeMap<String, Arc<GuestModule>>;
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {message}")]
 pub struct ScenarioError {
+    /// The scenario file, as given.
     pub file: String,
+    /// What is wrong, starting with the step and line when they are known.
     pub message: String,
 }
 
@@ -191,42 +193,78 @@ struct ExpectLogSpec {
 /// One step, checked and ready to run.
 #[derive(Debug, Clone)]
 pub enum Action {
+    /// `config`: overlays these fields on the PC's own layer and configures the guest,
+    /// whether or not the effective configuration changed.
     Config(ConfigScope),
+    /// `unset`: removes these fields from the PC's own layer; the guest is configured
+    /// only if the effective configuration changed.
     Unset(Vec<String>),
     /// A put (`Some`) or delete (`None`) of the layer with this key.
     Layer(String, Option<ConfigScope>),
+    /// `groups`: the PC's group memberships (sorted, without duplicates), replacing the
+    /// previous ones; the guest is configured only if the effective configuration changed.
     Groups(Vec<String>),
+    /// `processes`: replaces the scripted process table, which stays until replaced.
     Processes(Vec<MockProcess>),
     /// `Some(reason)` makes samples fail, `None` succeed again.
     FailSample(Option<String>),
+    /// `advance`: moves both clocks forward by this much, without ticking.
     Advance(Duration),
+    /// `set_wall`: sets the wall clock (forwards or backwards); monotonic time is
+    /// untouched.
     SetWall(DateTime<Utc>),
+    /// `tick = true`: one tick now, whatever the ticker's schedule.
     Tick,
+    /// `run`: advances time by this span, ticking whenever the agent's ticker would.
     Run(Duration),
+    /// `swap`: replaces the running module between two ticks, as the agent does.
     Swap {
         /// `None`: the guest under test again.
         module: Option<String>,
         /// Handed over instead of the predecessor's state.
         state: Option<Vec<u8>>,
     },
+    /// `fail_publish`: makes the sink refuse (`true`) or accept again (`false`) every
+    /// publish, as a broker outage.
     FailPublish(bool),
+    /// `expect_publish`: takes the oldest publish no earlier `expect_publish` took, and
+    /// checks it.
     ExpectPublish {
+        /// The subject it must have, exactly; `None` accepts any.
         subject: Option<String>,
+        /// The pattern its JSON payload must match (see [`json_match`]); `None` does not
+        /// look at the payload.
         json: Option<serde_json::Value>,
+        /// How loosely `json` is compared (`ordered`, `tolerance`, `relative_tolerance`,
+        /// `exact_keys`).
         options: MatchOptions,
     },
+    /// `expect_no_publish = true`: fails if a publish was not taken by an
+    /// `expect_publish`; takes nothing.
     ExpectNoPublish,
+    /// `expect_interval`: the interval the guest last asked for.
     ExpectInterval(Duration),
+    /// `expect_samples`: `processes.sample` calls since the start, failed ones included.
     ExpectSamples(u64),
+    /// `expect_name_lookups`: names returned by `processes.names` since the start
+    /// (processes looked up, not calls).
     ExpectNameLookups(u64),
+    /// `expect_ticks`: ticks run so far by `tick` and `run` steps.
     ExpectTicks(u64),
+    /// `expect_log`: some line the guest logged since the previous `expect_log` (or the
+    /// start) matches.
     ExpectLog {
+        /// The level the line must have; `None` accepts any.
         level: Option<Level>,
+        /// Text the line must contain.
         contains: String,
     },
+    /// `expect_handoff`: what the last `swap` did with the state.
     ExpectHandoff {
         /// One of [`HANDOFFS`].
         result: &'static str,
+        /// Text the reason (the guest's refusal, the trap, or the limit) must contain;
+        /// `None` checks the result only.
         contains: Option<String>,
     },
 }
@@ -264,16 +302,22 @@ impl Action {
 pub struct Step {
     /// 1-based line of the `[[step]]` header.
     pub line: usize,
+    /// The step's `label`, shown in failure reports.
     pub label: Option<String>,
+    /// What the step does.
     pub action: Action,
 }
 
 /// A parsed scenario file.
 #[derive(Debug, Clone)]
 pub struct Scenario {
+    /// The file's `name`, or else the file name without its extension.
     pub name: String,
+    /// The file it was read from.
     pub file: PathBuf,
+    /// The mock host's options, from the file's `pc_id`, `start` and `grants`.
     pub options: MockOptions,
+    /// The `[[step]]` tables, in order; never empty.
     pub steps: Vec<Step>,
 }
 
@@ -744,8 +788,11 @@ fn quoted(names: &[&str]) -> String {
 pub struct StepFailure {
     /// 0-based index of the step.
     pub index: usize,
+    /// 1-based line of the step's `[[step]]` header.
     pub line: usize,
+    /// The step's action key, such as `expect_publish`.
     pub action: &'static str,
+    /// The step's `label`, if it has one.
     pub label: Option<String>,
     /// What was expected and what happened, possibly over several lines.
     pub message: String,
@@ -774,13 +821,18 @@ impl fmt::Display for StepFailure {
 /// The outcome of one scenario.
 #[derive(Debug, Clone)]
 pub struct ScenarioReport {
+    /// The scenario's name.
     pub name: String,
+    /// The scenario file.
     pub file: PathBuf,
+    /// Number of steps in the scenario, whether or not they all ran.
     pub steps: usize,
+    /// The step that failed (the steps after it did not run); `None` when all passed.
     pub failure: Option<StepFailure>,
 }
 
 impl ScenarioReport {
+    /// Whether every step passed.
     pub fn passed(&self) -> bool {
         self.failure.is_none()
     }

@@ -22,12 +22,18 @@ use crate::sink::Sink;
 use crate::source::ProcessSource;
 use collector_bundle::grant::{DEFAULT_GRANT, Grant};
 
-wasmtime::component::bindgen!({
-    path: "../../../wit",
-    world: "collector",
-    // `names` has no error in its signature: a request over the limit ends the call.
-    imports: { "collector:api/processes.names": trappable },
-});
+/// The bindings of `collector:api@0.1.0`, re-exported at the root of this module.
+// The items `bindgen!` generates carry no docs.
+#[allow(missing_docs)]
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../../wit",
+        world: "collector",
+        // `names` has no error in its signature: a request over the limit ends the call.
+        imports: { "collector:api/processes.names": trappable },
+    });
+}
+pub use bindings::*;
 
 pub use collector::api::types::{Datetime, Level, TickTime};
 pub use exports::collector::api::guest::Guest as GuestExports;
@@ -35,6 +41,8 @@ pub use wasi::deterministic_random;
 
 /// The bindings of `collector:api@0.2.0` (`wit/v0.2.0`). The root of this module holds
 /// those of 0.1.0, which stay as they were so that 0.1.0 guests run unchanged.
+// The items `bindgen!` generates here carry no docs.
+#[allow(missing_docs)]
 pub mod v0_2 {
     wasmtime::component::bindgen!({
         path: "../../../wit/v0.2.0",
@@ -93,6 +101,7 @@ impl HostStats {
         counter.load(Ordering::Relaxed)
     }
 
+    /// Adds `by` to one counter.
     pub fn bump(counter: &AtomicU64, by: u64) {
         counter.fetch_add(by, Ordering::Relaxed);
     }
@@ -103,9 +112,13 @@ impl HostStats {
 #[derive(Debug, thiserror::Error)]
 #[error("`{call}` asked for {asked} {what} in one call; the limit is {limit}")]
 pub struct OverLimit {
+    /// The host function that refused, such as `names`.
     pub call: &'static str,
+    /// What was counted, such as `PIDs`.
     pub what: &'static str,
+    /// How many the guest asked for.
     pub asked: usize,
+    /// The most allowed in one call.
     pub limit: usize,
 }
 
@@ -168,7 +181,9 @@ impl Default for Limits {
 /// A line a guest logged (through `log` or its stdout/stderr), as kept for the mock host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
+    /// The level the guest gave; `info` for stdout lines, `warn` for stderr lines.
     pub level: Level,
+    /// The text, escaped and cut as in the agent's log.
     pub message: String,
 }
 
@@ -178,11 +193,17 @@ pub type LogBook = Arc<Mutex<Vec<LogLine>>>;
 /// What the host functions act on. It outlives instances: after a trap, the next
 /// instance gets the same services.
 pub struct Services {
+    /// Where `processes.sample`, `sample-pids` and `names` read processes.
     pub processes: Box<dyn ProcessSource>,
+    /// Where accepted publishes go.
     pub sink: Arc<dyn Sink>,
+    /// This machine's id, as `identity.pc-id` returns it to the guest.
     pub pc_id: String,
+    /// The subjects `publish` accepts, with `{pc_id}` already bound.
     pub grant: Grant,
+    /// Bounds on what the guest may ask of the host.
     pub limits: Limits,
+    /// Counters of what the guest asked; clones of the `Arc` see them too.
     pub stats: Arc<HostStats>,
     /// When set, guest log lines are also recorded here.
     pub log_book: Option<LogBook>,

@@ -1,0 +1,149 @@
+//! The names the fleet uses in subjects, keys and file names, checked before anything
+//! uses them: module names (object names, assignment keys, the state directory), group
+//! names (KV keys, from kanade's free-form membership) and PC ids (subjects and keys).
+//!
+//! A name that passes is one NATS token or a dotted run of them, printable ASCII only, so
+//! that it can neither widen a subject into a wildcard, nor walk a path, nor carry
+//! terminal escapes or bidi overrides into a log line.
+
+use std::fmt;
+
+/// Longest module name (a bundle's limit): well inside NATS's 4 KiB control line once it
+/// is part of a subject, with room for the rest of the request.
+pub const MAX_MODULE_NAME: usize = collector_bundle::MAX_NAME_LEN;
+/// Longest group name.
+pub const MAX_GROUP_NAME: usize = 128;
+/// Longest PC id.
+pub const MAX_PC_ID: usize = 128;
+
+/// A name refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidName {
+    /// What kind of name (`module name`, `group name`, `PC id`).
+    pub what: &'static str,
+    /// The name, escaped for display.
+    pub name: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl fmt::Display for InvalidName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {} {}: {}", self.what, self.name, self.problem)
+    }
+}
+
+impl std::error::Error for InvalidName {}
+
+fn check(what: &'static str, name: &str, max: usize, allow_dots: bool) -> Result<(), InvalidName> {
+    let fail = |problem: String| InvalidName {
+        what,
+        name: format!("{:?}", truncated(name)),
+        problem,
+    };
+    if name.is_empty() {
+        return Err(fail("empty".into()));
+    }
+    if name.len() > max {
+        return Err(fail(format!(
+            "{} bytes, over the limit of {max}",
+            name.len()
+        )));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(fail(format!(
+            "holds {c:?}; allowed are ASCII letters, digits, `-`, `_`{}",
+            if allow_dots { " and `.`" } else { "" }
+        )));
+    }
+    if name.contains('.') {
+        if !allow_dots {
+            return Err(fail("holds `.`".into()));
+        }
+        if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+            return Err(fail("an empty part between dots".into()));
+        }
+    }
+    Ok(())
+}
+
+/// At most 80 characters of a name, for an error message.
+fn truncated(name: &str) -> String {
+    let mut out: String = name.chars().take(80).collect();
+    if out.len() < name.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// Checks a module name: the rule of bundle manifests
+/// ([`collector_bundle::check_module_name`]), so that a name an assignment
+/// carries is one a bundle can have.
+///
+/// # Errors
+///
+/// [`InvalidName`] saying what is wrong.
+pub fn module(name: &str) -> Result<(), InvalidName> {
+    check("module name", name, MAX_MODULE_NAME, true)?;
+    collector_bundle::check_module_name(name).map_err(|e| InvalidName {
+        what: "module name",
+        name: format!("{:?}", truncated(name)),
+        problem: e.to_string(),
+    })
+}
+
+/// Checks a group name, as [`module`] does, up to [`MAX_GROUP_NAME`] bytes.
+///
+/// # Errors
+///
+/// [`InvalidName`] saying what is wrong.
+pub fn group(name: &str) -> Result<(), InvalidName> {
+    check("group name", name, MAX_GROUP_NAME, true)
+}
+
+/// Checks a PC id: one subject token (no `.`), up to [`MAX_PC_ID`] bytes.
+///
+/// # Errors
+///
+/// [`InvalidName`] saying what is wrong.
+pub fn pc_id(name: &str) -> Result<(), InvalidName> {
+    check("PC id", name, MAX_PC_ID, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_walk_widen_or_escape_are_refused() {
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            "a\0b",
+            "a b",
+            "a*",
+            "a>",
+            ".a",
+            "a.",
+            "a..b",
+            "\u{202e}x",
+            "\u{1b}[2J",
+            "é",
+        ] {
+            assert!(module(bad).is_err(), "{bad:?} accepted");
+            assert!(group(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(module(&"m".repeat(MAX_MODULE_NAME + 1)).is_err());
+        assert!(module(&"m".repeat(3500)).unwrap_err().to_string().len() < 200);
+        for good in ["process-perf", "top_memory", "a.b", "v2"] {
+            module(good).unwrap();
+            group(good).unwrap();
+        }
+        assert!(pc_id("a.b").is_err());
+        pc_id("pc-a").unwrap();
+    }
+}
