@@ -248,10 +248,18 @@ fn encode(scope: &ConfigScope) -> Vec<u8> {
     serde_json::to_vec(scope).expect("a ConfigScope serializes")
 }
 
-fn decoder(key: String) -> impl Fn(&[u8]) -> anyhow::Result<ConfigScope> {
+fn decoder(key: String) -> impl Fn(&[u8]) -> Result<ConfigScope, kv::Undecodable> {
     move |bytes| {
-        let text = std::str::from_utf8(bytes).map_err(|e| anyhow!("not UTF-8: {e}"))?;
-        let (scope, unknown) = ConfigScope::from_json(text).map_err(|e| anyhow!(e))?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| kv::Undecodable::Refused(format!("not UTF-8: {e}")))?;
+        let (scope, unknown) =
+            ConfigScope::from_json(text).map_err(|e| kv::Undecodable::Refused(e.to_string()))?;
+        if scope == ConfigScope::default() && !unknown.is_empty() {
+            return Err(kv::Undecodable::Refused(format!(
+                "holds none of the settings' fields, only {}",
+                collector_fleet::names::printable(&unknown.join(", "), 200)
+            )));
+        }
         if !unknown.is_empty() {
             eprintln!(
                 "warning: {CONFIG_BUCKET} {key} holds fields kanade does not know ({}); \
@@ -283,6 +291,7 @@ async fn edit(
 }
 
 fn print_written(scope: Scope<'_>, written: &kv::Written<ConfigScope>, what: &str) {
+    ops::report_replaced(CONFIG_BUCKET, &scope.key(), written.replaced.as_ref());
     let revision = written
         .revision
         .map_or_else(|| "absent".to_string(), |r| format!("revision {r}"));
@@ -360,6 +369,7 @@ fn get(args: GetArgs) -> anyhow::Result<()> {
         String::from_utf8_lossy(&bytes)
     );
     let scope = decoder(key.clone())(&bytes)
+        .map_err(anyhow::Error::from)
         .with_context(|| format!("{CONFIG_BUCKET} {key}: not a configuration layer"))?;
     for (field, value) in to_map(&scope) {
         println!("  {field} = {value}");
@@ -373,6 +383,7 @@ fn effective(args: EffectiveArgs) -> anyhow::Result<()> {
         let js = ops::jetstream(&args.nats).await?;
         ops::read_pc_layers(&js, CONFIG_BUCKET, pc, |key, bytes| {
             decoder(key.to_string())(bytes)
+                .map_err(anyhow::Error::from)
                 .with_context(|| format!("{CONFIG_BUCKET} {key}: not a configuration layer"))
         })
         .await
@@ -428,7 +439,11 @@ fn groups(args: GroupsArgs) -> anyhow::Result<()> {
             &store,
             GROUPS_BUCKET,
             pc,
-            |bytes| serde_json::from_slice::<AgentGroups>(bytes).map_err(|e| anyhow!(e)),
+            |bytes| {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|e| kv::Undecodable::Refused(format!("not UTF-8: {e}")))?;
+                AgentGroups::from_json(text).map_err(kv::Undecodable::Refused)
+            },
             |g| serde_json::to_vec(g).expect("groups serialize"),
             |g| {
                 g.groups.clone_from(&wanted);
@@ -437,6 +452,7 @@ fn groups(args: GroupsArgs) -> anyhow::Result<()> {
         )
         .await
     })?;
+    ops::report_replaced(GROUPS_BUCKET, pc, written.replaced.as_ref());
     if !written.changed {
         println!("{pc}: nothing changed");
     }

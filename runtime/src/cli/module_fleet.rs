@@ -354,7 +354,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
 
 pub fn rollout(args: RolloutArgs) -> anyhow::Result<()> {
     let scope = args.scope.scope()?;
-    let (name, version) = (args.name.as_str(), args.version);
+    let (name, version) = (ops::check_module(&args.name)?, args.version);
     let written = ops::block_on(async {
         let js = ops::jetstream(&args.nats).await?;
         require_published(&js, name, version).await?;
@@ -379,7 +379,7 @@ pub fn rollout(args: RolloutArgs) -> anyhow::Result<()> {
 
 pub fn unassign(args: UnassignArgs) -> anyhow::Result<()> {
     let scope = args.scope.scope()?;
-    let name = args.name.as_str();
+    let name = ops::check_module(&args.name)?;
     let written = ops::block_on(async {
         let js = ops::jetstream(&args.nats).await?;
         edit_assignments(&js, scope, |s| {
@@ -399,7 +399,7 @@ pub fn unassign(args: UnassignArgs) -> anyhow::Result<()> {
 
 pub fn disable(args: DisableArgs) -> anyhow::Result<()> {
     let scope = args.scope.scope()?;
-    let name = args.name.as_str();
+    let name = ops::check_module(&args.name)?;
     let written = ops::block_on(async {
         let js = ops::jetstream(&args.nats).await?;
         edit_assignments(&js, scope, |s| {
@@ -418,6 +418,7 @@ pub fn disable(args: DisableArgs) -> anyhow::Result<()> {
 }
 
 fn print_written(scope: Scope<'_>, written: &kv::Written<AssignmentScope>) {
+    ops::report_replaced(ASSIGNMENTS_BUCKET, &scope.key(), written.replaced.as_ref());
     let revision = written
         .revision
         .map_or_else(|| "absent".to_string(), |r| format!("revision {r}"));
@@ -509,16 +510,19 @@ async fn require_published(
 
 /// A stored scope, refused when re-encoding it would lose something: agents ignore
 /// fields they do not know, but an edit by this tool must not drop what a newer one wrote.
-fn decode_assignments(bytes: &[u8]) -> anyhow::Result<AssignmentScope> {
-    let scope = AssignmentScope::from_json(bytes).map_err(|e| anyhow!(e))?;
-    let stored: serde_json::Value = serde_json::from_slice(bytes)?;
-    let kept: serde_json::Value = serde_json::from_slice(&scope.to_json())?;
-    anyhow::ensure!(
-        stored == kept,
-        "it holds fields this collector does not know ({}); edit it with the newer tool that \
-         wrote them",
-        String::from_utf8_lossy(bytes)
-    );
+fn decode_assignments(bytes: &[u8]) -> Result<AssignmentScope, kv::Undecodable> {
+    let scope = AssignmentScope::from_json(bytes).map_err(kv::Undecodable::Refused)?;
+    let stored: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| kv::Undecodable::Refused(e.to_string()))?;
+    let kept: serde_json::Value = serde_json::from_slice(&scope.to_json())
+        .map_err(|e| kv::Undecodable::Refused(e.to_string()))?;
+    if stored != kept {
+        return Err(kv::Undecodable::Keep(anyhow!(
+            "it holds fields this collector does not know ({}); edit it with the newer tool that \
+             wrote them",
+            collector_fleet::names::printable(&String::from_utf8_lossy(bytes), 400)
+        )));
+    }
     Ok(scope)
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
-use collector_fleet::{AgentGroups, GROUPS_BUCKET, NatsOptions, kv};
+use collector_fleet::{AgentGroups, GROUPS_BUCKET, NatsOptions, kv, names};
 use collector_shared::scope::{Layers, Scope, keys_for};
 
 /// How to reach and authenticate to NATS: the flags of `collector run` and of the operator
@@ -163,21 +163,42 @@ fn scope_of<'a>(group: Option<&'a str>, pc: Option<&'a str>) -> anyhow::Result<S
     })
 }
 
-/// `value` when it can be the last part of a bucket key (a group name or a PC id):
-/// letters, digits, `-`, `_` and `=`, with inner dots allowed.
+/// `value` when it is a valid group name (`--group`, `--set`) or PC id (`--pc`), checked
+/// by the rules agents apply ([`names`]) before any request is made.
 ///
 /// # Errors
 ///
 /// Naming `flag`, when it cannot.
 pub fn check_name<'a>(flag: &str, value: &'a str) -> anyhow::Result<&'a str> {
-    let ok_chars = value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '=' | '.'));
-    anyhow::ensure!(
-        !value.is_empty() && ok_chars && !value.starts_with('.') && !value.ends_with('.'),
-        "{flag} {value:?}: expected letters, digits, `-`, `_`, `=` or inner dots"
-    );
+    let checked = if flag == "--pc" {
+        names::pc_id(value)
+    } else {
+        names::group(value)
+    };
+    checked.map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
     Ok(value)
+}
+
+/// `name` when it is a valid module name, checked before any request is made.
+///
+/// # Errors
+///
+/// Naming the module name and what is wrong with it.
+pub fn check_module(name: &str) -> anyhow::Result<&str> {
+    names::module(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(name)
+}
+
+/// Tells the operator that an edit overwrote a value agents refuse, and what it was.
+pub fn report_replaced(bucket: &str, key: &str, replaced: Option<&kv::Replaced>) {
+    if let Some(r) = replaced {
+        eprintln!(
+            "warning: {bucket} {key} held a value agents refuse ({}), now replaced; it was (revision {}): {}",
+            names::printable(&r.reason, 300),
+            r.revision,
+            names::printable(&r.value, 2000)
+        );
+    }
 }
 
 /// The groups `pc` belongs to (`agent_groups`; none when the bucket or key is absent).

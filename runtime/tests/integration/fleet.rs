@@ -183,7 +183,7 @@ impl Fleet {
 }
 
 /// The process-perf guest, signed by the trusted key as `version`.
-fn process_perf(version: u64) -> Vec<u8> {
+pub(crate) fn process_perf(version: u64) -> Vec<u8> {
     signed(
         "process-perf",
         version,
@@ -193,21 +193,21 @@ fn process_perf(version: u64) -> Vec<u8> {
 }
 
 /// Settings that turn process_perf on at `interval`, top 2.
-fn enable(fleet: &Fleet, key: &str, interval: &str) {
+pub(crate) fn enable(fleet: &Fleet, key: &str, interval: &str) {
     let value = format!(
         r#"{{"host_perf_interval":"{interval}","process_perf_enabled":true,"process_perf_top_n":2}}"#
     );
     fleet.put(CONFIG_BUCKET, key, value.as_bytes());
 }
 
-fn runs(status: &AgentStatus, name: &str, version: u64) -> bool {
+pub(crate) fn runs(status: &AgentStatus, name: &str, version: u64) -> bool {
     status
         .modules
         .iter()
         .any(|m| m.name == name && m.version == version && !m.probation)
 }
 
-fn version_of(status: &AgentStatus, name: &str) -> Option<u64> {
+pub(crate) fn version_of(status: &AgentStatus, name: &str) -> Option<u64> {
     status
         .modules
         .iter()

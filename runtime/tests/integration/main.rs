@@ -18,6 +18,7 @@ mod fetch;
 mod fleet;
 mod fleet_cli;
 mod guest;
+mod hostile_fleet;
 mod hostile_guests;
 mod last_known_good;
 mod nats;

@@ -277,6 +277,39 @@ pub struct Written<T> {
     pub revision: Option<u64>,
     /// Rounds lost to other writers before this one succeeded.
     pub conflicts: u32,
+    /// What the key held before, when agents refuse it and it was overwritten.
+    pub replaced: Option<Replaced>,
+}
+
+/// A value agents refuse, which an edit overwrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    /// Its revision.
+    pub revision: u64,
+    /// Why agents refuse it.
+    pub reason: String,
+    /// The value as it was (lossy UTF-8).
+    pub value: String,
+}
+
+/// Why a stored value cannot be decoded for an edit.
+#[derive(Debug)]
+pub enum Undecodable {
+    /// Agents refuse it too: nothing the fleet uses is lost by overwriting it, so the edit
+    /// starts from empty and reports what was there ([`Written::replaced`]).
+    Refused(String),
+    /// Readable, but an edit by this tool would lose something (fields a newer tool
+    /// wrote): the edit is refused.
+    Keep(anyhow::Error),
+}
+
+impl From<Undecodable> for anyhow::Error {
+    fn from(e: Undecodable) -> Self {
+        match e {
+            Undecodable::Refused(reason) => anyhow!(reason),
+            Undecodable::Keep(e) => e,
+        }
+    }
 }
 
 /// Reads `key` (absent or deleted: `T::default()`), applies `mutate`, and writes the
@@ -300,29 +333,42 @@ pub async fn read_modify_write<T, D, E, M>(
 ) -> anyhow::Result<Written<T>>
 where
     T: Default + Clone + PartialEq,
-    D: Fn(&[u8]) -> anyhow::Result<T>,
+    D: Fn(&[u8]) -> Result<T, Undecodable>,
     E: Fn(&T) -> Vec<u8>,
     M: FnMut(&mut T) -> anyhow::Result<()>,
 {
     let mut conflicts = 0;
     loop {
         let current = read(kv, bucket, key).await?;
+        let mut replaced = None;
         let before = match &current.value {
-            Some(bytes) => decode(bytes).with_context(|| {
-                format!(
-                    "{bucket} key {key} holds a value that cannot be read, so it is not overwritten"
-                )
-            })?,
+            Some(bytes) => match decode(bytes) {
+                Ok(value) => value,
+                Err(Undecodable::Refused(reason)) => {
+                    replaced = Some(Replaced {
+                        revision: current.revision.unwrap_or(0),
+                        reason,
+                        value: String::from_utf8_lossy(bytes).into_owned(),
+                    });
+                    T::default()
+                }
+                Err(Undecodable::Keep(e)) => {
+                    return Err(e.context(format!(
+                        "{bucket} key {key} holds a value this tool cannot rewrite without loss, so it is not overwritten"
+                    )));
+                }
+            },
             None => T::default(),
         };
         let mut value = before.clone();
         mutate(&mut value)?;
-        if value == before {
+        if value == before && replaced.is_none() {
             return Ok(Written {
                 value,
                 changed: false,
                 revision: current.revision.filter(|_| current.value.is_some()),
                 conflicts,
+                replaced,
             });
         }
         let bytes = encode(&value).into();
@@ -343,6 +389,7 @@ where
                     changed: true,
                     revision: Some(revision),
                     conflicts,
+                    replaced,
                 });
             }
             Err((true, e)) => {

@@ -70,6 +70,39 @@ fn check(what: &'static str, name: &str, max: usize, allow_dots: bool) -> Result
     Ok(())
 }
 
+/// Text from a bucket or a subject made safe to print on a terminal, as one line: control
+/// characters (escape sequences, newlines, carriage returns), bidi overrides and other
+/// invisible format characters are written as `\u{..}` escapes (`\n`, `\r`, `\t` for
+/// those), and a text over `max` characters is cut with `…`.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max * 2));
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() || is_invisible_format(c) => {
+                out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Bidi controls, zero-width and other format characters that change how a line reads
+/// without showing themselves.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD | 0x061C | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB
+    )
+}
+
 /// At most 80 characters of a name, for an error message.
 fn truncated(name: &str) -> String {
     let mut out: String = name.chars().take(80).collect();
@@ -145,5 +178,23 @@ mod tests {
         }
         assert!(pc_id("a.b").is_err());
         pc_id("pc-a").unwrap();
+    }
+
+    #[test]
+    fn printable_text_holds_no_escape_newline_or_bidi_override() {
+        let hostile = "ok\u{1b}]0;owned\u{7}\u{1b}[2J\nforged row\r\u{202e}txt.exe\u{200b}";
+        let shown = printable(hostile, 200);
+        assert!(
+            !shown
+                .chars()
+                .any(|c| c.is_control() || is_invisible_format(c)),
+            "{shown}"
+        );
+        assert_eq!(
+            shown,
+            "ok\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\nforged row\\r\\u{202e}txt.exe\\u{200b}"
+        );
+        assert_eq!(printable("héllo wörld", 5), "héllo…");
+        assert_eq!(printable("plain", 5), "plain");
     }
 }

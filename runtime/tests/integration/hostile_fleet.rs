@@ -1,0 +1,176 @@
+//! The fleet's buckets as hostile input: values that do not decode or have another
+//! shape, invalid names, and what the operator's commands make of them. An agent keeps
+//! each key's last good value (and its running modules) whatever a bucket holds, refuses
+//! invalid names before using them, and says so in its status record; an operator can
+//! always overwrite a bad value, and is told what was there.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use collector_fleet::{ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET};
+
+use crate::fleet::{Fleet, enable, process_perf, runs};
+
+/// How long a state that must hold is watched: several re-reads (`--fleet-resync`).
+const HOLD: Duration = Duration::from_secs(3);
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn operator(fleet: &Fleet, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_collector"))
+        .args(args)
+        .env("NATS_URL", &fleet.server.url)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+/// Watches pc-a's status for `HOLD`: `cond` must hold at every record.
+fn holds(fleet: &Fleet, what: &str, cond: impl Fn(&collector_fleet::status::AgentStatus) -> bool) {
+    let until = std::time::Instant::now() + HOLD;
+    while std::time::Instant::now() < until {
+        let status = fleet.status("pc-a").expect("a status record");
+        assert!(cond(&status), "{what} no longer holds: {status:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn no_value_in_a_bucket_stops_a_module_across_rereads_and_restarts() {
+    let fleet = Fleet::start();
+    fleet.put_module("process-perf", 1, &process_perf(1));
+    enable(&fleet, "global", "200ms");
+    fleet.assign("global", &[("process-perf", 1)]);
+    let args = ["--fleet-resync", "300ms"];
+    let agent = fleet.agent("pc-a", &args);
+    fleet.wait_status("pc-a", CONVERGE, "v1 healthy", |s| {
+        runs(s, "process-perf", 1)
+    });
+
+    // A version written as a string does not decode; a JetStream API answer steered onto
+    // the settings key decodes to nothing but unknown fields. Neither may read as
+    // "assign nothing" or "all defaults".
+    let bad_assignment = r#"{"modules":{"process-perf":{"version":"1"}}}"#;
+    let bad_settings = r#"{"type":"io.nats.jetstream.api.v1.stream_info_response","total":1}"#;
+    fleet.put(ASSIGNMENTS_BUCKET, "global", bad_assignment.as_bytes());
+    fleet.put(CONFIG_BUCKET, "global", bad_settings.as_bytes());
+    let refused = |s: &collector_fleet::status::AgentStatus| {
+        s.refused_values.contains_key("collector_config/global")
+            && s.refused_values.contains_key("agent_config/global")
+    };
+    let status = fleet.wait_status("pc-a", CONVERGE, "both values refused", refused);
+    assert_eq!(
+        status.health(chrono::Utc::now(), chrono::Duration::seconds(60)),
+        "degraded"
+    );
+    let reason = &status.refused_values["collector_config/global"].reason;
+    assert!(reason.contains("version"), "{reason}");
+    holds(&fleet, "v1 running and the refusals shown", |s| {
+        runs(s, "process-perf", 1) && refused(s)
+    });
+    // Its settings stayed too: data still flows at the fleet's interval.
+    let mut data = fleet.subscribe("process_perf.pc-a");
+    assert!(fleet.next(&mut data, Duration::from_secs(5)).is_some());
+    agent.stop();
+
+    // A restart with the bad values still there: the saved last good values apply.
+    let _agent = fleet.agent("pc-a", &args);
+    fleet.wait_status("pc-a", CONVERGE, "v1 healthy after a restart", |s| {
+        runs(s, "process-perf", 1) && refused(s)
+    });
+    holds(&fleet, "v1 running after a restart", |s| {
+        runs(s, "process-perf", 1)
+    });
+    let mut data = fleet.subscribe("process_perf.pc-a");
+    assert!(fleet.next(&mut data, Duration::from_secs(5)).is_some());
+
+    // The operator overwrites the bad value, and is told what was there.
+    let out = operator(
+        &fleet,
+        &["module", "rollout", "process-perf", "1", "--global"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("replaced") && stderr.contains(r#""version":"1""#),
+        "{stderr}"
+    );
+    fleet.wait_status("pc-a", CONVERGE, "the refusal cleared", |s| {
+        !s.refused_values.contains_key("collector_config/global") && runs(s, "process-perf", 1)
+    });
+}
+
+#[test]
+fn invalid_names_are_refused_before_use_and_cost_only_themselves() {
+    let mut fleet = Fleet::start();
+    fleet.put_module("process-perf", 1, &process_perf(1));
+    enable(&fleet, "global", "200ms");
+    fleet.assign("global", &[("process-perf", 1)]);
+    // kanade's membership is free-form: one unusable group name among good ones.
+    fleet.put(
+        GROUPS_BUCKET,
+        "pc-a",
+        br#"{"groups":["has space","canary"]}"#,
+    );
+    fleet.put(
+        CONFIG_BUCKET,
+        "groups.canary",
+        br#"{"process_perf_top_n":3}"#,
+    );
+    let args = ["--fleet-resync", "300ms"];
+    let agent = fleet.agent("pc-a", &args);
+    let status = fleet.wait_status("pc-a", CONVERGE, "v1 healthy", |s| {
+        runs(s, "process-perf", 1)
+    });
+    assert!(status.config_revision > 0, "{status:#?}");
+    // The canary's settings arrived: the bad name cost only itself.
+    let mut data = fleet.subscribe("process_perf.pc-a");
+    let message = fleet.next(&mut data, Duration::from_secs(5)).expect("data");
+    let perf: serde_json::Value = serde_json::from_slice(&message).unwrap();
+    assert_eq!(
+        perf["processes"].as_array().map(Vec::len),
+        Some(3),
+        "the canary's top 3, over the fleet's top 2: {perf}"
+    );
+
+    // Names that would walk a path, widen a subject or escape a terminal: the value
+    // naming them is refused as a whole, and the last good one stays.
+    for bad in [
+        "../x",
+        "a\u{0}b",
+        "",
+        "a*",
+        "\u{202e}gpj",
+        &"n".repeat(3500),
+    ] {
+        let value = serde_json::json!({ "modules": { bad: { "version": 1 } } }).to_string();
+        fleet.put(ASSIGNMENTS_BUCKET, "global", value.as_bytes());
+        fleet.wait_status("pc-a", CONVERGE, "the value refused", |s| {
+            s.refused_values.contains_key("collector_config/global")
+        });
+        holds(&fleet, "v1 running", |s| runs(s, "process-perf", 1));
+    }
+    // Nothing invalid was saved: an offline restart starts what ran.
+    agent.stop();
+    let saved = std::fs::read_to_string(fleet.state_dir("pc-a").join("fleet-state.json")).unwrap();
+    assert!(
+        !saved.contains("../x") && !saved.contains("nnnn"),
+        "{saved}"
+    );
+    fleet.server.stop();
+    let offline = fleet.agent("pc-a", &args);
+    offline.stderr_line_containing("agent started module=process-perf v1");
+    drop(offline);
+    fleet.server.resume();
+
+    // The operator's commands refuse such names before any request.
+    for bad in ["../x", "a b", &"n".repeat(3500)] {
+        let out = operator(&fleet, &["module", "rollout", bad, "1", "--global"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        assert!(stderr.contains("module name"), "{stderr}");
+        assert!(
+            stderr.len() < 600,
+            "the error repeats the whole name: {stderr}"
+        );
+    }
+}
