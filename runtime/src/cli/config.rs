@@ -13,7 +13,7 @@ use collector_shared::config::resolve;
 use serde_json::{Map, Value};
 
 use super::ops::{self, NatsArgs, OptionalScope};
-use collector_fleet::{AgentGroups, CONFIG_BUCKET, GROUPS_BUCKET, kv};
+use collector_fleet::{AgentGroups, CONFIG_BUCKET, GROUPS_BUCKET, kv, names};
 use collector_shared::scope::Scope;
 
 /// kanade keeps one revision per key of its configuration buckets.
@@ -257,7 +257,7 @@ fn decoder(key: String) -> impl Fn(&[u8]) -> Result<ConfigScope, kv::Undecodable
         if scope == ConfigScope::default() && !unknown.is_empty() {
             return Err(kv::Undecodable::Refused(format!(
                 "holds none of the settings' fields, only {}",
-                collector_fleet::names::printable(&unknown.join(", "), 200)
+                names::printable(&unknown.join(", "), 200)
             )));
         }
         if !unknown.is_empty() {
@@ -366,13 +366,13 @@ fn get(args: GetArgs) -> anyhow::Result<()> {
     let revision = read.revision.unwrap_or_default();
     println!(
         "{CONFIG_BUCKET} {key} (revision {revision}): {}",
-        String::from_utf8_lossy(&bytes)
+        names::printable(&String::from_utf8_lossy(&bytes), 2000)
     );
     let scope = decoder(key.clone())(&bytes)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("{CONFIG_BUCKET} {key}: not a configuration layer"))?;
     for (field, value) in to_map(&scope) {
-        println!("  {field} = {value}");
+        println!("  {field} = {}", names::printable(&value.to_string(), 500));
     }
     Ok(())
 }

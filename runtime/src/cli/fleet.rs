@@ -16,7 +16,7 @@ use super::ops::{self, NatsArgs};
 use collector_fleet::status::AgentStatus;
 use collector_fleet::{
     ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, MODULES_STREAM, STATUS_BUCKET,
-    kv,
+    kv, names,
 };
 
 /// How many status records are fetched at once.
@@ -162,8 +162,9 @@ fn copies(replicas: usize) -> String {
     }
 }
 
-/// The records, sorted by PC id, and the keys whose record could not be read.
-type Records = (Vec<AgentStatus>, Vec<String>);
+/// The records with their keys, sorted by key, and the keys whose record could not be
+/// read.
+type Records = (Vec<(String, AgentStatus)>, Vec<String>);
 
 fn status(args: StatusArgs) -> anyhow::Result<()> {
     let stale_after = chrono::Duration::from_std(args.stale_after)
@@ -179,17 +180,62 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         anyhow::bail!("--pc {pc}: no status record in {STATUS_BUCKET} (the agent never reported)");
     }
     for problem in &unreadable {
-        eprintln!("warning: {problem}");
+        eprintln!("warning: {}", names::printable(problem, 500));
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&records)?);
+        // Exact, as stored: JSON escapes what a terminal would act on.
+        let exact: Vec<&AgentStatus> = records.iter().map(|(_, r)| r).collect();
+        println!("{}", serde_json::to_string_pretty(&exact)?);
         return Ok(());
     }
-    print!(
-        "{}",
-        report(&records, Utc::now(), stale_after, args.details)
-    );
+    // A record is an agent's say: every string in it is shown escaped, and it is listed
+    // under its key (which only that agent may write), whatever PC it claims to be.
+    let shown: Vec<AgentStatus> = records
+        .into_iter()
+        .map(|(key, record)| {
+            if record.pc_id != key {
+                eprintln!(
+                    "warning: {STATUS_BUCKET} key {key}: its record names PC {}; listed under its key",
+                    names::printable(&record.pc_id, 80)
+                );
+            }
+            printable_record(key, record)
+        })
+        .collect();
+    print!("{}", report(&shown, Utc::now(), stale_after, args.details));
     Ok(())
+}
+
+/// A record with every string made safe for a terminal, and `pc_id` set to its key.
+fn printable_record(key: String, mut r: AgentStatus) -> AgentStatus {
+    let p = |s: &mut String, max: usize| *s = names::printable(s, max);
+    r.pc_id = names::printable(&key, 128);
+    p(&mut r.agent_version, 64);
+    for m in &mut r.modules {
+        p(&mut m.name, 80);
+        p(&mut m.sha256, 80);
+    }
+    for b in &mut r.rolled_back {
+        p(&mut b.name, 80);
+        p(&mut b.reason, 500);
+    }
+    for w in &mut r.pending {
+        p(&mut w.name, 80);
+        p(&mut w.why, 500);
+    }
+    if let Some(f) = &mut r.last_refusal {
+        p(&mut f.name, 80);
+        p(&mut f.source, 200);
+        p(&mut f.reason, 500);
+    }
+    r.refused_values = std::mem::take(&mut r.refused_values)
+        .into_iter()
+        .map(|(k, mut v)| {
+            p(&mut v.reason, 500);
+            (names::printable(&k, 200), v)
+        })
+        .collect();
+    r
 }
 
 async fn read_records(args: &StatusArgs) -> anyhow::Result<Records> {
@@ -229,17 +275,29 @@ async fn read_records(args: &StatusArgs) -> anyhow::Result<Records> {
     for (key, value) in fetched {
         match value? {
             None => {}
-            Some(bytes) => match serde_json::from_slice::<AgentStatus>(&bytes) {
-                Ok(record) => records.push(record),
-                Err(e) => unreadable.push(format!(
-                    "{STATUS_BUCKET} key {key}: not a status record ({e}); skipped"
-                )),
+            Some(bytes) => match record(&bytes) {
+                Ok(record) => records.push((key, record)),
+                Err(e) => unreadable.push(format!("{STATUS_BUCKET} key {key}: {e}; skipped")),
             },
         }
     }
-    records.sort_by(|a, b| a.pc_id.cmp(&b.pc_id));
+    records.sort_by(|a, b| a.0.cmp(&b.0));
     unreadable.sort();
     Ok((records, unreadable))
+}
+
+/// A status record, refused over [`kv::MAX_STATUS_RECORD`] bytes (what `fleet init`
+/// caps the bucket at): an agent cannot make this command hold megabytes per record.
+fn record(bytes: &[u8]) -> Result<AgentStatus, String> {
+    let cap = usize::try_from(kv::MAX_STATUS_RECORD).unwrap_or(usize::MAX);
+    if bytes.len() > cap {
+        return Err(format!(
+            "a record of {} bytes, over the {} KiB a status record may hold",
+            bytes.len(),
+            cap / 1024
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("not a status record ({e})"))
 }
 
 /// The summary and the table.
@@ -365,6 +423,13 @@ fn report(
             }
             for p in &record.pending {
                 let _ = writeln!(out, "    pending: {} v{}: {}", p.name, p.version, p.why);
+            }
+            for (key, v) in &record.refused_values {
+                let _ = writeln!(
+                    out,
+                    "    refused value: {key} revision {}: {} (the last good value stays)",
+                    v.revision, v.reason
+                );
             }
             if let Some(f) = &record.last_refusal {
                 let _ = writeln!(

@@ -18,7 +18,7 @@ use sha2::{Digest as _, Sha256};
 use super::ops::{self, NatsArgs, RequiredScope};
 use collector_bundle::{self as bundle, MAX_BUNDLE_LEN, TrustStore};
 use collector_fleet::assignment::{self, AssignmentScope};
-use collector_fleet::{self as fleet, ASSIGNMENTS_BUCKET, MODULES_STORE, kv};
+use collector_fleet::{self as fleet, ASSIGNMENTS_BUCKET, MODULES_STORE, kv, names};
 use collector_shared::scope::Scope;
 
 /// Revisions kept per key of `collector_config`: enough to see what a scope said
@@ -329,9 +329,13 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
         println!("no module published in {MODULES_STORE} (collector module publish adds one)");
         return Ok(());
     }
+    // Object names come from the store: shown escaped, one line each.
+    for r in &mut rows {
+        r.module = names::printable(&r.module, 80);
+    }
     let width = rows
         .iter()
-        .map(|r| r.module.len())
+        .map(|r| r.module.chars().count())
         .max()
         .unwrap_or(0)
         .max(6);
@@ -520,7 +524,7 @@ fn decode_assignments(bytes: &[u8]) -> Result<AssignmentScope, kv::Undecodable> 
         return Err(kv::Undecodable::Keep(anyhow!(
             "it holds fields this collector does not know ({}); edit it with the newer tool that \
              wrote them",
-            collector_fleet::names::printable(&String::from_utf8_lossy(bytes), 400)
+            names::printable(&String::from_utf8_lossy(bytes), 400)
         )));
     }
     Ok(scope)

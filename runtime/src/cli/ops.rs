@@ -214,8 +214,10 @@ pub async fn read_groups(
         return Ok(Vec::new());
     };
     match kv::read(&store, GROUPS_BUCKET, pc).await?.value {
-        Some(bytes) => Ok(serde_json::from_slice::<AgentGroups>(&bytes)
-            .with_context(|| format!("{GROUPS_BUCKET} key {pc}: expected {{\"groups\":[...]}}"))?
+        Some(bytes) => Ok(AgentGroups::from_json(&String::from_utf8_lossy(&bytes))
+            .map_err(|e| {
+                anyhow::anyhow!("{GROUPS_BUCKET} key {pc}: {}", names::printable(&e, 300))
+            })?
             .groups),
         None => Ok(Vec::new()),
     }

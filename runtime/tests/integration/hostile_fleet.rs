@@ -174,3 +174,79 @@ fn invalid_names_are_refused_before_use_and_cost_only_themselves() {
         );
     }
 }
+
+#[test]
+fn nothing_an_agent_writes_reaches_the_operators_terminal_raw() {
+    let fleet = Fleet::start();
+    // pc-a's record: escape sequences (title, clear screen, colour), a newline that
+    // forges a table row, a bidi override, and a claim to be pc-b.
+    let hostile =
+        "\u{1b}]0;owned\u{7}\u{1b}[2J\u{1b}[31mred\nforged-pc   evil v9   ok\r\u{202e}exe.txt";
+    let record = serde_json::json!({
+        "pc_id": "pc-b",
+        "last_seen": chrono::Utc::now(),
+        "agent_version": hostile,
+        "modules": [{
+            "name": hostile, "version": 1, "sha256": hostile,
+            "since": chrono::Utc::now(), "probation": false, "traps": 0
+        }],
+        "pending": [{ "name": "m", "version": 2, "why": hostile }],
+        "config_revision": 1,
+        "assignment_revision": 1
+    });
+    fleet.put(
+        collector_fleet::STATUS_BUCKET,
+        "pc-a",
+        record.to_string().as_bytes(),
+    );
+    // And a record far over any status record's size.
+    let mut big = record.clone();
+    big["agent_version"] = "x".repeat(900 * 1024).into();
+    fleet.put(
+        collector_fleet::STATUS_BUCKET,
+        "pc-c",
+        big.to_string().as_bytes(),
+    );
+    // A settings value with the same text, for `config get`.
+    let value = serde_json::json!({ "client_display_name": hostile }).to_string();
+    fleet.put(CONFIG_BUCKET, "global", value.as_bytes());
+
+    for args in [
+        &["fleet", "status", "--details"][..],
+        &["config", "get"][..],
+    ] {
+        let out = operator(&fleet, args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        for (what, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+            assert!(
+                !text.contains('\u{1b}')
+                    && !text.contains('\u{7}')
+                    && !text.contains('\r')
+                    && !text.contains('\u{202e}'),
+                "{args:?} {what} carries raw control or bidi characters: {text:?}"
+            );
+            assert!(
+                !text.lines().any(|l| l.starts_with("forged-pc")),
+                "{args:?} {what}: a forged row: {text}"
+            );
+        }
+        if args[0] == "fleet" {
+            // Listed under its key, never as the PC it claims to be.
+            assert!(stdout.lines().any(|l| l.starts_with("pc-a ")), "{stdout}");
+            assert!(!stdout.lines().any(|l| l.starts_with("pc-b")), "{stdout}");
+            assert!(stderr.contains("names PC pc-b"), "{stderr}");
+            // The oversized record is skipped, and said so.
+            assert!(
+                stderr.contains("pc-c") && stderr.contains("KiB"),
+                "{stderr}"
+            );
+            assert!(stdout.contains("\\u{1b}[2J"), "shown escaped: {stdout}");
+        }
+    }
+    // --json stays exact (JSON escapes control characters itself).
+    let out = operator(&fleet, &["fleet", "status", "--json"]);
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(records[0]["agent_version"], hostile);
+}
