@@ -250,3 +250,114 @@ fn nothing_an_agent_writes_reaches_the_operators_terminal_raw() {
     let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(records[0]["agent_version"], hostile);
 }
+
+#[test]
+fn what_is_assigned_never_buys_unbounded_work() {
+    let fleet = Fleet::start();
+    fleet.put_module("process-perf", 1, &process_perf(1));
+    enable(&fleet, "global", "200ms");
+    // An object whose metadata lies: a hundred thousand chunks of one byte.
+    let meta = serde_json::json!({
+        "name": "liar/1", "bucket": collector_fleet::MODULES_STORE, "nuid": "LIAR",
+        "size": 100_000, "chunks": 100_000, "mtime": chrono::Utc::now(),
+        "digest": "SHA-256=AAAA"
+    });
+    fleet.rt.block_on(async {
+        let subject = format!(
+            "$O.{}.M.{}",
+            collector_fleet::MODULES_STORE,
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE, "liar/1")
+        );
+        fleet
+            .js
+            .publish(subject, meta.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    // Ten thousand modules that do not exist, besides two that do (or claim to).
+    let mut modules = serde_json::Map::new();
+    modules.insert("process-perf".into(), serde_json::json!({ "version": 1 }));
+    modules.insert("liar".into(), serde_json::json!({ "version": 1 }));
+    for i in 0..10_000 {
+        modules.insert(format!("zz-{i:05}"), serde_json::json!({ "version": 1 }));
+    }
+    let value = serde_json::json!({ "modules": modules }).to_string();
+    fleet.put(ASSIGNMENTS_BUCKET, "global", value.as_bytes());
+    let _agent = fleet.agent("pc-a", &[]);
+    let status = fleet.wait_status(
+        "pc-a",
+        CONVERGE,
+        "the liar refused and the rest summed up",
+        |s| {
+            runs(s, "process-perf", 1)
+                && s.last_refusal.as_ref().is_some_and(|r| r.name == "liar")
+                && s.over_limit > 0
+        },
+    );
+    assert_eq!(status.over_limit, 10_002 - 64, "{:?}", status.over_limit);
+    assert!(status.pending.len() < 64, "{}", status.pending.len());
+    let reason = &status.last_refusal.as_ref().unwrap().reason;
+    assert!(reason.contains("100000 chunks"), "{reason}");
+    let record = serde_json::to_vec(&status).unwrap();
+    assert!(
+        record.len() < 16 * 1024,
+        "a status record of {} bytes",
+        record.len()
+    );
+}
+
+#[test]
+fn an_assignment_storm_restarts_and_publishes_no_faster_than_the_interval() {
+    let fleet = Fleet::start();
+    fleet.put_module("process-perf", 1, &process_perf(1));
+    enable(&fleet, "global", "500ms");
+    fleet.assign("global", &[("process-perf", 1)]);
+    let agent = fleet.agent("pc-a", &[]);
+    fleet.wait_status("pc-a", CONVERGE, "v1 healthy", |s| {
+        runs(s, "process-perf", 1)
+    });
+    let mut data = fleet.subscribe("process_perf.pc-a");
+    while fleet.next(&mut data, Duration::from_millis(10)).is_some() {}
+
+    // Three seconds of an assignment flipping on and off, a hundred times a second.
+    let storm = Duration::from_secs(3);
+    let start = std::time::Instant::now();
+    let mut flips = 0;
+    while start.elapsed() < storm {
+        if flips % 2 == 0 {
+            fleet.put(ASSIGNMENTS_BUCKET, "global", br#"{"modules":{}}"#);
+        } else {
+            fleet.assign("global", &[("process-perf", 1)]);
+        }
+        flips += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fleet.assign("global", &[("process-perf", 1)]);
+    // It converges on the last state.
+    fleet.wait_status("pc-a", CONVERGE, "v1 running after the storm", |s| {
+        runs(s, "process-perf", 1)
+    });
+    let window = start.elapsed() + Duration::from_secs(1);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut messages = 0;
+    while fleet.next(&mut data, Duration::from_millis(50)).is_some() {
+        messages += 1;
+    }
+    // One message per 500 ms tick, and at most one more per restart, a restart at
+    // most a second apart: far from one per flip.
+    let most = (window.as_millis() / 500) as usize + (window.as_secs() as usize + 1) + 2;
+    assert!(
+        messages <= most,
+        "{messages} messages in {window:?} after {flips} flips (at most {most})"
+    );
+    let mut starts = 0;
+    while let Ok(line) = agent.stderr.recv_timeout(Duration::from_millis(100)) {
+        starts += usize::from(line.contains("agent started"));
+    }
+    assert!(
+        starts <= window.as_secs() as usize + 2,
+        "{starts} module starts in {window:?}"
+    );
+}

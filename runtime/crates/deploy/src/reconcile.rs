@@ -64,7 +64,7 @@ impl Default for ReconcilerOptions {
             max_bundle_len: MAX_BUNDLE_LEN,
             fetch_timeout: Duration::from_secs(30),
             retry_min: Duration::from_millis(250),
-            retry_max: Duration::from_secs(5),
+            retry_max: Duration::from_secs(30),
             recheck_refused: Duration::from_secs(60),
         }
     }
@@ -172,9 +172,19 @@ struct Running {
     /// What a rollback returns to, while `id` is on probation.
     fallback: Option<ModuleId>,
     since: DateTime<Utc>,
+    /// When it last started or swapped, to damp restarts.
+    started: Instant,
     probation: bool,
     stats: Arc<HostStats>,
 }
+
+/// Most modules one agent runs: an assignment naming more starts the first ones by name
+/// and reports the rest, so that no assignment makes the agent's work or memory grow
+/// with its size.
+pub const MAX_MODULES: usize = 64;
+/// Fewest milliseconds between two download attempts, whatever is assigned: with
+/// [`MAX_MODULES`] and the retry backoff, this bounds what missing objects cost.
+const ATTEMPT_SPACING: Duration = Duration::from_millis(50);
 
 /// An assigned version that does not run yet.
 struct Wanted {
@@ -217,6 +227,12 @@ pub struct Reconciler {
     last_good: BTreeMap<String, collector_fleet::watch::GoodValue>,
     /// Values of the fleet's buckets refused, as the status record shows them.
     refused_values: BTreeMap<String, collector_fleet::watch::RefusedValue>,
+    /// Assigned modules past [`MAX_MODULES`], not started.
+    over_limit: usize,
+    /// No download is tried before this.
+    next_attempt: Instant,
+    /// When recently stopped modules last started, by name.
+    last_started: BTreeMap<String, Instant>,
     next_status: Instant,
     stats: Arc<ReconcilerStats>,
 }
@@ -266,6 +282,9 @@ impl Reconciler {
             tried_status_create: false,
             last_good: BTreeMap::new(),
             refused_values: BTreeMap::new(),
+            over_limit: 0,
+            next_attempt: Instant::now(),
+            last_started: BTreeMap::new(),
             next_status: Instant::now(),
             stats: Arc::new(ReconcilerStats::default()),
         };
@@ -318,7 +337,7 @@ impl Reconciler {
             let next = self
                 .wanted
                 .values()
-                .filter_map(|w| w.due)
+                .filter_map(|w| w.due.map(|d| d.max(self.next_attempt)))
                 .chain([self.next_status])
                 .min()
                 .unwrap_or(now + self.options.status_every);
@@ -425,17 +444,39 @@ impl Reconciler {
     /// Compares desired with actual state: stops unassigned modules, schedules downloads
     /// of assigned versions that do not run.
     fn plan(&mut self) {
-        let Some(desired) = self.desired.clone() else {
+        let Some(mut desired) = self.desired.clone() else {
             return;
         };
+        // The first MAX_MODULES by name; the rest are counted, not tracked.
+        let over = desired.len().saturating_sub(MAX_MODULES);
+        if over != self.over_limit {
+            if over > 0 {
+                tracing::warn!(
+                    assigned = desired.len(),
+                    "more modules assigned than the {MAX_MODULES} an agent runs; {over} not started"
+                );
+            }
+            self.over_limit = over;
+            self.status_dirty = true;
+        }
+        if over > 0 {
+            desired = desired.into_iter().take(MAX_MODULES).collect();
+        }
         let unassigned: Vec<String> = self
             .modules
             .keys()
             .filter(|name| !desired.contains_key(*name))
             .cloned()
             .collect();
+        // Starts are remembered for a while after a stop, so that an assignment that
+        // comes and goes does not restart a module faster than the floor either.
+        let floor = self.restart_floor();
+        self.last_started.retain(|_, at| at.elapsed() < floor);
         for name in unassigned {
             let r = self.modules.remove(&name).expect("listed");
+            if self.last_started.len() < MAX_MODULES {
+                self.last_started.insert(name.clone(), r.started);
+            }
             tracing::info!(module = %r.id, "no longer assigned; stopping it");
             r.handle.shutdown();
             if r.thread.join().is_err() {
@@ -467,12 +508,21 @@ impl Reconciler {
                 continue;
             }
             let jitter = random_below(self.options.rollout_jitter);
+            // A module that runs changes version at most once per tick interval (and
+            // per second): an assignment flipping back and forth restarts nothing faster.
+            let started = self
+                .modules
+                .get(name)
+                .map(|r| r.started)
+                .or_else(|| self.last_started.get(name).copied());
+            let floor = started.map_or(Instant::now(), |at| at + self.restart_floor());
+            let due = (Instant::now() + jitter).max(floor);
             tracing::info!(module = %name, version, ?jitter, "assigned; fetching it");
             self.wanted.insert(
                 name.clone(),
                 Wanted {
                     version,
-                    due: Some(Instant::now() + jitter),
+                    due: Some(due),
                     attempts: 0,
                     why: "waiting to download".into(),
                     refused_digest: None,
@@ -482,16 +532,27 @@ impl Reconciler {
         }
     }
 
+    /// Least time between two starts (or swaps) of one module: its tick interval, and at
+    /// least a second.
+    fn restart_floor(&self) -> Duration {
+        self.config.host_perf_duration().max(Duration::from_secs(1))
+    }
+
+    /// Tries the module whose turn came first, one per [`ATTEMPT_SPACING`]: whatever is
+    /// assigned, downloads never run back to back.
     fn deploy_due(&mut self) {
         let now = Instant::now();
-        let due: Vec<String> = self
+        if now < self.next_attempt {
+            return;
+        }
+        let due = self
             .wanted
             .iter()
-            .filter(|(_, w)| w.due.is_some_and(|d| d <= now))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in due {
+            .filter_map(|(n, w)| w.due.filter(|d| *d <= now).map(|d| (d, n.clone())))
+            .min();
+        if let Some((_, name)) = due {
             self.try_deploy(&name);
+            self.next_attempt = Instant::now() + ATTEMPT_SPACING;
         }
     }
 
@@ -593,6 +654,7 @@ impl Reconciler {
                 };
                 r.id = to.clone();
                 r.since = Utc::now();
+                r.started = Instant::now();
                 r.probation = true;
                 self.event(
                     KIND_UPDATE,
@@ -663,6 +725,7 @@ impl Reconciler {
                 id,
                 fallback: None,
                 since: Utc::now(),
+                started: Instant::now(),
                 probation,
                 stats,
             },
@@ -846,6 +909,7 @@ impl Reconciler {
                 })
                 .collect(),
             refused_values: self.refused_values.clone(),
+            over_limit: self.over_limit as u64,
             config_revision: self.config_revision,
             assignment_revision: self.assignment_revision,
         }

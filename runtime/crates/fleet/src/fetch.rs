@@ -33,6 +33,11 @@ pub struct Fetched {
     pub digest: Option<String>,
 }
 
+/// Fewest bytes a chunk of a downloaded object may average.
+pub const MIN_CHUNK: u64 = 1024;
+/// Most chunks one object may have (a 32 MiB bundle in 8 KiB chunks).
+pub const MAX_CHUNKS: u64 = 4096;
+
 /// One object of the module store: the store's stream (opened without a request) and
 /// the object's name, and `source`, how messages name it.
 struct Target {
@@ -142,6 +147,17 @@ pub async fn fetch(
             return Err(FetchError::Refused(format!(
                 "{source}: {} bytes, over the {max_len}-byte limit of a bundle; not downloaded",
                 info.size
+            )));
+        }
+        // A download costs one request per chunk: a count no bundle needs is refused
+        // before the first (the publisher's chunks are 128 KiB; 1 KiB is the least
+        // accepted), so lying metadata cannot buy a hundred thousand requests a try.
+        let most = (size / MIN_CHUNK + 1).min(MAX_CHUNKS);
+        if info.chunks as u64 > most {
+            return Err(FetchError::Refused(format!(
+                "{source}: its metadata lists {} chunks for {} bytes (at most {most} are \
+                 downloaded for that size); not downloaded",
+                info.chunks, info.size
             )));
         }
         // The chunks' subject is built from the metadata: a token of letters and digits

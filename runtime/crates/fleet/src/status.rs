@@ -41,6 +41,9 @@ pub struct AgentStatus {
     /// good value of each is still in force.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub refused_values: std::collections::BTreeMap<String, crate::watch::RefusedValue>,
+    /// Assigned modules past the most an agent runs (64), not started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub over_limit: u64,
     /// Highest `agent_config` revision in force (0: built-in defaults or offline copy).
     pub config_revision: u64,
     /// Highest `collector_config` revision in force.
@@ -110,7 +113,8 @@ impl AgentStatus {
     pub fn health(&self, now: DateTime<Utc>, stale_after: chrono::Duration) -> &'static str {
         if now - self.last_seen > stale_after {
             "stale"
-        } else if !self.pending.is_empty() || !self.refused_values.is_empty() {
+        } else if !self.pending.is_empty() || !self.refused_values.is_empty() || self.over_limit > 0
+        {
             "degraded"
         } else if self.modules.iter().any(|m| m.probation) {
             "probation"
@@ -118,6 +122,10 @@ impl AgentStatus {
             "ok"
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A kanade `ObsEvent` (`kanade_shared::wire::ObsEvent`), as published on `obs.<pc_id>`.
