@@ -35,6 +35,7 @@ pub struct FleetArgs {
 enum FleetCommand {
     Status(StatusArgs),
     Init(InitArgs),
+    Credentials(super::credentials::CredentialsArgs),
 }
 
 /// Create the fleet's buckets that do not exist yet: the KV buckets agent_config,
@@ -43,9 +44,11 @@ enum FleetCommand {
 ///
 /// Agents create the status bucket themselves when it is missing, which needs a right a
 /// least-privilege agent does not have; run this once, as the operator, before the first
-/// agent joins. Existing buckets are left as they are. The module store is created by
-/// With a NATS cluster, --replicas 3 stores each bucket on three servers, so that the
-/// fleet loses nothing and carries on when one server goes away.
+/// agent joins. Existing buckets keep their history and replicas; on each, direct gets
+/// are turned on (agents read their keys with nothing else), and on collector_status,
+/// rollup headers are refused and records capped at 64 KiB. With a NATS cluster,
+/// --replicas 3 stores each bucket on three servers, so that the fleet loses nothing and
+/// carries on when one server goes away.
 #[derive(Debug, Args)]
 pub struct InitArgs {
     /// How many servers of a NATS cluster store each bucket (1 to 5, at most the number
@@ -92,6 +95,7 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
     match args.command {
         FleetCommand::Status(args) => status(args),
         FleetCommand::Init(args) => init(args),
+        FleetCommand::Credentials(args) => super::credentials::run(&args),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The command line: parsing, logging setup, and one file per command.
 
 mod config;
+mod credentials;
 mod fleet;
 mod module;
 mod module_fleet;

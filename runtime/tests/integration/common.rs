@@ -302,6 +302,22 @@ impl NatsServer {
         server
     }
 
+    /// Restarts a server started with a config on a new config (same placeholders), keeping
+    /// its port and store.
+    pub fn reconfigure(&mut self, conf: &str) {
+        let (path, _) = self
+            .config
+            .as_ref()
+            .expect("a server started with a config");
+        let store = self.dir.path().join("jetstream");
+        let text = conf
+            .replace("{{PORT}}", &self.port.to_string())
+            .replace("{{STORE_DIR}}", store.to_str().unwrap());
+        std::fs::write(path, text).unwrap();
+        self.stop();
+        self.resume();
+    }
+
     /// Kills the server (its store stays).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

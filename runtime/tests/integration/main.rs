@@ -13,6 +13,7 @@ mod bundle_cli;
 mod cache;
 mod cli;
 mod crash;
+mod credentials;
 mod differential;
 mod fetch;
 mod fleet;
