@@ -23,5 +23,6 @@ mod hostile_fleet;
 mod hostile_guests;
 mod last_known_good;
 mod nats;
+mod nats_auth;
 mod swap;
 mod wasi_guests;
