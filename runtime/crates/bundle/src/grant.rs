@@ -36,16 +36,26 @@ pub fn check_pc_id(pc_id: &str) -> Result<(), String> {
     if pc_id.is_empty() {
         return Err("it is empty".into());
     }
+    if pc_id.len() > MAX_PC_ID {
+        return Err(format!(
+            "it is {} bytes long, over {MAX_PC_ID}",
+            pc_id.len()
+        ));
+    }
     if let Some(c) = pc_id
         .chars()
-        .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control())
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
     {
         return Err(format!(
-            "it contains {c:?}; it must be a single NATS subject token (letters, digits, `-`, `_`...)"
+            "it contains {c:?}; it must be a single NATS subject token that is also a KV key \
+             (ASCII letters, digits, `-` and `_`)"
         ));
     }
     Ok(())
 }
+
+/// Longest PC id, in bytes.
+pub const MAX_PC_ID: usize = 128;
 
 impl Grant {
     /// A grant that allows nothing.

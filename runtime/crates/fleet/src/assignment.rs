@@ -170,9 +170,19 @@ mod tests {
     fn bad_values_name_the_field() {
         let err = AssignmentScope::from_json(br#"{"modules":{"m":{"version":"7"}}}"#).unwrap_err();
         assert!(err.contains("modules.m.version"), "{err}");
+        // Another shape at the top (a JetStream answer, say) never reads as "assign
+        // nothing"; a field a newer tool adds to a module's entry is ignored.
+        let err = AssignmentScope::from_json(
+            br#"{"type":"io.nats.jetstream.api.v1.stream_msg_get_response"}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+        assert!(AssignmentScope::from_json(br#"{"modules":{},"future":1}"#).is_err());
         assert_eq!(
-            scope(r#"{"modules":{},"future":1}"#),
-            AssignmentScope::default()
+            scope(r#"{"modules":{"m":{"version":1,"future":true}}}"#).modules["m"].version,
+            Some(1)
         );
+        let err = AssignmentScope::from_json(br#"{"modules":{"../x":{"version":1}}}"#).unwrap_err();
+        assert!(err.contains("module name"), "{err}");
     }
 }

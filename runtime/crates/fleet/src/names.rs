@@ -14,7 +14,7 @@ pub const MAX_MODULE_NAME: usize = collector_bundle::MAX_NAME_LEN;
 /// Longest group name.
 pub const MAX_GROUP_NAME: usize = 128;
 /// Longest PC id.
-pub const MAX_PC_ID: usize = 128;
+pub const MAX_PC_ID: usize = collector_bundle::grant::MAX_PC_ID;
 
 /// A name refused, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,13 +137,19 @@ pub fn group(name: &str) -> Result<(), InvalidName> {
     check("group name", name, MAX_GROUP_NAME, true)
 }
 
-/// Checks a PC id: one subject token (no `.`), up to [`MAX_PC_ID`] bytes.
+/// Checks a PC id: the agent's own rule ([`collector_bundle::grant::check_pc_id`]): one
+/// subject token that is also a KV key, ASCII letters, digits, `-` and `_`, up to
+/// [`MAX_PC_ID`] bytes.
 ///
 /// # Errors
 ///
 /// [`InvalidName`] saying what is wrong.
 pub fn pc_id(name: &str) -> Result<(), InvalidName> {
-    check("PC id", name, MAX_PC_ID, false)
+    collector_bundle::grant::check_pc_id(name).map_err(|problem| InvalidName {
+        what: "PC id",
+        name: format!("{:?}", truncated(name)),
+        problem,
+    })
 }
 
 #[cfg(test)]
