@@ -316,7 +316,10 @@ mod tests {
 
     #[test]
     fn names_must_be_key_tokens() {
-        assert_eq!(check_name("--pc", "pc-01.lab").unwrap(), "pc-01.lab");
+        assert_eq!(check_name("--pc", "pc-01_lab").unwrap(), "pc-01_lab");
+        assert_eq!(check_name("--group", "ring.1").unwrap(), "ring.1");
+        // A PC id is one subject token, as the agent requires of its own.
+        assert!(check_name("--pc", "pc-01.lab").is_err());
         for bad in ["", "a b", "a*", ".a", "a.", "a>b"] {
             let err = check_name("--group", bad).unwrap_err().to_string();
             assert!(err.starts_with("--group"), "{err}");
