@@ -142,7 +142,7 @@ type Forged = (
 #[test]
 fn metadata_and_chunks_that_disagree_are_refused() {
     let fleet = Fleet::start();
-    let cases: [Forged; 6] = [
+    let cases: [Forged; 7] = [
         // More bytes in the chunks than the metadata admits to (and than the cap).
         (
             1,
@@ -163,9 +163,17 @@ fn metadata_and_chunks_that_disagree_are_refused() {
         // Empty chunks, which would otherwise be read up to the chunk count.
         (
             5,
-            meta("m/5", "AAA5", 10, 1_000_000),
+            meta("m/5", "AAA5", 10, 1),
             vec![("AAA5", &[]), ("AAA5", &[5; 10])],
-            "chunk 1 of 1000000 is empty",
+            "chunk 1 of 1 is empty",
+        ),
+        // A chunk count no object of that size has: refused before the first request,
+        // so lying metadata cannot buy a million requests a try.
+        (
+            8,
+            meta("m/8", "AAA8", 10, 1_000_000),
+            vec![("AAA8", &[8; 10])],
+            "1000000 chunks for 10 bytes",
         ),
         // Not an object's metadata at all.
         (
