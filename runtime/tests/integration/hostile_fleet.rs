@@ -345,8 +345,9 @@ fn an_assignment_storm_restarts_and_publishes_no_faster_than_the_interval() {
     while fleet.next(&mut data, Duration::from_millis(50)).is_some() {
         messages += 1;
     }
-    // One message per 500 ms tick, and at most one more per restart, a restart at
-    // most a second apart: far from one per flip.
+    // One message per 500 ms tick, and at most one more per restart; restarts come at
+    // most two in any two seconds (a restart floor of the 500 ms interval, at least a
+    // second): far from one per flip.
     let most = (window.as_millis() / 500) as usize + (window.as_secs() as usize + 1) + 2;
     assert!(
         messages <= most,
@@ -357,7 +358,7 @@ fn an_assignment_storm_restarts_and_publishes_no_faster_than_the_interval() {
         starts += usize::from(line.contains("agent started"));
     }
     assert!(
-        starts <= window.as_secs() as usize + 2,
+        starts <= window.as_secs() as usize + 3,
         "{starts} module starts in {window:?}"
     );
 }

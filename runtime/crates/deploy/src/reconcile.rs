@@ -172,8 +172,6 @@ struct Running {
     /// What a rollback returns to, while `id` is on probation.
     fallback: Option<ModuleId>,
     since: DateTime<Utc>,
-    /// When it last started or swapped, to damp restarts.
-    started: Instant,
     probation: bool,
     stats: Arc<HostStats>,
 }
@@ -231,8 +229,9 @@ pub struct Reconciler {
     over_limit: usize,
     /// No download is tried before this.
     next_attempt: Instant,
-    /// When recently stopped modules last started, by name.
-    last_started: BTreeMap<String, Instant>,
+    /// The last two starts (or swaps) of each module, running or recently stopped, by
+    /// name: at most two in any two restart floors.
+    starts: BTreeMap<String, [Option<Instant>; 2]>,
     next_status: Instant,
     stats: Arc<ReconcilerStats>,
 }
@@ -284,7 +283,7 @@ impl Reconciler {
             refused_values: BTreeMap::new(),
             over_limit: 0,
             next_attempt: Instant::now(),
-            last_started: BTreeMap::new(),
+            starts: BTreeMap::new(),
             next_status: Instant::now(),
             stats: Arc::new(ReconcilerStats::default()),
         };
@@ -471,12 +470,12 @@ impl Reconciler {
         // Starts are remembered for a while after a stop, so that an assignment that
         // comes and goes does not restart a module faster than the floor either.
         let floor = self.restart_floor();
-        self.last_started.retain(|_, at| at.elapsed() < floor);
+        let modules = &self.modules;
+        self.starts.retain(|name, [_, last]| {
+            modules.contains_key(name) || last.is_some_and(|at| at.elapsed() < floor * 2)
+        });
         for name in unassigned {
             let r = self.modules.remove(&name).expect("listed");
-            if self.last_started.len() < MAX_MODULES {
-                self.last_started.insert(name.clone(), r.started);
-            }
             tracing::info!(module = %r.id, "no longer assigned; stopping it");
             r.handle.shutdown();
             if r.thread.join().is_err() {
@@ -508,14 +507,10 @@ impl Reconciler {
                 continue;
             }
             let jitter = random_below(self.options.rollout_jitter);
-            // A module that runs changes version at most once per tick interval (and
-            // per second): an assignment flipping back and forth restarts nothing faster.
-            let started = self
-                .modules
-                .get(name)
-                .map(|r| r.started)
-                .or_else(|| self.last_started.get(name).copied());
-            let floor = started.map_or(Instant::now(), |at| at + self.restart_floor());
+            // A module starts or changes version at most twice in two tick intervals (and
+            // two seconds): a rollout right after a start goes at once, while an
+            // assignment flipping back and forth restarts nothing faster.
+            let floor = self.restart_allowed_at(name);
             let due = (Instant::now() + jitter).max(floor);
             tracing::info!(module = %name, version, ?jitter, "assigned; fetching it");
             self.wanted.insert(
@@ -532,10 +527,26 @@ impl Reconciler {
         }
     }
 
-    /// Least time between two starts (or swaps) of one module: its tick interval, and at
-    /// least a second.
+    /// The restart floor: a module's tick interval, and at least a second. A module
+    /// starts (or swaps) at most twice within two floors.
     fn restart_floor(&self) -> Duration {
         self.config.host_perf_duration().max(Duration::from_secs(1))
+    }
+
+    /// When `name` may next start or swap: now, unless it did twice within two floors.
+    fn restart_allowed_at(&self, name: &str) -> Instant {
+        match self.starts.get(name) {
+            Some([Some(older), Some(_)]) => (*older + self.restart_floor() * 2).max(Instant::now()),
+            _ => Instant::now(),
+        }
+    }
+
+    fn note_start(&mut self, name: &str) {
+        if !self.starts.contains_key(name) && self.starts.len() >= 2 * MAX_MODULES {
+            return;
+        }
+        let slot = self.starts.entry(name.to_string()).or_default();
+        *slot = [slot[1], Some(Instant::now())];
     }
 
     /// Tries the module whose turn came first, one per [`ATTEMPT_SPACING`]: whatever is
@@ -654,8 +665,8 @@ impl Reconciler {
                 };
                 r.id = to.clone();
                 r.since = Utc::now();
-                r.started = Instant::now();
                 r.probation = true;
+                self.note_start(&name);
                 self.event(
                     KIND_UPDATE,
                     &name,
@@ -682,6 +693,7 @@ impl Reconciler {
     pub fn start(&mut self, accepted: Accepted, probation: bool) {
         let name = accepted.id.name.clone();
         let id = accepted.id.clone();
+        self.note_start(&name);
         let mut services = (self.make_services)();
         services.grant = accepted.grant.clone();
         services.limits = accepted.limits.clone();
@@ -725,7 +737,6 @@ impl Reconciler {
                 id,
                 fallback: None,
                 since: Utc::now(),
-                started: Instant::now(),
                 probation,
                 stats,
             },
