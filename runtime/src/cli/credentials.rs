@@ -249,29 +249,9 @@ fn server_config(
         "accounts {{\n  FLEET {{\n    jetstream: enabled\n    exports: ["
     );
     let agent_reads = [CONFIG_BUCKET, GROUPS_BUCKET, ASSIGNMENTS_BUCKET];
-    for bucket in agent_reads {
-        let _ = writeln!(
-            w,
-            "      {{ service: \"$JS.API.DIRECT.GET.KV_{bucket}.>\", accounts: [AGENTS] }}"
-        );
-    }
-    let _ = writeln!(
-        w,
-        "      {{ service: \"$JS.API.DIRECT.GET.{MODULES_STREAM}\", accounts: [AGENTS] }}"
-    );
-    let _ = writeln!(
-        w,
-        "      {{ service: \"$JS.API.DIRECT.GET.{MODULES_STREAM}.>\", accounts: [AGENTS] }}"
-    );
-    let _ = writeln!(
-        w,
-        "      {{ service: \"$KV.{STATUS_BUCKET}.*\", accounts: [AGENTS] }}"
-    );
-    for bucket in agent_reads {
-        let _ = writeln!(
-            w,
-            "      {{ stream: \"$KV.{bucket}.>\", accounts: [AGENTS] }}"
-        );
+    let shared = shared_with_agents();
+    for (kind, subject) in &shared {
+        let _ = writeln!(w, "      {{ {kind}: \"{subject}\", accounts: [AGENTS] }}");
     }
     let _ = writeln!(w, "    ]\n    imports: [");
     for prefix in data_prefixes(args) {
@@ -358,28 +338,10 @@ fn server_config(
         &[">".into()],
     );
     let _ = writeln!(w, "    ]\n  }}\n\n  AGENTS {{\n    imports: [");
-    for bucket in agent_reads {
+    for (kind, subject) in &shared {
         let _ = writeln!(
             w,
-            "      {{ service: {{ account: FLEET, subject: \"$JS.API.DIRECT.GET.KV_{bucket}.>\" }} }}"
-        );
-    }
-    let _ = writeln!(
-        w,
-        "      {{ service: {{ account: FLEET, subject: \"$JS.API.DIRECT.GET.{MODULES_STREAM}\" }} }}"
-    );
-    let _ = writeln!(
-        w,
-        "      {{ service: {{ account: FLEET, subject: \"$JS.API.DIRECT.GET.{MODULES_STREAM}.>\" }} }}"
-    );
-    let _ = writeln!(
-        w,
-        "      {{ service: {{ account: FLEET, subject: \"$KV.{STATUS_BUCKET}.*\" }} }}"
-    );
-    for bucket in agent_reads {
-        let _ = writeln!(
-            w,
-            "      {{ stream: {{ account: FLEET, subject: \"$KV.{bucket}.>\" }} }}"
+            "      {{ {kind}: {{ account: FLEET, subject: \"{subject}\" }} }}"
         );
     }
     let _ = writeln!(w, "    ]\n    exports: [");
@@ -409,6 +371,22 @@ fn server_config(
         user(w, &format!("agent {pc}"), public, &allow, &[], &ears);
     }
     let _ = writeln!(w, "    ]\n  }}\n}}");
+    out
+}
+
+/// What FLEET shares with AGENTS, as (kind, subject): exported by one, imported by the
+/// other. Services: key-scoped reads, bundle reads and status puts, each answered to the
+/// asking agent only. Streams: the put subjects of the buckets agents follow.
+fn shared_with_agents() -> Vec<(&'static str, String)> {
+    let reads = [CONFIG_BUCKET, GROUPS_BUCKET, ASSIGNMENTS_BUCKET];
+    let mut out: Vec<(&str, String)> = reads
+        .iter()
+        .map(|b| ("service", format!("$JS.API.DIRECT.GET.KV_{b}.>")))
+        .collect();
+    out.push(("service", format!("$JS.API.DIRECT.GET.{MODULES_STREAM}")));
+    out.push(("service", format!("$JS.API.DIRECT.GET.{MODULES_STREAM}.>")));
+    out.push(("service", format!("$KV.{STATUS_BUCKET}.*")));
+    out.extend(reads.iter().map(|b| ("stream", format!("$KV.{b}.>"))));
     out
 }
 

@@ -180,6 +180,8 @@ struct Running {
 /// and reports the rest, so that no assignment makes the agent's work or memory grow
 /// with its size.
 pub const MAX_MODULES: usize = 64;
+/// Most starts (or swaps) of one module within two restart floors.
+const RESTART_BURST: usize = 3;
 /// Fewest milliseconds between two download attempts, whatever is assigned: with
 /// [`MAX_MODULES`] and the retry backoff, this bounds what missing objects cost.
 const ATTEMPT_SPACING: Duration = Duration::from_millis(50);
@@ -229,9 +231,9 @@ pub struct Reconciler {
     over_limit: usize,
     /// No download is tried before this.
     next_attempt: Instant,
-    /// The last two starts (or swaps) of each module, running or recently stopped, by
-    /// name: at most two in any two restart floors.
-    starts: BTreeMap<String, [Option<Instant>; 2]>,
+    /// The last starts (or swaps) of each module, running or recently stopped, by name,
+    /// oldest first: at most [`RESTART_BURST`] in any two restart floors.
+    starts: BTreeMap<String, [Option<Instant>; RESTART_BURST]>,
     next_status: Instant,
     stats: Arc<ReconcilerStats>,
 }
@@ -471,8 +473,9 @@ impl Reconciler {
         // comes and goes does not restart a module faster than the floor either.
         let floor = self.restart_floor();
         let modules = &self.modules;
-        self.starts.retain(|name, [_, last]| {
-            modules.contains_key(name) || last.is_some_and(|at| at.elapsed() < floor * 2)
+        self.starts.retain(|name, starts| {
+            modules.contains_key(name)
+                || starts[RESTART_BURST - 1].is_some_and(|at| at.elapsed() < floor * 2)
         });
         for name in unassigned {
             let r = self.modules.remove(&name).expect("listed");
@@ -507,9 +510,10 @@ impl Reconciler {
                 continue;
             }
             let jitter = random_below(self.options.rollout_jitter);
-            // A module starts or changes version at most twice in two tick intervals (and
-            // two seconds): a rollout right after a start goes at once, while an
-            // assignment flipping back and forth restarts nothing faster.
+            // A module starts or changes version at most three times in two tick
+            // intervals (and two seconds): a rollout, or a rollback, right after a start
+            // goes at once, while an assignment flipping back and forth restarts a module
+            // no more than one and a half times per interval.
             let floor = self.restart_allowed_at(name);
             let due = (Instant::now() + jitter).max(floor);
             tracing::info!(module = %name, version, ?jitter, "assigned; fetching it");
@@ -528,16 +532,17 @@ impl Reconciler {
     }
 
     /// The restart floor: a module's tick interval, and at least a second. A module
-    /// starts (or swaps) at most twice within two floors.
+    /// starts (or swaps) at most [`RESTART_BURST`] times within two floors.
     fn restart_floor(&self) -> Duration {
         self.config.host_perf_duration().max(Duration::from_secs(1))
     }
 
-    /// When `name` may next start or swap: now, unless it did twice within two floors.
+    /// When `name` may next start or swap: now, unless it did [`RESTART_BURST`] times
+    /// within two floors.
     fn restart_allowed_at(&self, name: &str) -> Instant {
-        match self.starts.get(name) {
-            Some([Some(older), Some(_)]) => (*older + self.restart_floor() * 2).max(Instant::now()),
-            _ => Instant::now(),
+        match self.starts.get(name).and_then(|starts| starts[0]) {
+            Some(oldest) => (oldest + self.restart_floor() * 2).max(Instant::now()),
+            None => Instant::now(),
         }
     }
 
@@ -546,7 +551,8 @@ impl Reconciler {
             return;
         }
         let slot = self.starts.entry(name.to_string()).or_default();
-        *slot = [slot[1], Some(Instant::now())];
+        slot.rotate_left(1);
+        slot[RESTART_BURST - 1] = Some(Instant::now());
     }
 
     /// Tries the module whose turn came first, one per [`ATTEMPT_SPACING`]: whatever is
