@@ -277,19 +277,17 @@ async fn clear_fleet(client: &async_nats::Client) -> Result<usize> {
         STATUS_BUCKET,
         "agent_config",
     ] {
-        let kv = js.get_key_value(bucket).await.map_err(|e| {
+        // The whole stream at once: the status bucket refuses rollup headers (a
+        // per-key purge), as `fleet init` sets it.
+        let stream = js.get_stream(format!("KV_{bucket}")).await.map_err(|e| {
             format!("{bucket}: {e} (was the cluster made by `cargo xtask cluster up`?)")
         })?;
-        let keys: Vec<String> = match kv.keys().await {
-            Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
-            Err(_) => Vec::new(),
-        };
-        for key in keys {
-            kv.purge(&key)
-                .await
-                .map_err(|e| format!("{bucket} {key}: {e}"))?;
-            cleared += 1;
-        }
+        let purged = stream
+            .purge()
+            .await
+            .map_err(|e| format!("{bucket}: cannot purge: {e}"))?
+            .purged;
+        cleared += usize::try_from(purged).unwrap_or(usize::MAX);
     }
     let store = js
         .get_object_store("collector_modules")
