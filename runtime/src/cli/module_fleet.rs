@@ -378,7 +378,80 @@ pub fn rollout(args: RolloutArgs) -> anyhow::Result<()> {
         println!("{scope}: already assigns {name} version {version}; nothing changed");
     }
     print_written(scope, &written);
+    let overrides = ops::block_on(async {
+        let js = ops::jetstream(&args.nats).await?;
+        narrower_overrides(&js, scope, name, version).await
+    });
+    match overrides {
+        Ok(found) if !found.is_empty() => {
+            eprintln!("warning: narrower scopes keep some agents off {name} version {version}:");
+            for (key, what, undo) in &found {
+                eprintln!("  {key}: {what} (`{undo}` lets this assignment reach them)");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: cannot look for narrower scopes that override this: {e:#}"),
+    }
     Ok(())
+}
+
+/// The scopes narrower than `scope` that say otherwise about `name` (another version,
+/// or disabled): (key, what it says, the command that would lift it). A group's
+/// assignment beats the fleet's and a PC's beats both, so an operator rolling out to
+/// `global` is told which rings and pins keep agents where they are.
+async fn narrower_overrides(
+    js: &async_nats::jetstream::Context,
+    scope: Scope<'_>,
+    name: &str,
+    version: u64,
+) -> anyhow::Result<Vec<(String, String, String)>> {
+    let Some(store) = kv::open_kv(js, ASSIGNMENTS_BUCKET).await? else {
+        return Ok(Vec::new());
+    };
+    let mut keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|e| anyhow!("cannot list {ASSIGNMENTS_BUCKET}: {e}"))?
+        .try_collect()
+        .await
+        .map_err(|e| anyhow!("cannot list {ASSIGNMENTS_BUCKET}: {e}"))?;
+    keys.sort();
+    let mut found = Vec::new();
+    for key in keys {
+        let narrower = matches!(
+            (scope, Scope::parse(&key)),
+            (Scope::Global, Some(Scope::Group(_) | Scope::Pc(_)))
+                | (Scope::Group(_), Some(Scope::Pc(_)))
+        );
+        if !narrower {
+            continue;
+        }
+        let Some(bytes) = kv::read(&store, ASSIGNMENTS_BUCKET, &key).await?.value else {
+            continue;
+        };
+        let Ok(value) = AssignmentScope::from_json(&bytes) else {
+            continue;
+        };
+        let Some(m) = value.modules.get(name) else {
+            continue;
+        };
+        let flag = match Scope::parse(&key) {
+            Some(Scope::Group(g)) => format!("--group {g}"),
+            Some(Scope::Pc(pc)) => format!("--pc {pc}"),
+            _ => continue,
+        };
+        let what = if m.enabled == Some(false) {
+            format!("{name} disabled")
+        } else {
+            match m.version {
+                Some(v) if v != version => format!("{name} version {v}"),
+                _ => continue,
+            }
+        };
+        let undo = format!("collector module unassign {name} {flag}");
+        found.push((names::printable(&key, 200), what, undo));
+    }
+    Ok(found)
 }
 
 pub fn unassign(args: UnassignArgs) -> anyhow::Result<()> {

@@ -1023,3 +1023,65 @@ fn an_unreachable_server_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_wider_rollout_names_the_narrower_scopes_that_keep_agents_off_it() {
+    // The README's canary-then-global walkthrough: the canary group's assignment still
+    // pins its agents after the global rollout, and the operator is told so.
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let signer = key(1);
+    let trust = write_public(dir.path(), "signer", &signer);
+    for v in [1, 2] {
+        let b = signed("process-perf", v, &component(&v.to_string()), &[&signer]);
+        ok(
+            &nats,
+            &[
+                "module",
+                "publish",
+                "--trust",
+                s(&trust),
+                &bundle_file(dir.path(), &format!("pp{v}"), &b),
+            ],
+        );
+    }
+    let rollout = |scope: &[&str], version: &str| {
+        let mut args = vec!["module", "rollout", "process-perf", version];
+        args.extend_from_slice(scope);
+        let out = collector(&nats, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert_eq!(rollout(&["--group", "canary"], "1"), "");
+    ok(
+        &nats,
+        &["module", "disable", "process-perf", "--pc", "pc-z"],
+    );
+    ok(
+        &nats,
+        &["module", "rollout", "process-perf", "2", "--pc", "pc-y"],
+    );
+    let said = rollout(&["--global"], "2");
+    for needle in [
+        "narrower scopes keep some agents off process-perf version 2",
+        "groups.canary: process-perf version 1",
+        "collector module unassign process-perf --group canary",
+        "pcs.pc-z: process-perf disabled",
+        "collector module unassign process-perf --pc pc-z",
+    ] {
+        assert!(said.contains(needle), "lacks {needle:?}: {said}");
+    }
+    // pc-y is assigned the same version: nothing to say about it.
+    assert!(!said.contains("pc-y"), "{said}");
+    // Lifting the ring leaves only the pin to mention.
+    ok(
+        &nats,
+        &["module", "unassign", "process-perf", "--group", "canary"],
+    );
+    let said = rollout(&["--global"], "2");
+    assert!(!said.contains("canary") && said.contains("pc-z"), "{said}");
+}
