@@ -920,12 +920,26 @@ fn an_agents_credential_cannot_list_the_fleet_read_other_pcs_or_make_consumers()
             "pc-a learnt another PC's key: {answer}"
         );
     }
-    let js = broker.js("operator");
+    // (The operator's own commands may leave short-lived ephemeral consumers: only the
+    // attacker's durable ones are looked for.)
+    // kanade's backend may list consumers; the operator may not.
+    let js = broker.js("kanade");
     for bucket in [CONFIG_BUCKET, ASSIGNMENTS_BUCKET] {
-        let consumers = broker.rt.block_on(async {
-            let mut stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
-            stream.info().await.unwrap().state.consumer_count
+        let hoarded: Vec<String> = broker.rt.block_on(async {
+            let stream = js.get_stream(format!("KV_{bucket}")).await.unwrap();
+            let names = stream
+                .consumer_names()
+                .filter_map(|n| async move { n.ok() })
+                .filter(|n| std::future::ready(n.starts_with("hoard")))
+                .collect();
+            tokio::time::timeout(Duration::from_secs(10), names)
+                .await
+                .expect("consumer names listed within 10 s")
         });
-        assert_eq!(consumers, 0, "pc-a made consumers on KV_{bucket}");
+        assert_eq!(
+            hoarded,
+            Vec::<String>::new(),
+            "pc-a made consumers on KV_{bucket}"
+        );
     }
 }
