@@ -269,30 +269,16 @@ fn server_config(
     ];
     let mut operator_allow: Vec<String> = Vec::new();
     for b in buckets {
-        operator_allow.push(format!("$JS.API.STREAM.INFO.KV_{b}"));
-        operator_allow.push(format!("$JS.API.DIRECT.GET.KV_{b}.>"));
-        operator_allow.push(format!("$JS.API.STREAM.MSG.GET.KV_{b}"));
-        operator_allow.push(format!("$JS.API.CONSUMER.CREATE.KV_{b}"));
-        operator_allow.push(format!("$JS.API.CONSUMER.CREATE.KV_{b}.>"));
-        operator_allow.push(format!("$JS.FC.KV_{b}.>"));
+        operator_allow.extend(read_api(&format!("KV_{b}")));
         operator_allow.push(format!("$JS.API.STREAM.CREATE.KV_{b}"));
         operator_allow.push(format!("$JS.API.STREAM.UPDATE.KV_{b}"));
     }
     for b in agent_reads {
         operator_allow.push(format!("$KV.{b}.>"));
     }
-    for s in [
-        format!("$JS.API.STREAM.INFO.{MODULES_STREAM}"),
-        format!("$JS.API.DIRECT.GET.{MODULES_STREAM}.>"),
-        format!("$JS.API.STREAM.MSG.GET.{MODULES_STREAM}"),
-        format!("$JS.API.CONSUMER.CREATE.{MODULES_STREAM}"),
-        format!("$JS.API.CONSUMER.CREATE.{MODULES_STREAM}.>"),
-        format!("$JS.FC.{MODULES_STREAM}.>"),
-        format!("$JS.API.STREAM.CREATE.{MODULES_STREAM}"),
-        "$JS.API.INFO".to_string(),
-    ] {
-        operator_allow.push(s);
-    }
+    operator_allow.extend(read_api(MODULES_STREAM));
+    operator_allow.push(format!("$JS.API.STREAM.CREATE.{MODULES_STREAM}"));
+    operator_allow.push("$JS.API.INFO".to_string());
     user(
         w,
         "operator",
@@ -301,17 +287,12 @@ fn server_config(
         &[],
         &["_INBOX.>".into()],
     );
-    let publisher_allow: Vec<String> = vec![
+    let mut publisher_allow: Vec<String> = vec![
         "$O.collector_modules.>".into(),
         "$JS.API.INFO".into(),
         format!("$JS.API.STREAM.CREATE.{MODULES_STREAM}"),
-        format!("$JS.API.STREAM.INFO.{MODULES_STREAM}"),
-        format!("$JS.API.DIRECT.GET.{MODULES_STREAM}.>"),
-        format!("$JS.API.STREAM.MSG.GET.{MODULES_STREAM}"),
-        format!("$JS.API.CONSUMER.CREATE.{MODULES_STREAM}"),
-        format!("$JS.API.CONSUMER.CREATE.{MODULES_STREAM}.>"),
-        format!("$JS.FC.{MODULES_STREAM}.>"),
     ];
+    publisher_allow.extend(read_api(MODULES_STREAM));
     user(
         w,
         "publisher",
@@ -388,6 +369,19 @@ fn shared_with_agents() -> Vec<(&'static str, String)> {
     out.push(("service", format!("$KV.{STATUS_BUCKET}.*")));
     out.extend(reads.iter().map(|b| ("stream", format!("$KV.{b}.>"))));
     out
+}
+
+/// The read-only JetStream API on `stream`: its info, direct and message gets, consumers
+/// (to watch or list) and their flow control.
+fn read_api(stream: &str) -> [String; 6] {
+    [
+        format!("$JS.API.STREAM.INFO.{stream}"),
+        format!("$JS.API.DIRECT.GET.{stream}.>"),
+        format!("$JS.API.STREAM.MSG.GET.{stream}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+        format!("$JS.FC.{stream}.>"),
+    ]
 }
 
 /// The data subjects' prefixes, `obs` included, without duplicates.
