@@ -2,6 +2,24 @@
 //! per-PID disk rates) as a WebAssembly component of `collector:api@0.2.0`. [`logic`]
 //! holds every decision and [`message`] writes the wire format; this file only adapts
 //! them to the WIT world.
+//!
+//! # Fault injection (test builds only)
+//!
+//! Three cargo features, none on by default, build misbehaving variants of this guest for
+//! testing staged rollouts: a rollout's health gates must catch a module that goes bad
+//! after its probation. They are test builds, never shipped: `cargo xtask build-guest
+//! --fault trap|silent|cpu` builds one into `target/guests/process-perf-fault-<fault>.wasm`
+//! (in a target directory of its own), and the normal build enables none. They act in
+//! the adapter below only; [`logic`] stays the pure loop.
+//!
+//! - `fault-trap`: from the 6th tick of an instance on, every tick traps (a panic, which
+//!   aborts), on machines where `fnv1a_32(pc_id) % 100 < 30` only. A fresh instance
+//!   counts its ticks from 0 again.
+//! - `fault-silent`: the loop runs as usual, logs included, but nothing is published.
+//! - `fault-cpu`: after each tick, a busy spin for 9x the tick's own elapsed time (at
+//!   least 2 ms), so that a tick costs about 10x the CPU. This runtime's clocks stand
+//!   still during a call (a guest reads the tick's time), so there the spin is a fixed
+//!   amount of work instead, calibrated to about that cost.
 
 pub mod logic;
 pub mod message;
@@ -80,6 +98,10 @@ mod component {
         }
 
         fn publish(&mut self, subject: &str, payload: &[u8]) -> Result<(), String> {
+            if cfg!(feature = "fault-silent") {
+                // Fault injection: the message is dropped, and the loop goes on as if sent.
+                return Ok(());
+            }
             publish::publish(subject, payload).map_err(|e| match e {
                 PublishError::NotGranted => format!("subject {subject} not granted"),
                 PublishError::TooLarge(limit) => format!("payload over the {limit}-byte limit"),
@@ -121,6 +143,11 @@ mod component {
         }
 
         fn tick(now: TickTime) -> Result<(), String> {
+            #[cfg(feature = "fault-trap")]
+            fault::trap_when_due();
+            // Spins when dropped, once the loop's tick has returned.
+            #[cfg(feature = "fault-cpu")]
+            let _spin = fault::SpinAfterTick::start();
             let mono = Duration::from_nanos(now.monotonic);
             LOOP.with_borrow_mut(|l| l.tick(wall(now.wall), mono, &mut Imports))
         }
@@ -135,4 +162,122 @@ mod component {
     }
 
     export!(Component);
+
+    /// The fault injection of the `fault-*` features (see the crate documentation).
+    #[cfg(any(feature = "fault-trap", feature = "fault-cpu"))]
+    mod fault {
+        #[cfg(feature = "fault-trap")]
+        pub(super) use trap::trap_when_due;
+
+        #[cfg(feature = "fault-cpu")]
+        pub(super) use cpu::SpinAfterTick;
+
+        #[cfg(feature = "fault-trap")]
+        mod trap {
+            use std::cell::Cell;
+
+            use super::super::identity;
+
+            /// The share of machines that trap, in percent of `fnv1a_32(pc_id) % 100`.
+            const TRAP_PERCENT: u32 = 30;
+            /// The first tick of an instance that traps (counting from 1); every later
+            /// one does too. After the default probation of 3 ticks.
+            const TRAP_FROM_TICK: u32 = 6;
+
+            thread_local! {
+                /// Ticks of this instance, this one included.
+                static TICKS: Cell<u32> = const { Cell::new(0) };
+                /// Whether this machine traps, once known.
+                static TRAPS_HERE: Cell<Option<bool>> = const { Cell::new(None) };
+            }
+
+            /// FNV-1a, 32 bits.
+            fn fnv1a_32(bytes: &[u8]) -> u32 {
+                bytes.iter().fold(2_166_136_261, |hash, &b| {
+                    (hash ^ u32::from(b)).wrapping_mul(16_777_619)
+                })
+            }
+
+            /// Counts a tick and traps if a trap is due on this machine. The machine's
+            /// identity is asked only once a trap is due, so the first ticks make the
+            /// host calls a normal build makes.
+            pub(in super::super) fn trap_when_due() {
+                let tick = TICKS.get().saturating_add(1);
+                TICKS.set(tick);
+                if tick < TRAP_FROM_TICK {
+                    return;
+                }
+                let traps = TRAPS_HERE.get().unwrap_or_else(|| {
+                    let traps = fnv1a_32(identity::pc_id().as_bytes()) % 100 < TRAP_PERCENT;
+                    TRAPS_HERE.set(Some(traps));
+                    traps
+                });
+                if traps {
+                    panic!("fault-trap: injected trap at tick {tick} of this instance");
+                }
+            }
+        }
+
+        #[cfg(feature = "fault-cpu")]
+        mod cpu {
+            use std::hint::black_box;
+            use std::time::{Duration, Instant};
+
+            /// The spin lasts this many times the tick's own elapsed time...
+            const SPIN_FACTOR: u32 = 9;
+            /// ... and at least this long.
+            const MIN_SPIN: Duration = Duration::from_millis(2);
+            /// Iterations of one round of spinning, between two readings of the clock.
+            const ROUND: u32 = 1024;
+            /// Rounds spun when the clock stood still during the tick, as this runtime's
+            /// clocks do (a guest reads the tick's time, whatever the host's), so that
+            /// the tick's time cannot be measured: about 12.5 ms (a round took 1.5 µs
+            /// under `collector test` when this was calibrated), 9x the 1.4 ms of a
+            /// whole tick in BENCHMARKS.md.
+            const FROZEN_CLOCK_SPIN_ROUNDS: u32 = 8_500;
+
+            /// Started before a tick; spins when dropped, after it.
+            pub(in super::super) struct SpinAfterTick {
+                started: Instant,
+            }
+
+            impl SpinAfterTick {
+                pub(in super::super) fn start() -> Self {
+                    Self {
+                        started: Instant::now(),
+                    }
+                }
+            }
+
+            /// Work the optimizer cannot remove: a linear congruential step through
+            /// `black_box`.
+            fn round(state: &mut u64) {
+                for _ in 0..ROUND {
+                    *state = black_box(
+                        state
+                            .wrapping_mul(6_364_136_223_846_793_005)
+                            .wrapping_add(1_442_695_040_888_963_407),
+                    );
+                }
+            }
+
+            impl Drop for SpinAfterTick {
+                fn drop(&mut self) {
+                    let elapsed = self.started.elapsed();
+                    let mut state = 1;
+                    if elapsed.is_zero() {
+                        for _ in 0..FROZEN_CLOCK_SPIN_ROUNDS {
+                            round(&mut state);
+                        }
+                    } else {
+                        let deadline = Instant::now() + (elapsed * SPIN_FACTOR).max(MIN_SPIN);
+                        while Instant::now() < deadline {
+                            round(&mut state);
+                        }
+                    }
+                    black_box(state);
+                }
+            }
+        }
+    }
 }

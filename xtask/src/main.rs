@@ -13,7 +13,9 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  build-guest   build the default guest component into target/guests/process-perf.wasm
+  build-guest   build the default guest component into target/guests/process-perf.wasm;
+                --fault trap|silent|cpu builds a misbehaving test variant for rollout health
+                gates instead (never shipped), into target/guests/process-perf-fault-<fault>.wasm
   build-guest-js  build the JavaScript example guest into target/guests/top-memory-js.wasm
   run           build the guest and run the agent with an example config (JSON lines on stdout)
   test          check formatting and lints, build the guest, and run every test of the workspace
@@ -44,7 +46,14 @@ const GUEST_TARGET: &str = "wasm32-wasip2";
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("build-guest") => build_guest().map(|p| println!("{}", p.display())),
+        Some("build-guest") => match &args[1..] {
+            [] => build_guest(),
+            [flag, fault] if flag == "--fault" => build_fault_guest(fault),
+            _ => Err(anyhow::anyhow!(
+                "usage: cargo xtask build-guest [--fault trap|silent|cpu]"
+            )),
+        }
+        .map(|p| println!("{}", p.display())),
         Some("build-guest-js") => {
             polyglot::build_top_memory_js().map(|p| println!("{}", p.display()))
         }
@@ -173,6 +182,47 @@ fn build_guest() -> Result<PathBuf> {
     let out_dir = root().join("target/guests");
     std::fs::create_dir_all(&out_dir)?;
     let out = out_dir.join("process-perf.wasm");
+    std::fs::copy(&built, &out)
+        .with_context(|| format!("copy {} to {}", built.display(), out.display()))?;
+    Ok(out)
+}
+
+/// The faults of [`build_fault_guest`]: guest-process-perf's `fault-<fault>` features.
+const GUEST_FAULTS: [&str; 3] = ["trap", "silent", "cpu"];
+
+/// Builds a misbehaving variant of the default guest (its `fault-<fault>` feature, see
+/// guest-process-perf/src/lib.rs), a test build for rollout health gates that is never
+/// shipped, into target/guests/process-perf-fault-<fault>.wasm and returns that path. It
+/// builds in target/fault-guests, so the normal guest's artifact is never overwritten.
+pub fn build_fault_guest(fault: &str) -> Result<PathBuf> {
+    if !GUEST_FAULTS.contains(&fault) {
+        bail!("unknown fault `{fault}`: choose trap, silent or cpu");
+    }
+    ensure_guest_target()?;
+    let feature = format!("fault-{fault}");
+    let target_dir = root().join("target/fault-guests");
+    run_step(
+        &format!("building the guest component with {feature} (a test build, never shipped)"),
+        cargo()
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "guest-process-perf",
+                "--features",
+                &feature,
+                "--target",
+                GUEST_TARGET,
+                "--profile",
+                "guest",
+                "--target-dir",
+            ])
+            .arg(&target_dir),
+    )?;
+    let built = target_dir.join("wasm32-wasip2/guest/guest_process_perf.wasm");
+    let out_dir = root().join("target/guests");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join(format!("process-perf-fault-{fault}.wasm"));
     std::fs::copy(&built, &out)
         .with_context(|| format!("copy {} to {}", built.display(), out.display()))?;
     Ok(out)

@@ -13,6 +13,7 @@ use clap::{Args, Subcommand};
 use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use super::ops::{self, NatsArgs};
+use collector_fleet::rollout::ROLLOUTS_BUCKET;
 use collector_fleet::status::AgentStatus;
 use collector_fleet::{
     ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, MODULES_STREAM, STATUS_BUCKET,
@@ -39,8 +40,8 @@ enum FleetCommand {
 }
 
 /// Create the fleet's buckets that do not exist yet: the KV buckets agent_config,
-/// agent_groups, collector_config and collector_status, and the object store
-/// collector_modules.
+/// agent_groups, collector_config, collector_status and collector_rollouts, and the
+/// object store collector_modules.
 ///
 /// Agents create the status bucket themselves when it is missing, which needs a right a
 /// least-privilege agent does not have; run this once, as the operator, before the first
@@ -102,12 +103,13 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
 /// The buckets `fleet init` creates, with the history each keeps: kanade's own as
 /// kanade creates them, assignments with a few revisions to look back at, status with
 /// only the latest record.
-fn buckets() -> [(&'static str, i64); 4] {
+fn buckets() -> [(&'static str, i64); 5] {
     [
         (CONFIG_BUCKET, super::config::KANADE_HISTORY),
         (GROUPS_BUCKET, super::config::KANADE_HISTORY),
         (ASSIGNMENTS_BUCKET, super::module_fleet::ASSIGNMENTS_HISTORY),
         (STATUS_BUCKET, 1),
+        (ROLLOUTS_BUCKET, super::rollout::ROLLOUTS_HISTORY),
     ]
 }
 
@@ -206,6 +208,16 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
             printable_record(key, record)
         })
         .collect();
+    if args.pc.is_none() {
+        let rollouts = ops::block_on(async {
+            let js = ops::jetstream(&args.nats).await?;
+            Ok(super::rollout::summary_lines(&js).await)
+        })
+        .unwrap_or_default();
+        for line in rollouts {
+            println!("rollout: {line}");
+        }
+    }
     print!("{}", report(&shown, Utc::now(), stale_after, args.details));
     Ok(())
 }
@@ -475,6 +487,8 @@ mod tests {
             since: now,
             probation,
             traps: 0,
+            health: None,
+            previous: None,
         }
     }
 

@@ -6,6 +6,7 @@ mod fleet;
 mod module;
 mod module_fleet;
 mod ops;
+mod rollout;
 #[cfg(feature = "sandbox")]
 mod run;
 #[cfg(feature = "sandbox")]
@@ -36,6 +37,7 @@ enum Command {
     Module(module::ModuleArgs),
     Fleet(fleet::FleetArgs),
     Config(config::ConfigArgs),
+    Rollout(rollout::RolloutArgs),
 }
 
 /// Parses the command line, runs the command, and maps its outcome to an exit code.
@@ -47,7 +49,7 @@ pub fn main() -> ExitCode {
     init_logging(match &cli.command {
         #[cfg(feature = "sandbox")]
         Command::Test(_) => "error",
-        Command::Fleet(_) | Command::Config(_) => "warn",
+        Command::Fleet(_) | Command::Config(_) | Command::Rollout(_) => "warn",
         Command::Module(m) if m.talks_to_nats() => "warn",
         _ => "info",
     });
@@ -59,6 +61,7 @@ pub fn main() -> ExitCode {
         Command::Module(args) => module::run(args),
         Command::Fleet(args) => fleet::run(args).map(|()| ExitCode::SUCCESS),
         Command::Config(args) => config::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Rollout(args) => args.run().map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -365,6 +365,9 @@ pub fn rollout(args: RolloutArgs) -> anyhow::Result<()> {
         edit_assignments(&js, scope, |s| {
             let m = s.modules.entry(name.to_string()).or_default();
             m.version = Some(version);
+            // A plain assignment ends a staged rollout's placement at this scope (the
+            // rollout's controller then halts it: its assignment was changed).
+            m.rollout = None;
             if m.enabled == Some(false) {
                 m.enabled = None;
             }
@@ -399,7 +402,7 @@ pub fn rollout(args: RolloutArgs) -> anyhow::Result<()> {
 /// or disabled): (key, what it says, the command that would lift it). A group's
 /// assignment beats the fleet's and a PC's beats both, so an operator rolling out to
 /// `global` is told which rings and pins keep agents where they are.
-async fn narrower_overrides(
+pub(super) async fn narrower_overrides(
     js: &async_nats::jetstream::Context,
     scope: Scope<'_>,
     name: &str,
@@ -520,6 +523,10 @@ pub fn effective(args: EffectiveArgs) -> anyhow::Result<()> {
         layers.global.as_ref(),
         layers.groups_of(&read.groups),
         layers.pc.as_ref(),
+        assignment::Agent {
+            pc_id: pc,
+            groups: &read.groups,
+        },
     );
     if args.json {
         let out = serde_json::json!({
@@ -549,7 +556,7 @@ pub fn effective(args: EffectiveArgs) -> anyhow::Result<()> {
 }
 
 /// Refuses a version that is not in the module store, listing those that are.
-async fn require_published(
+pub(super) async fn require_published(
     js: &async_nats::jetstream::Context,
     name: &str,
     version: u64,
@@ -604,7 +611,7 @@ fn decode_assignments(bytes: &[u8]) -> Result<AssignmentScope, kv::Undecodable> 
 }
 
 /// Compare-and-swap edit of one scope of `collector_config` (created if missing).
-async fn edit_assignments(
+pub(super) async fn edit_assignments(
     js: &async_nats::jetstream::Context,
     scope: Scope<'_>,
     mutate: impl FnMut(&mut AssignmentScope) -> anyhow::Result<()>,

@@ -68,6 +68,24 @@ pub fn guest_wasm() -> PathBuf {
     path
 }
 
+/// The default guest built with a fault (`trap`, `silent` or `cpu`: see
+/// guest-process-perf's features), built by `cargo xtask build-guest --fault KIND` (or
+/// `cargo xtask test`).
+pub fn fault_wasm(kind: &str) -> PathBuf {
+    let var = format!("COLLECTOR_FAULT_{}_WASM", kind.to_uppercase());
+    let path = std::env::var_os(&var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace().join(format!("target/guests/process-perf-fault-{kind}.wasm"))
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask build-guest --fault {kind}` first, or run the suite with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
 /// One sandbox per test binary: engines are meant to be shared.
 pub fn sandbox() -> Arc<Sandbox> {
     static SANDBOX: OnceLock<Arc<Sandbox>> = OnceLock::new();

@@ -824,6 +824,8 @@ fn synthetic(i: usize, now: chrono::DateTime<Utc>) -> AgentStatus {
             since: now - chrono::Duration::seconds(100),
             probation: version == 8,
             traps: 0,
+            health: None,
+            previous: None,
         }],
         config_revision: 3,
         assignment_revision: 9,

@@ -24,5 +24,6 @@ mod hostile_guests;
 mod last_known_good;
 mod nats;
 mod nats_auth;
+mod rollout;
 mod swap;
 mod wasi_guests;

@@ -24,8 +24,8 @@ use collector_bundle::MAX_BUNDLE_LEN;
 use collector_fleet::assignment::Desired;
 use collector_fleet::fetch::{self, FetchError};
 use collector_fleet::status::{
-    AgentStatus, KIND_REFUSED, KIND_ROLLED_BACK, KIND_UPDATE, KIND_VALUE_REFUSED, ModuleStatus,
-    OBS_SOURCE, ObsEvent, Pending, Refusal, RolledBack,
+    AgentStatus, KIND_REFUSED, KIND_ROLLED_BACK, KIND_UPDATE, KIND_VALUE_REFUSED, ModuleHealth,
+    ModuleStatus, OBS_SOURCE, ObsEvent, Pending, Refusal, RolledBack,
 };
 use collector_fleet::watch::FleetView;
 use collector_fleet::{MODULES_STORE, STATUS_BUCKET, object_name, obs_subject, random_below};
@@ -174,7 +174,85 @@ struct Running {
     since: DateTime<Utc>,
     probation: bool,
     stats: Arc<HostStats>,
+    /// The module's counters when `id` took over: its health is the difference.
+    baseline: Counters,
+    /// What the version `id` replaced did over its last stretch.
+    previous: Option<ModuleHealth>,
+    /// The ticks and traps the last status record showed.
+    reported: (u64, u64),
 }
+
+/// A module's counters at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    at: Instant,
+    ticks: u64,
+    traps: u64,
+    published: u64,
+    refused: u64,
+    bytes: u64,
+    cpu_us: u64,
+    host_cpu_us: u64,
+}
+
+impl Counters {
+    fn of(stats: &HostStats) -> Self {
+        let get = HostStats::get;
+        Self {
+            at: Instant::now(),
+            ticks: get(&stats.ticks),
+            traps: get(&stats.traps),
+            published: get(&stats.published),
+            refused: get(&stats.publish_denied)
+                + get(&stats.publish_limited)
+                + get(&stats.publish_failed),
+            bytes: get(&stats.published_bytes),
+            cpu_us: get(&stats.guest_cpu_us),
+            host_cpu_us: get(&stats.host_cpu_us),
+        }
+    }
+
+    /// What happened between `self` and `later`, as the health of `version`.
+    fn health_until(&self, later: &Self, version: u64) -> ModuleHealth {
+        ModuleHealth {
+            version,
+            window_ms: u64::try_from(later.at.duration_since(self.at).as_millis())
+                .unwrap_or(u64::MAX),
+            ticks: later.ticks.saturating_sub(self.ticks),
+            traps: later.traps.saturating_sub(self.traps),
+            published: later.published.saturating_sub(self.published),
+            refused: later.refused.saturating_sub(self.refused),
+            bytes: later.bytes.saturating_sub(self.bytes),
+            cpu_us: later.cpu_us.saturating_sub(self.cpu_us),
+            host_cpu_us: later.host_cpu_us.saturating_sub(self.host_cpu_us),
+        }
+    }
+}
+
+impl Running {
+    /// What the version running now did since it took over.
+    fn health(&self) -> ModuleHealth {
+        self.baseline
+            .health_until(&Counters::of(&self.stats), self.id.version)
+    }
+
+    /// Another version takes over now: the one running becomes `previous`.
+    fn take_over(&mut self, id: ModuleId) {
+        let now = Counters::of(&self.stats);
+        self.previous = Some(self.baseline.health_until(&now, self.id.version));
+        self.baseline = now;
+        self.id = id;
+        self.since = Utc::now();
+    }
+}
+
+/// While a version has run fewer ticks than this, its status record is rewritten as its
+/// ticks go by (at most once a second), so a rollout's gates judge it without waiting
+/// for `--status-interval`.
+const YOUNG_TICKS: u64 = 30;
+/// How often the reconciler looks at its modules' counters for a trap or a young
+/// version's ticks.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
 /// Most modules one agent runs: an assignment naming more starts the first ones by name
 /// and reports the rest, so that no assignment makes the agent's work or memory grow
@@ -235,6 +313,8 @@ pub struct Reconciler {
     /// oldest first: at most [`RESTART_BURST`] in any two restart floors.
     starts: BTreeMap<String, [Option<Instant>; RESTART_BURST]>,
     next_status: Instant,
+    /// When the modules' counters are looked at next ([`HEALTH_EVERY`]).
+    next_health: Instant,
     stats: Arc<ReconcilerStats>,
 }
 
@@ -287,6 +367,7 @@ impl Reconciler {
             next_attempt: Instant::now(),
             starts: BTreeMap::new(),
             next_status: Instant::now(),
+            next_health: Instant::now() + HEALTH_EVERY,
             stats: Arc::new(ReconcilerStats::default()),
         };
         (reconciler, handle)
@@ -339,7 +420,7 @@ impl Reconciler {
                 .wanted
                 .values()
                 .filter_map(|w| w.due.map(|d| d.max(self.next_attempt)))
-                .chain([self.next_status])
+                .chain([self.next_status, self.next_health])
                 .min()
                 .unwrap_or(now + self.options.status_every);
             match self.rx.recv_timeout(next.saturating_duration_since(now)) {
@@ -351,6 +432,7 @@ impl Reconciler {
                 }
             }
             self.deploy_due();
+            self.look_at_health();
             self.report();
         }
         self.running.store(false, Ordering::Relaxed);
@@ -669,8 +751,7 @@ impl Reconciler {
                 } else {
                     Some(from.clone())
                 };
-                r.id = to.clone();
-                r.since = Utc::now();
+                r.take_over(to.clone());
                 r.probation = true;
                 self.note_start(&name);
                 self.event(
@@ -744,7 +825,10 @@ impl Reconciler {
                 fallback: None,
                 since: Utc::now(),
                 probation,
+                baseline: Counters::of(&stats),
                 stats,
+                previous: None,
+                reported: (0, 0),
             },
         );
         self.status_dirty = true;
@@ -766,10 +850,9 @@ impl Reconciler {
         {
             if let Some(fallback) = r.fallback.take() {
                 to = fallback.version.into();
-                r.id = fallback;
+                r.take_over(fallback);
             }
             r.probation = false;
-            r.since = Utc::now();
             // The assigned version failed here: do not fetch it again.
             self.wanted.insert(
                 id.name.clone(),
@@ -912,6 +995,8 @@ impl Reconciler {
                     since: r.since,
                     probation: r.probation,
                     traps: HostStats::get(&r.stats.traps),
+                    health: Some(r.health()),
+                    previous: r.previous,
                 })
                 .collect(),
             rolled_back: self.rolled_back.clone(),
@@ -929,6 +1014,24 @@ impl Reconciler {
             over_limit: self.over_limit as u64,
             config_revision: self.config_revision,
             assignment_revision: self.assignment_revision,
+        }
+    }
+
+    /// Every [`HEALTH_EVERY`]: a module that trapped since the last record, or a young
+    /// version that ticked, makes the record due now.
+    fn look_at_health(&mut self) {
+        let now = Instant::now();
+        if now < self.next_health {
+            return;
+        }
+        self.next_health = now + HEALTH_EVERY;
+        for r in self.modules.values_mut() {
+            let c = Counters::of(&r.stats);
+            let young = c.ticks.saturating_sub(r.baseline.ticks) <= YOUNG_TICKS;
+            if c.traps != r.reported.1 || (young && c.ticks != r.reported.0) {
+                r.reported = (c.ticks, c.traps);
+                self.status_dirty = true;
+            }
         }
     }
 

@@ -9,6 +9,8 @@
 //! | signed bundles | object store `collector_modules`: `<name>/<version>` | `collector module publish` | agents |
 //! | agent status | KV `collector_status`: `<pc>` | each agent, its own key | `collector fleet status` |
 //! | module transitions | `obs.<pc>` (kanade `ObsEvent`) | each agent | kanade's event timeline |
+//! | staged rollouts | KV `collector_rollouts`: `<module>` | `collector rollout` (operators, controllers) | controllers, `rollout status` |
+//! | rollout events | `obs.rollouts` (kanade `ObsEvent`) | the controller | kanade's event timeline |
 //!
 //! The collector never adds fields to `agent_config`: kanade's backend rewrites those
 //! values through a fixed field list and would drop them.
@@ -22,6 +24,7 @@ pub mod assignment;
 pub mod fetch;
 pub mod kv;
 pub mod names;
+pub mod rollout;
 pub mod status;
 pub mod watch;
 

@@ -65,6 +65,62 @@ pub struct ModuleStatus {
     pub probation: bool,
     /// Calls that trapped (or ran out of time) since the agent started this module.
     pub traps: u64,
+    /// What this version did on this agent since it took over (`since`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<ModuleHealth>,
+    /// What the version it replaced on this agent did over its last stretch, to compare
+    /// with (none after a restart of the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<ModuleHealth>,
+}
+
+/// What one version of a module did on one agent over a stretch of time: the figures a
+/// rollout's health gates read (`collector rollout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleHealth {
+    /// The version these figures are about.
+    pub version: u64,
+    /// Length of the stretch, in milliseconds.
+    pub window_ms: u64,
+    /// Ticks run to completion.
+    pub ticks: u64,
+    /// Calls that trapped, ran out of time, or failed to start.
+    pub traps: u64,
+    /// Messages published.
+    pub published: u64,
+    /// Publishes refused (outside the grant, too large, over a limit) or failed.
+    pub refused: u64,
+    /// Bytes of the messages published.
+    pub bytes: u64,
+    /// CPU time spent running the module's own code, in microseconds: what a rollout's
+    /// CPU gate compares between versions.
+    pub cpu_us: u64,
+    /// CPU time spent in host functions on the module's behalf (enumerations, name
+    /// look-ups, publishes), in microseconds. With several modules sharing one process
+    /// enumeration, it falls on the module whose call made it, so it is shown, not
+    /// gated on; the host's per-call limits bound it.
+    #[serde(default)]
+    pub host_cpu_us: u64,
+}
+
+impl ModuleHealth {
+    /// Messages per tick (0 before the first tick).
+    pub fn published_per_tick(&self) -> f64 {
+        per(self.published, self.ticks)
+    }
+
+    /// Microseconds of CPU per tick (0 before the first tick).
+    pub fn cpu_us_per_tick(&self) -> f64 {
+        per(self.cpu_us, self.ticks)
+    }
+}
+
+fn per(n: u64, ticks: u64) -> f64 {
+    if ticks == 0 {
+        0.0
+    } else {
+        n as f64 / ticks as f64
+    }
 }
 
 /// A version that failed on this agent.

@@ -328,6 +328,10 @@ impl State {
                 layers.global.as_ref(),
                 layers.groups_of(&self.groups),
                 layers.pc.as_ref(),
+                assignment::Agent {
+                    pc_id: &opts.pc_id,
+                    groups: &self.groups,
+                },
             );
             conflicts.extend(
                 resolved

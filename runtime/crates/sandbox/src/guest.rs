@@ -686,7 +686,10 @@ impl Supervisor {
         live.store.set_epoch_deadline(ticks_for(budget));
         let result = {
             let _in_call = gate.enter();
-            f(&live.bindings, &mut live.store)
+            let cpu = CallCpu::start();
+            let result = f(&live.bindings, &mut live.store);
+            cpu.stop(live.store.data());
+            result
         };
         let logger = live.store.data().logger.clone();
         report_refused(self.module.name(), call, &logger);
@@ -714,6 +717,28 @@ impl Supervisor {
         if let Slot::Live(live) = std::mem::replace(&mut self.slot, Slot::Empty) {
             self.slot = Slot::Idle(live.store.into_data().into_services());
         }
+    }
+}
+
+/// The calling thread's CPU time over one call into the guest, split into guest code
+/// ([`HostStats::guest_cpu_us`]) and host functions ([`HostStats::host_cpu_us`]).
+/// Where the platform cannot tell a thread's CPU time, the call is not counted.
+struct CallCpu(Option<cpu_time::ThreadTime>);
+
+impl CallCpu {
+    fn start() -> Self {
+        Self(cpu_time::ThreadTime::try_now().ok())
+    }
+
+    fn stop(self, state: &HostState) {
+        let Some(spent) = self.0.and_then(|start| start.try_elapsed().ok()) else {
+            return;
+        };
+        let host = state.call.host_cpu;
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let stats = &state.services.stats;
+        HostStats::bump(&stats.guest_cpu_us, micros(spent.saturating_sub(host)));
+        HostStats::bump(&stats.host_cpu_us, micros(host));
     }
 }
 

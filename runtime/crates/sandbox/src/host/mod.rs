@@ -73,6 +73,8 @@ pub struct HostStats {
     pub names_looked_up: AtomicU64,
     /// Messages handed to the sink.
     pub published: AtomicU64,
+    /// Bytes of the messages handed to the sink.
+    pub published_bytes: AtomicU64,
     /// Publishes refused: subject outside the grant.
     pub publish_denied: AtomicU64,
     /// Publishes refused: too large or over the per-call limit.
@@ -93,6 +95,14 @@ pub struct HostStats {
     pub traps: AtomicU64,
     /// Instances created.
     pub instantiations: AtomicU64,
+    /// CPU time of the calling thread spent running guest code in calls into the guest
+    /// (host functions excluded), in microseconds.
+    pub guest_cpu_us: AtomicU64,
+    /// CPU time of the calling thread spent in host functions on the guest's behalf
+    /// (enumerations, name look-ups, publishes, logs), in microseconds. With a
+    /// [`crate::source::SharedSource`], an enumeration is paid by the module whose call
+    /// made it.
+    pub host_cpu_us: AtomicU64,
 }
 
 impl HostStats {
@@ -233,6 +243,8 @@ pub(crate) struct CallState {
     pub started: Instant,
     /// Time spent inside host functions during this call.
     pub in_host: Duration,
+    /// The thread's CPU time spent inside host functions during this call.
+    pub host_cpu: Duration,
     pub publishes: u32,
     /// Enumerations made during this call.
     pub samples: u32,
@@ -243,6 +255,7 @@ impl CallState {
         Self {
             started: Instant::now(),
             in_host: Duration::ZERO,
+            host_cpu: Duration::ZERO,
             publishes: 0,
             samples: 0,
         }
@@ -311,8 +324,12 @@ impl HostState {
     /// against the call's host budget.
     pub(crate) fn host_work<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
         let start = Instant::now();
+        let cpu = cpu_time::ThreadTime::try_now().ok();
         let out = f(self);
         self.call.in_host += start.elapsed();
+        if let Some(spent) = cpu.and_then(|c| c.try_elapsed().ok()) {
+            self.call.host_cpu += spent;
+        }
         out
     }
 

@@ -101,6 +101,7 @@ impl HostState {
         match sent {
             Ok(()) => {
                 HostStats::bump(&stats.published, 1);
+                HostStats::bump(&stats.published_bytes, payload.len() as u64);
                 tracing::debug!(guest = %self.guest_name, subject, bytes = payload.len(), "published");
                 Ok(())
             }

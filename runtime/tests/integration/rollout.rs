@@ -1,0 +1,319 @@
+//! Staged rollouts through the real binary and a real nats-server: agents (the
+//! `collector` binary) place themselves from the rollout's assignment, report per-module
+//! health, and a controller (`collector rollout run`, another process) advances waves,
+//! halts on a failing gate and sends the agents back. The bad versions are the default
+//! guest built with a fault (guest-process-perf's `fault-*` features): they pass their
+//! probation, then misbehave.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use collector_bundle::Manifest;
+use collector_fleet::rollout::{Phase, ROLLOUTS_BUCKET, Rollout};
+use collector_fleet::status::ObsEvent;
+use collector_fleet::{ASSIGNMENTS_BUCKET, GROUPS_BUCKET, STATUS_BUCKET};
+
+use crate::common::*;
+use crate::fleet::{Fleet, enable, runs, version_of};
+
+/// A bundle of `component` as process-perf `version`, which agents may leave for any
+/// version down to `floor`.
+fn bundle(component: &[u8], version: u64, floor: Option<u64>) -> Vec<u8> {
+    let mut manifest = Manifest::describe("process-perf", version, component, chrono::Utc::now());
+    manifest.rollback_floor = floor;
+    collector_bundle::sign(&manifest, component, &[&key(1)]).unwrap()
+}
+
+/// A `collector` command against the fleet's server; its output when it succeeds.
+fn cli(fleet: &Fleet, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_collector"))
+        .args(args)
+        .env("NATS_URL", &fleet.server.url)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "collector {args:?} failed:\n{text}");
+    text
+}
+
+/// A rollout controller process (`collector rollout run`), killed on drop.
+struct Controller(Child);
+
+impl Controller {
+    fn start(fleet: &Fleet) -> Self {
+        Self(
+            Command::new(env!("CARGO_BIN_EXE_collector"))
+                .args(["rollout", "run"])
+                .env("NATS_URL", &fleet.server.url)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rollout_of(fleet: &Fleet) -> Option<Rollout> {
+    let kv = fleet
+        .rt
+        .block_on(fleet.js.get_key_value(ROLLOUTS_BUCKET))
+        .ok()?;
+    let bytes = fleet.rt.block_on(kv.get("process-perf")).unwrap()?;
+    Some(Rollout::from_json(&bytes).unwrap())
+}
+
+/// Waits for the rollout to satisfy `cond`, watching every agent's record meanwhile:
+/// returns the rollout and, per PC, every process-perf version its records showed.
+fn follow(
+    fleet: &Fleet,
+    pcs: &[String],
+    limit: Duration,
+    seen: &mut BTreeMap<String, BTreeSet<u64>>,
+    mut cond: impl FnMut(&Rollout) -> bool,
+) -> Rollout {
+    let deadline = Instant::now() + limit;
+    loop {
+        for pc in pcs {
+            if let Some(v) = fleet
+                .status(pc)
+                .as_ref()
+                .and_then(|s| version_of(s, "process-perf"))
+            {
+                seen.entry(pc.clone()).or_default().insert(v);
+            }
+        }
+        let r = rollout_of(fleet);
+        if let Some(r) = &r
+            && cond(r)
+        {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rollout not there within {limit:?}: {r:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Eight agents on v1 (pc-0 and pc-1 in group canary), publishing every 250 ms, and v2
+/// (`v2_component`, rollback floor 1) published.
+fn fleet_on_v1(v2_component: &[u8]) -> (Fleet, Vec<String>, Vec<AgentProcess>) {
+    let fleet = Fleet::start();
+    let good = std::fs::read(guest_wasm()).unwrap();
+    fleet.put_module("process-perf", 1, &bundle(&good, 1, None));
+    fleet.put_module("process-perf", 2, &bundle(v2_component, 2, Some(1)));
+    enable(&fleet, "global", "250ms");
+    fleet.assign("global", &[("process-perf", 1)]);
+    for pc in ["pc-0", "pc-1"] {
+        fleet.put(GROUPS_BUCKET, pc, br#"{"groups":["canary"]}"#);
+    }
+    let pcs: Vec<String> = (0..8).map(|i| format!("pc-{i}")).collect();
+    let agents = pcs.iter().map(|pc| fleet.agent(pc, &[])).collect();
+    for pc in &pcs {
+        fleet.wait_status(pc, Duration::from_secs(30), "v1 publishing", |s| {
+            runs(s, "process-perf", 1)
+                && s.modules[0]
+                    .health
+                    .is_some_and(|h| h.ticks >= 4 && h.published >= 2)
+        });
+    }
+    (fleet, pcs, agents)
+}
+
+fn events(fleet: &Fleet, sub: &mut async_nats::Subscriber) -> Vec<ObsEvent> {
+    let mut out = Vec::new();
+    while let Some(bytes) = fleet.next(sub, Duration::from_millis(300)) {
+        out.push(serde_json::from_slice(&bytes).unwrap());
+    }
+    out
+}
+
+#[test]
+fn a_version_that_goes_silent_after_probation_is_halted_in_its_first_wave_and_reverted() {
+    let silent = std::fs::read(fault_wasm("silent")).unwrap();
+    let (fleet, pcs, _agents) = fleet_on_v1(&silent);
+    // A record that is no status at all, and one full of markup, on the broker: the
+    // controller judges around them.
+    fleet.put(STATUS_BUCKET, "pc-junk", b"\x00\xff not json");
+    let mut sub = fleet.subscribe("obs.rollouts");
+    let _controller = Controller::start(&fleet);
+    let started = cli(
+        &fleet,
+        &[
+            "rollout",
+            "start",
+            "process-perf",
+            "2",
+            "--global",
+            "--waves",
+            "canary,50%,100%",
+            "--bake",
+            "20s",
+            "--min-ticks",
+            "4",
+        ],
+    );
+    assert!(started.contains("v1 -> v2"), "{started}");
+    assert!(
+        started.contains("agents that moved go back to v1"),
+        "{started}"
+    );
+    let mut seen = BTreeMap::new();
+    let r = follow(&fleet, &pcs, Duration::from_secs(60), &mut seen, |r| {
+        r.phase == Phase::Halted
+    });
+    let halted_at = Instant::now();
+    let halt = r.halt.clone().unwrap();
+    assert_eq!(halt.gate, "data-plane", "{halt:#?}");
+    assert!(halt.reverted, "{halt:#?}");
+    assert_eq!(r.wave, 0, "halted in the canary wave: {r:#?}");
+    assert!(
+        halt.agents
+            .iter()
+            .all(|a| a.starts_with("pc-0") || a.starts_with("pc-1")),
+        "{halt:#?}"
+    );
+    assert!(!halt.agents.is_empty());
+    // The canaries go back to v1; nobody else ever ran v2.
+    for pc in &pcs[..2] {
+        fleet.wait_status(pc, Duration::from_secs(10), "back on v1", |s| {
+            version_of(s, "process-perf") == Some(1)
+        });
+    }
+    assert!(halted_at.elapsed() < Duration::from_secs(10));
+    for pc in &pcs[2..] {
+        assert_eq!(
+            seen.get(pc).cloned().unwrap_or_default(),
+            BTreeSet::from([1]),
+            "{pc}"
+        );
+    }
+    // The assignment is v1 again, with no rollout in it; the status command says why.
+    let kv = fleet
+        .rt
+        .block_on(fleet.js.get_key_value(ASSIGNMENTS_BUCKET))
+        .unwrap();
+    let global = fleet.rt.block_on(kv.get("global")).unwrap().unwrap();
+    assert_eq!(
+        &global[..],
+        br#"{"modules":{"process-perf":{"version":1}}}"#
+    );
+    let status = cli(&fleet, &["rollout", "status", "process-perf"]);
+    assert!(status.contains("halted by the data-plane gate"), "{status}");
+    assert!(status.contains("tripped: pc-"), "{status}");
+    let fleet_status = cli(&fleet, &["fleet", "status"]);
+    assert!(
+        fleet_status.contains("rollout: process-perf v1->v2 halted"),
+        "{fleet_status}"
+    );
+    // kanade's timeline heard it start and halt, with the gate.
+    let kinds: Vec<ObsEvent> = events(&fleet, &mut sub);
+    let started = kinds
+        .iter()
+        .filter(|e| e.kind == "collector_rollout_started")
+        .count();
+    let halted: Vec<&ObsEvent> = kinds
+        .iter()
+        .filter(|e| e.kind == "collector_rollout_halted")
+        .collect();
+    assert_eq!((started, halted.len()), (1, 1), "{kinds:#?}");
+    assert_eq!(halted[0].payload["gate"], "data-plane");
+    assert_eq!(halted[0].pc_id, "rollouts");
+    // A second start is refused only while one runs: this one is over.
+    let again = cli(
+        &fleet,
+        &[
+            "rollout",
+            "start",
+            "process-perf",
+            "2",
+            "--global",
+            "--waves",
+            "canary",
+            "--bake",
+            "1s",
+        ],
+    );
+    assert!(again.contains("started"), "{again}");
+    let refused = Command::new(env!("CARGO_BIN_EXE_collector"))
+        .args(["rollout", "start", "process-perf", "2", "--global"])
+        .env("NATS_URL", &fleet.server.url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && text.contains("rollout abort"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_good_version_goes_through_every_wave_under_two_controllers_one_killed_midway() {
+    let good = std::fs::read(guest_wasm()).unwrap();
+    let (fleet, pcs, _agents) = fleet_on_v1(&good);
+    let mut sub = fleet.subscribe("obs.rollouts");
+    let mut first = Controller::start(&fleet);
+    let _second = Controller::start(&fleet);
+    cli(
+        &fleet,
+        &[
+            "rollout",
+            "start",
+            "process-perf",
+            "2",
+            "--global",
+            "--waves",
+            "canary,50%,100%",
+            "--bake",
+            "2s",
+            "--min-ticks",
+            "3",
+        ],
+    );
+    let mut seen = BTreeMap::new();
+    follow(&fleet, &pcs, Duration::from_secs(60), &mut seen, |r| {
+        r.wave >= 1
+    });
+    // Killed mid-rollout, as a crash would: the other carries on, and a third started
+    // later picks up where the state says.
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    let _third = Controller::start(&fleet);
+    let r = follow(&fleet, &pcs, Duration::from_secs(90), &mut seen, |r| {
+        !r.phase.active()
+    });
+    assert_eq!(r.phase, Phase::Completed, "{r:#?}");
+    assert_eq!(r.history.len(), 3, "each wave entered once: {r:#?}");
+    for pc in &pcs {
+        fleet.wait_status(pc, Duration::from_secs(20), "on v2", |s| {
+            runs(s, "process-perf", 2)
+        });
+    }
+    let kv = fleet
+        .rt
+        .block_on(fleet.js.get_key_value(ASSIGNMENTS_BUCKET))
+        .unwrap();
+    let global = fleet.rt.block_on(kv.get("global")).unwrap().unwrap();
+    assert_eq!(
+        &global[..],
+        br#"{"modules":{"process-perf":{"version":2}}}"#
+    );
+    let all = events(&fleet, &mut sub);
+    let count = |kind: &str| all.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(count("collector_rollout_wave_advanced"), 2, "{all:#?}");
+    assert_eq!(count("collector_rollout_completed"), 1, "{all:#?}");
+    assert_eq!(count("collector_rollout_halted"), 0, "{all:#?}");
+}
