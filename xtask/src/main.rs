@@ -228,6 +228,12 @@ pub fn build_fault_guest(fault: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// The environment variable the tests read a fault build's path from, such as
+/// `COLLECTOR_FAULT_TRAP_WASM`.
+fn fault_env(fault: &str) -> String {
+    format!("COLLECTOR_FAULT_{}_WASM", fault.to_uppercase())
+}
+
 /// `collector <args>` through cargo (the dev build, shared with `cargo xtask test`).
 fn collector(args: &[&OsStr]) -> Command {
     let mut cmd = cargo();
@@ -358,17 +364,37 @@ fn test(extra: &[String]) -> Result<()> {
             ]),
         )?;
     }
+    run_step(
+        "linting guest-process-perf's fault builds",
+        cargo().args([
+            "clippy",
+            "--quiet",
+            "--package",
+            "guest-process-perf",
+            "--target",
+            GUEST_TARGET,
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
     let guest = build_guest()?;
     let top_memory = build_top_memory()?;
     let top_memory_js = polyglot::build_top_memory_js()?;
     polyglot::test_js_logic()?;
     let guest_v0_1 = build_guest_v0_1()?;
+    let faults = GUEST_FAULTS
+        .iter()
+        .map(|f| Ok((fault_env(f), build_fault_guest(f)?)))
+        .collect::<Result<Vec<_>>>()?;
     let nats = ensure_nats_server()?;
     run_step(
         "running the tests",
         cargo()
             .args(["test", "--workspace"])
             .args(extra)
+            .envs(faults.iter().map(|(k, v)| (k, v)))
             .env("COLLECTOR_GUEST_WASM", &guest)
             .env("COLLECTOR_TOP_MEMORY_WASM", &top_memory)
             .env("COLLECTOR_GUEST_V0_1_WASM", &guest_v0_1)
@@ -420,7 +446,7 @@ fn test(extra: &[String]) -> Result<()> {
             &[],
         )?;
     }
-    fleet_smoke(&collector, &nats, &guest)?;
+    fleet_smoke(&collector, &nats, &guest, &faults)?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }
@@ -620,7 +646,12 @@ const FLEET_SMOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// The fleet simulation in smoke mode: a three-server cluster on free ports, 20 agents,
 /// one server killed during the global rollout. The cluster is stopped whatever happens.
-fn fleet_smoke(collector: &Path, nats: &Path, guest: &Path) -> Result<()> {
+fn fleet_smoke(
+    collector: &Path,
+    nats: &Path,
+    guest: &Path,
+    faults: &[(String, PathBuf)],
+) -> Result<()> {
     let dir = root().join("target/cluster-smoke");
     let _ = std::fs::remove_dir_all(&dir);
     let stopper = cluster::Stopper(cluster::Cluster::on_free_ports(dir.clone())?);
@@ -637,7 +668,8 @@ fn fleet_smoke(collector: &Path, nats: &Path, guest: &Path) -> Result<()> {
         "fleet_sim",
     ])
     .env("COLLECTOR_CLUSTER", dir.join("cluster.json"))
-    .env("COLLECTOR_GUEST_WASM", guest);
+    .env("COLLECTOR_GUEST_WASM", guest)
+    .envs(faults.iter().map(|(k, v)| (k, v)));
     run_bounded(
         "fleet simulation smoke run: 3 servers, 20 agents, canary, global rollout with a \
          server killed, rollback",

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
+use collector_fleet::rollout::{EVENTS_PC_ID, ROLLOUTS_BUCKET};
 use collector_fleet::{
     ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STREAM, STATUS_BUCKET, names,
+    obs_subject,
 };
 use collector_fsutil::{Links, read_regular, write_atomic};
 
@@ -266,6 +268,7 @@ fn server_config(
         GROUPS_BUCKET,
         ASSIGNMENTS_BUCKET,
         STATUS_BUCKET,
+        ROLLOUTS_BUCKET,
     ];
     let mut operator_allow: Vec<String> = Vec::new();
     for b in buckets {
@@ -273,10 +276,15 @@ fn server_config(
         operator_allow.push(format!("$JS.API.STREAM.CREATE.KV_{b}"));
         operator_allow.push(format!("$JS.API.STREAM.UPDATE.KV_{b}"));
     }
-    for b in agent_reads {
+    for b in agent_reads.iter().chain([&ROLLOUTS_BUCKET]) {
         operator_allow.push(format!("$KV.{b}.>"));
     }
+    // The rollout controller's events on kanade's timeline.
+    operator_allow.push(obs_subject(EVENTS_PC_ID));
     operator_allow.extend(read_api(MODULES_STREAM));
+    // `rollout start` reads a bundle's manifest (its rollback floor) as agents download:
+    // chunks by sequence.
+    operator_allow.push(format!("$JS.API.DIRECT.GET.{MODULES_STREAM}"));
     operator_allow.push(format!("$JS.API.STREAM.CREATE.{MODULES_STREAM}"));
     operator_allow.push("$JS.API.INFO".to_string());
     user(

@@ -89,6 +89,8 @@ fn agent(server: &NatsServer, dir: &Path, work: &Path, trust: &Path, pc: &str) -
     AgentProcess::start_as(pc, &args)
 }
 
+/// Waits until `pc` runs process-perf past its probation (v1, or v2 once the staged
+/// rollout below has moved the fleet).
 fn wait_running(server: &NatsServer, operator: &Path, pc: &str) -> AgentStatus {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -97,14 +99,14 @@ fn wait_running(server: &NatsServer, operator: &Path, pc: &str) -> AgentStatus {
             let records: Vec<AgentStatus> = serde_json::from_slice(&out.stdout).unwrap();
             if let Some(r) = records
                 .into_iter()
-                .find(|r| r.modules.iter().any(|m| m.version == 1 && !m.probation))
+                .find(|r| r.modules.iter().any(|m| m.version >= 1 && !m.probation))
             {
                 return r;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "{pc} never ran process-perf v1; server log:\n{}",
+            "{pc} never ran process-perf; server log:\n{}",
             server.log()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -188,6 +190,86 @@ fn generated_credentials_run_the_fleet_and_take_a_pc_added_later() {
         "the agent asked for more than it may"
     );
 
+    // A staged rollout under the operator's credentials: the controller reads the
+    // status and group buckets, writes the rollout and the assignment, and tells
+    // kanade's timeline, with no permission violation.
+    let v2 = work.path().join("process-perf-2.bundle");
+    let bytes = signed(
+        "process-perf",
+        2,
+        &std::fs::read(guest_wasm()).unwrap(),
+        &[&key(1)],
+    );
+    std::fs::write(&v2, bytes).unwrap();
+    ok(
+        &server,
+        &publisher,
+        &[
+            "module",
+            "publish",
+            "--trust",
+            trust.to_str().unwrap(),
+            v2.to_str().unwrap(),
+        ],
+    );
+    let mut timeline = rt.block_on(kanade.subscribe("obs.rollouts")).unwrap();
+    rt.block_on(kanade.flush()).unwrap();
+    ok(
+        &server,
+        &operator,
+        &[
+            "rollout",
+            "start",
+            "process-perf",
+            "2",
+            "--global",
+            "--waves",
+            "100%",
+            "--bake",
+            "1s",
+            "--min-ticks",
+            "2",
+        ],
+    );
+    let mut controller = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_collector"))
+            .args(["rollout", "run", "--nats-nkey", operator.to_str().unwrap()])
+            .env("NATS_URL", &server.url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let json = ok(&server, &operator, &["rollout", "status", "--json"]);
+        if json.contains(r#""phase": "completed""#) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not complete: {json}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = controller.0.kill();
+    let event = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), timeline.next()).await })
+        .expect("the rollout's events reach kanade")
+        .unwrap();
+    assert_eq!(event.subject.as_str(), "obs.rollouts");
+    let violations: Vec<String> = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        violations,
+        Vec::<String>::new(),
+        "a rollout asked for more than the operator may"
+    );
+
     // pc-a's seed steers nothing: a read answered onto the fleet's assignment key.
     let seed_a = std::fs::read_to_string(dir.join("agents/pc-a.nk")).unwrap();
     let before = ok(
@@ -269,4 +351,14 @@ fn bad_pc_ids_are_refused_by_name() {
         );
     }
     assert!(!work.path().join("nats-server.conf").exists());
+}
+
+/// A child process killed (and reaped) when the test ends, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
