@@ -48,6 +48,9 @@ use futures_util::StreamExt as _;
 
 type Result<T> = std::result::Result<T, String>;
 
+#[path = "fleet_sim/rollouts.rs"]
+mod rollouts;
+
 /// Share of the fleet in the canary group.
 const CANARY_PERCENT: usize = 5;
 
@@ -59,6 +62,10 @@ struct Options {
     interval: String,
     step_timeout: Duration,
     write: Option<PathBuf>,
+    /// Staged rollouts to run after the steps, in order; with `true`, the controller is
+    /// killed at a random moment.
+    rollouts: Vec<(rollouts::Kind, bool)>,
+    bake: Duration,
 }
 
 const USAGE: &str = "\
@@ -76,8 +83,17 @@ usage: cargo xtask fleet-sim [--agents N] [--modules M] [--kill-node-at SECONDS]
   --cluster FILE      the cluster.json of `cargo xtask cluster up`
                       (default target/cluster/cluster.json, or $COLLECTOR_CLUSTER);
                       the fleet buckets of that cluster are emptied first
-  --write             put the results in BENCHMARKS.md (section Fleet scale) and the plot
-                      in docs/fleet-convergence.svg";
+  --rollouts LIST     staged rollouts run after those steps, in order, each with waves
+                      1%,10%,50%,100% and a controller (`collector rollout run`): `good`,
+                      `trap`, `silent`, `cpu` (the default guest built with that fault),
+                      `good-killed` (the controller killed at a random moment and
+                      restarted); `none` for none
+                      (default good,trap,silent,cpu,good-killed; smoke: trap)
+  --bad-module KIND   the same as --rollouts KIND (trap, silent or cpu)
+  --bake D            bake time of each wave (default 10s; smoke: 3s)
+  --write             put the results in BENCHMARKS.md (sections Fleet scale and Staged
+                      rollouts) and the plots in docs/fleet-convergence.svg and
+                      docs/rollouts.svg";
 
 fn parse_options() -> Result<Options> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -96,6 +112,12 @@ fn parse_options() -> Result<Options> {
         interval: "5s".into(),
         step_timeout: Duration::from_secs(if full { 120 } else { 60 }),
         write: None,
+        rollouts: if full {
+            parse_rollouts("good,trap,silent,cpu,good-killed")?
+        } else {
+            parse_rollouts("trap")?
+        },
+        bake: Duration::from_secs(if full { 10 } else { 3 }),
     };
     let mut it = args.iter();
     let value = |it: &mut std::slice::Iter<String>, flag: &str| -> Result<String> {
@@ -142,6 +164,19 @@ fn parse_options() -> Result<Options> {
                 o.step_timeout = Duration::from_secs_f64(number(v, arg)?);
             }
             "--cluster" => o.cluster = value(&mut it, arg)?.into(),
+            "--rollouts" => o.rollouts = parse_rollouts(&value(&mut it, arg)?)?,
+            "--bad-module" => {
+                let v = value(&mut it, arg)?;
+                o.rollouts = parse_rollouts(&v)?;
+                if o.rollouts.iter().any(|(k, _)| *k == rollouts::Kind::Good) {
+                    return Err(format!("--bad-module {v}: expected trap, silent or cpu"));
+                }
+            }
+            "--bake" => {
+                let v = value(&mut it, arg)?;
+                o.bake = humantime::parse_duration(&v)
+                    .map_err(|e| format!("--bake {v}: expected a duration such as 10s ({e})"))?;
+            }
             "--write" => o.write = Some(root.clone()),
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -151,6 +186,25 @@ fn parse_options() -> Result<Options> {
         }
     }
     Ok(o)
+}
+
+fn parse_rollouts(list: &str) -> Result<Vec<(rollouts::Kind, bool)>> {
+    if list == "none" {
+        return Ok(Vec::new());
+    }
+    list.split(',')
+        .map(|k| {
+            let (k, killed) = match k.strip_suffix("-killed") {
+                Some(k) => (k, true),
+                None => (k, false),
+            };
+            rollouts::Kind::parse(k)
+                .map(|kind| (kind, killed))
+                .ok_or(format!(
+                    "--rollouts: `{k}`: expected good, trap, silent, cpu or good-killed"
+                ))
+        })
+        .collect()
 }
 
 /// A server of the cluster, from cluster.json.
@@ -185,6 +239,12 @@ fn main() {
         Ok(report) => {
             let failures = report.failures();
             println!("{}", report.table(&options));
+            if !report.rollouts.is_empty() {
+                println!(
+                    "{}",
+                    rollouts::table(&report.rollouts, options.agents, options.bake)
+                );
+            }
             if let Some(root) = &options.write
                 && let Err(e) = report.write(&options, root)
             {
@@ -354,6 +414,7 @@ struct Report {
     rss_per_agent_mb: f64,
     rss_total_mb: f64,
     buckets: Vec<String>,
+    rollouts: Vec<rollouts::Scenario>,
 }
 
 fn simulate(o: &Options) -> Result<Report> {
@@ -601,15 +662,55 @@ fn simulate(o: &Options) -> Result<Report> {
         rollout(1, &["--global"])
     })?);
     let elapsed = messages_from.0.elapsed().as_secs_f64();
+    let ingested = messages.load(Ordering::Relaxed) - messages_from.1;
+    let rss_after = rss_mb();
+    let buckets = check_buckets(&runtime, &observer, &published, &canary, &pcs, &modules);
+
+    // Staged rollouts, at a cadence their gates can judge in seconds.
+    let mut staged = Vec::new();
+    if !o.rollouts.is_empty() {
+        operator.run(&["config", "set", "host_perf_interval=1s"])?;
+        let env = rollouts::Env {
+            operator: &operator,
+            runtime: &runtime,
+            observer: &observer,
+            statuses: &statuses,
+            pcs: &pcs,
+            work: work.path(),
+            bake: o.bake,
+            timeout: o.step_timeout,
+        };
+        let good = std::fs::read(guest_path("COLLECTOR_GUEST_WASM")?).map_err(|e| e.to_string())?;
+        let (mut current, mut next) = (1u64, 3u64);
+        for (kind, killed) in &o.rollouts {
+            let component = match kind {
+                rollouts::Kind::Good => good.clone(),
+                rollouts::Kind::Bad(k) => {
+                    let var = format!("COLLECTOR_FAULT_{}_WASM", k.to_uppercase());
+                    std::fs::read(guest_path(&var)?).map_err(|e| e.to_string())?
+                }
+            };
+            let kill = killed.then(|| {
+                let most = o.bake.as_secs_f64() * 4.0;
+                Duration::from_secs_f64(1.0 + random_fraction() * most)
+            });
+            let s = rollouts::run(&env, *kind, &component, current, next, kill)?;
+            if s.phase == "completed" {
+                current = next;
+            }
+            next += 1;
+            staged.push(s);
+        }
+    }
     // What an operator reads next: the summary of the whole fleet.
     let asked = Instant::now();
     let summary = operator.run_once(&["fleet", "status"])?;
     let status_seconds = asked.elapsed().as_secs_f64();
-    let status_head = summary.lines().next().unwrap_or_default().to_string();
-    let ingested = messages.load(Ordering::Relaxed) - messages_from.1;
-    let rss_after = rss_mb();
-
-    let buckets = check_buckets(&runtime, &observer, &published, &canary, &pcs, &modules);
+    let status_head = summary
+        .lines()
+        .find(|l| !l.starts_with("rollout:"))
+        .unwrap_or_default()
+        .to_string();
     let retries = fleet
         .stats
         .iter()
@@ -631,7 +732,17 @@ fn simulate(o: &Options) -> Result<Report> {
         rss_per_agent_mb: (rss_after - rss_before) / o.agents as f64,
         rss_total_mb: rss_after,
         buckets,
+        rollouts: staged,
     })
+}
+
+/// A number in [0, 1) that differs from run to run (the clock's nanoseconds): when to
+/// kill the controller need not be unpredictable, only not always the same.
+fn random_fraction() -> f64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos) / 1e9
 }
 
 /// Downloads, and the microseconds spent fetching, loading and recording, summed over
@@ -998,6 +1109,9 @@ impl Report {
             }
         }
         f.extend(self.buckets.iter().map(|b| format!("bucket check: {b}")));
+        for r in &self.rollouts {
+            f.extend(r.failures.iter().cloned());
+        }
         if self.messages == 0 {
             f.push("no process_perf message was ingested".into());
         } else if self.decoded == 0 {
@@ -1121,6 +1235,43 @@ impl Report {
         let text = replace_section(&text, heading, &section);
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         eprintln!("fleet-sim: wrote {} and {}", path.display(), plot.display());
+        if !self.rollouts.is_empty() {
+            let plot = root.join("docs/rollouts.svg");
+            std::fs::write(&plot, rollouts::plot(&self.rollouts, o.agents))
+                .map_err(|e| format!("{}: {e}", plot.display()))?;
+            let heading = "## Staged rollouts";
+            let mut section = format!("{heading}\n\n");
+            let _ = writeln!(
+                section,
+                "`cargo xtask cluster up && cargo xtask fleet-sim --agents {} --write` \
+                 (release build), after the steps above; `cargo xtask test` runs a smoke \
+                 version (20 agents, the trap build). Each scenario publishes a new version \
+                 (signed with a rollback floor at the version running), runs \
+                 `collector rollout start process-perf V --global --waves {} --bake {}s` \
+                 and a controller (`collector rollout run`), with process_perf every \
+                 second. The bad versions are the default guest built with a fault: \
+                 `trap` traps from its 6th tick on 30% of machines (after its 3-tick \
+                 probation), `silent` publishes nothing, `cpu` spends about 10x the CPU \
+                 per tick. A scenario fails unless a good version completes within its \
+                 bakes plus {} s, and a bad one halts in the first wave that holds an \
+                 agent it fails on, by the gate that names the fault, with no more agents \
+                 having run it than that wave placed, all of them back on the old version \
+                 within 10 s and none stuck. `good-killed` kills the controller at a \
+                 random moment and starts another a second later.\n",
+                o.agents,
+                rollouts::WAVES,
+                o.bake.as_secs_f64(),
+                10
+            );
+            section.push_str(&rollouts::table(&self.rollouts, o.agents, o.bake));
+            section.push_str(
+                "\n![Agents on the new version during each staged rollout](docs/rollouts.svg)\n\n",
+            );
+            let path = root.join("BENCHMARKS.md");
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let text = replace_section(&text, heading, &section);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         Ok(())
     }
 
