@@ -90,7 +90,7 @@ usage: cargo xtask fleet-sim [--agents N] [--modules M] [--kill-node-at SECONDS]
                       restarted); `none` for none
                       (default good,trap,silent,cpu,good-killed; smoke: trap)
   --bad-module KIND   the same as --rollouts KIND (trap, silent or cpu)
-  --bake D            bake time of each wave (default 10s; smoke: 3s)
+  --bake D            bake time of each wave (default 10s)
   --write             put the results in BENCHMARKS.md (sections Fleet scale and Staged
                       rollouts) and the plots in docs/fleet-convergence.svg and
                       docs/rollouts.svg";
@@ -117,7 +117,7 @@ fn parse_options() -> Result<Options> {
         } else {
             parse_rollouts("trap")?
         },
-        bake: Duration::from_secs(if full { 10 } else { 3 }),
+        bake: Duration::from_secs(10),
     };
     let mut it = args.iter();
     let value = |it: &mut std::slice::Iter<String>, flag: &str| -> Result<String> {

@@ -116,9 +116,9 @@ pub struct StartArgs {
     #[arg(long, value_name = "PCT", default_value_t = 90.0, value_parser = percent)]
     min_reporting: f64,
 
-    /// Ticks an agent must run the new version after its probation before it counts as
-    /// healthy.
-    #[arg(long, value_name = "N", default_value_t = 5)]
+    /// Ticks an agent must run the new version (its probation included) before it counts
+    /// as healthy; the data-plane and CPU gates compare per-tick figures over them.
+    #[arg(long, value_name = "N", default_value_t = 8)]
     min_ticks: u64,
 
     /// Data-plane gate: an agent fails when the new version publishes fewer than this
@@ -433,7 +433,14 @@ fn start(args: StartArgs) -> anyhow::Result<()> {
             .await?;
             lifted.push(format!("{key} ({what})"));
         }
-        settle(&js, &rollouts, written.revision.unwrap_or(0), r.clone()).await?;
+        settle(
+            &js,
+            &rollouts,
+            written.revision.unwrap_or(0),
+            r.clone(),
+            true,
+        )
+        .await?;
         publish_event(&js, &r, rollout::KIND_STARTED, serde_json::json!({})).await;
         Ok((r, overrides, lifted))
     })?;
@@ -531,12 +538,15 @@ async fn published_manifest(
         .map_err(|e| anyhow!("{name} version {version} in the module store: {e}"))
 }
 
-/// Makes the scope's assignment of the module say what the rollout's state says, unless
-/// someone else changed it (then the rollout halts, leaving it alone). Returns whether it
-/// is in force.
+/// Makes the scope's assignment of the module say what the rollout's state says. Only an
+/// entry that carries this rollout's placement is rewritten (or any entry, for the
+/// `initial` write of `rollout start`): an entry set since by hand, or by another
+/// rollout, is left alone, and for a running rollout that means it was taken from it.
+/// Returns whether the entry is (now) the rollout's.
 async fn ensure_assignment(
     js: &async_nats::jetstream::Context,
     r: &Rollout,
+    initial: bool,
 ) -> anyhow::Result<bool> {
     let Some(scope) = Scope::parse(&r.scope) else {
         bail!(
@@ -552,7 +562,7 @@ async fn ensure_assignment(
         if current == Some(&want) {
             return Ok(());
         }
-        if !r.owns(current) {
+        if !initial && !r.owns(current) {
             foreign = true;
             return Ok(());
         }
@@ -578,10 +588,11 @@ async fn settle(
     rollouts: &Store,
     mut revision: u64,
     mut r: Rollout,
+    initial: bool,
 ) -> anyhow::Result<bool> {
     let mut owned = true;
-    for _ in 0..8 {
-        owned = ensure_assignment(js, &r).await?;
+    for round in 0..8 {
+        owned = ensure_assignment(js, &r, initial && round == 0).await?;
         let now = kv::read(rollouts, ROLLOUTS_BUCKET, &r.module).await?;
         match (now.value, now.revision) {
             (Some(bytes), Some(rev)) if rev != revision => {
@@ -621,7 +632,12 @@ async fn publish_event(
         at,
         kind: kind.into(),
         source: EVENTS_SOURCE.into(),
-        event_record_id: Some(format!("{kind}:{}:{}", r.id, r.wave)),
+        event_record_id: Some(format!(
+            "{kind}:{}:{}:{}",
+            r.id,
+            r.wave,
+            at.timestamp_nanos_opt().unwrap_or_default()
+        )),
         payload,
     };
     let client = js.client();
@@ -775,7 +791,7 @@ async fn controller(nats: &NatsArgs, only: Option<String>, until_done: bool) -> 
                     }
                     if until_done && !r.phase.active() {
                         print!("{}", describe(&r));
-                        return Ok(());
+                        return ended(&r);
                     }
                 }
                 Ok(None) => {
@@ -786,6 +802,19 @@ async fn controller(nats: &NatsArgs, only: Option<String>, until_done: bool) -> 
                 Err(e) => eprintln!("rollout controller: {key}: {e:#}"),
             }
         }
+    }
+}
+
+/// Success for a completed rollout; an error (exit status 1) for a halted one, so that a
+/// script following it knows.
+fn ended(r: &Rollout) -> anyhow::Result<()> {
+    match &r.halt {
+        Some(h) if r.phase == Phase::Halted => bail!(
+            "the rollout of {} halted ({} gate)",
+            names::printable(&r.module, 80),
+            names::printable(&h.gate, 40)
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -818,13 +847,13 @@ async fn step(
     let r = Rollout::from_json(&bytes).map_err(|e| anyhow!("{ROLLOUTS_BUCKET} {key}: {e}"))?;
     if !r.phase.active() {
         // A halt or completion whose assignment write was cut short is finished here.
-        settle(js, rollouts, revision, r.clone()).await?;
+        settle(js, rollouts, revision, r.clone(), false).await?;
         return Ok(Some(r));
     }
     let now = Utc::now();
     let mut next = r.clone();
     let mut event: Option<(&str, serde_json::Value)> = None;
-    if !settle(js, rollouts, revision, r.clone()).await? {
+    if !settle(js, rollouts, revision, r.clone(), false).await? {
         halt(
             &mut next,
             "assignment",
@@ -892,7 +921,7 @@ async fn step(
         Err(e) => return Err(anyhow!(e).context(format!("cannot write {ROLLOUTS_BUCKET} {key}"))),
     };
     if let Some((kind, payload)) = event {
-        settle(js, rollouts, written, next.clone()).await?;
+        settle(js, rollouts, written, next.clone(), false).await?;
         publish_event(js, &next, kind, payload).await;
     }
     Ok(Some(next))
@@ -1134,7 +1163,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<()> {
             }
             if !r.phase.active() {
                 print!("{}", describe(&r));
-                return Ok(());
+                return ended(&r);
             }
             tokio::time::sleep(STEP_EVERY).await;
         }
@@ -1226,7 +1255,7 @@ fn abort(args: AbortArgs) -> anyhow::Result<()> {
             Ok(())
         })
         .await?;
-        settle(&js, &store, revision, r.clone()).await?;
+        settle(&js, &store, revision, r.clone(), false).await?;
         publish_event(&js, &r, rollout::KIND_HALTED, halt_payload(&r)).await;
         Ok(r)
     })?;

@@ -311,6 +311,18 @@ fn a_good_version_goes_through_every_wave_under_two_controllers_one_killed_midwa
         &global[..],
         br#"{"modules":{"process-perf":{"version":2}}}"#
     );
+    // An operator's own assignment after the rollout ended, even of the rollout's old
+    // version, stays: the controllers still running leave an ended rollout's scope alone.
+    cli(
+        &fleet,
+        &["module", "rollout", "process-perf", "1", "--global"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let global = fleet.rt.block_on(kv.get("global")).unwrap().unwrap();
+    assert_eq!(
+        &global[..],
+        br#"{"modules":{"process-perf":{"version":1}}}"#
+    );
     let all = events(&fleet, &mut sub);
     let count = |kind: &str| all.iter().filter(|e| e.kind == kind).count();
     assert_eq!(count("collector_rollout_wave_advanced"), 2, "{all:#?}");

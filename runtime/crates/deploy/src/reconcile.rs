@@ -307,6 +307,8 @@ pub struct Reconciler {
     refused_values: BTreeMap<String, collector_fleet::watch::RefusedValue>,
     /// Assigned modules past [`MAX_MODULES`], not started.
     over_limit: usize,
+    /// The staged rollout in force for each module, as the fleet's view says.
+    rollouts: BTreeMap<String, String>,
     /// No download is tried before this.
     next_attempt: Instant,
     /// The last starts (or swaps) of each module, running or recently stopped, by name,
@@ -364,6 +366,7 @@ impl Reconciler {
             last_good: BTreeMap::new(),
             refused_values: BTreeMap::new(),
             over_limit: 0,
+            rollouts: BTreeMap::new(),
             next_attempt: Instant::now(),
             starts: BTreeMap::new(),
             next_status: Instant::now(),
@@ -479,6 +482,10 @@ impl Reconciler {
             changed |= self.config_revision != view.config_revision;
             self.config_revision = view.config_revision;
             self.set_config(config);
+        }
+        if view.rollouts != self.rollouts {
+            self.rollouts = view.rollouts;
+            self.status_dirty = true;
         }
         if let Some(modules) = view.modules {
             changed |= self.assignment_revision != view.assignment_revision
@@ -1012,6 +1019,7 @@ impl Reconciler {
                 .collect(),
             refused_values: self.refused_values.clone(),
             over_limit: self.over_limit as u64,
+            rollouts: self.rollouts.clone(),
             config_revision: self.config_revision,
             assignment_revision: self.assignment_revision,
         }

@@ -135,6 +135,9 @@ pub struct ResolvedAssignment {
     /// Modules whose version two of the PC's groups set differently (the
     /// alphabetically last group wins), as `module: group, group`.
     pub conflicts: Vec<String>,
+    /// The staged rollout in force for each module (module → rollout id), whether or
+    /// not it places this agent: none where a narrower scope sets the version.
+    pub rollouts: BTreeMap<String, String>,
 }
 
 /// Merges `global`, then `groups` in alphabetical order, then `pc`: per module, each
@@ -186,6 +189,11 @@ pub fn resolve<'a>(
             format!("{name}: {}", groups.join(", "))
         })
         .collect();
+    let rollouts = merged
+        .iter()
+        .filter(|(_, m)| m.enabled != Some(false) && m.version.is_some())
+        .filter_map(|(name, m)| m.rollout.as_ref().map(|r| (name.clone(), r.id.clone())))
+        .collect();
     let modules = merged
         .into_iter()
         .filter(|(_, m)| m.enabled != Some(false))
@@ -197,7 +205,11 @@ pub fn resolve<'a>(
             version.map(|v| (name, v))
         })
         .collect();
-    ResolvedAssignment { modules, conflicts }
+    ResolvedAssignment {
+        modules,
+        conflicts,
+        rollouts,
+    }
 }
 
 #[cfg(test)]
@@ -255,6 +267,12 @@ mod tests {
             resolve(Some(&global), [], Some(&pin), member).modules["m"],
             1
         );
+        assert!(
+            resolve(Some(&global), [], Some(&pin), member)
+                .rollouts
+                .is_empty()
+        );
+        assert_eq!(resolve(Some(&global), [], None, A).rollouts["m"], "r");
         // A scope that only disables or enables does not lift the rollout.
         let enable = scope(r#"{"modules":{"m":{"enabled":true}}}"#);
         assert_eq!(

@@ -35,7 +35,8 @@ pub const KIND_WAVE: &str = "collector_rollout_wave_advanced";
 pub const KIND_HALTED: &str = "collector_rollout_halted";
 /// Event kind: every wave passed; the new version is assigned to the whole scope.
 pub const KIND_COMPLETED: &str = "collector_rollout_completed";
-/// Event kind: an operator paused, resumed or aborted a rollout.
+/// Event kind: an operator paused or resumed a rollout (an abort is a halt, with the gate
+/// `operator`).
 pub const KIND_STEERED: &str = "collector_rollout_steered";
 /// The `pc_id` of the events a controller sends (`obs.rollouts`): they are about the
 /// fleet, not one PC.
@@ -47,6 +48,9 @@ pub const EVENTS_SOURCE: &str = "collector:rollouts";
 pub const STALE_AFTER: chrono::Duration = chrono::Duration::minutes(3);
 /// Most agents a halt names.
 pub const MAX_NAMED: usize = 20;
+/// How long after a rollout's start an agent's record must show it before the agent
+/// counts as held back from it.
+const HELD_BACK_GRACE: chrono::Duration = chrono::Duration::seconds(2);
 
 /// One wave of a plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,14 +152,14 @@ pub struct Gates {
     /// Agents of a wave that must report the new version judged (healthy or failed)
     /// before the wave may pass, in percent of the wave's agents.
     pub min_reporting_pct: f64,
-    /// Ticks an agent must run the new version, after its probation, before it counts as
-    /// healthy: the data-plane and CPU gates compare per-tick figures over them.
+    /// Ticks an agent must run the new version (its probation included) before it counts
+    /// as healthy: the data-plane and CPU gates compare per-tick figures over them.
     pub min_ticks: u64,
     /// Data-plane gate: an agent whose previous version published fails when the new one
     /// publishes fewer than this fraction of its messages per tick.
     pub min_publish_ratio: f64,
     /// CPU gate: an agent fails when the new version's CPU per tick (its own code)
-    /// exceeds the previous version's by more than this factor.
+    /// exceeds the previous version's by more than this factor; 0 turns it off.
     pub max_cpu_ratio: f64,
 }
 
@@ -164,7 +168,7 @@ impl Default for Gates {
         Self {
             max_failure_pct: 0.0,
             min_reporting_pct: 90.0,
-            min_ticks: 5,
+            min_ticks: 8,
             min_publish_ratio: 0.5,
             max_cpu_ratio: 3.0,
         }
@@ -226,6 +230,10 @@ pub struct Counts {
     pub target: u64,
     /// Of them, those the waves so far place on the new version.
     pub placed: u64,
+    /// Agents the waves place that do not follow the rollout: a narrower scope assigns
+    /// them the module, or they predate staged rollouts. Not waited for.
+    #[serde(default)]
+    pub held_back: u64,
     /// Of those, how many run it now.
     pub on_new: u64,
     /// Judged healthy on it.
@@ -366,16 +374,13 @@ impl Rollout {
         }
     }
 
-    /// Whether the scope's entry `current` is one this rollout wrote (or the one it
-    /// started from): anything else means someone changed the assignment under it.
+    /// Whether the scope's entry `current` carries this rollout's placement: the only
+    /// entry a controller rewrites. An entry without it was set by hand (or by another
+    /// rollout) since, or is the end state a controller already wrote.
     pub fn owns(&self, current: Option<&ModuleAssignment>) -> bool {
-        let Some(c) = current else {
-            return false;
-        };
-        match &c.rollout {
-            Some(p) => p.id == self.id,
-            None => c.version == Some(self.from) || c.version == Some(self.to),
-        }
+        current
+            .and_then(|c| c.rollout.as_ref())
+            .is_some_and(|p| p.id == self.id)
     }
 
     /// Whether `pc_id`, member of `groups`, is in the rollout's scope.
@@ -474,7 +479,7 @@ fn data_plane(g: &Gates, now: &ModuleHealth, before: &ModuleHealth) -> Option<St
 
 fn cpu(g: &Gates, now: &ModuleHealth, before: &ModuleHealth) -> Option<String> {
     let (n, b) = (now.cpu_us_per_tick(), before.cpu_us_per_tick());
-    (b > 0.0 && n > b * g.max_cpu_ratio).then(|| {
+    (g.max_cpu_ratio > 0.0 && b > 0.0 && n > b * g.max_cpu_ratio).then(|| {
         format!(
             "{n:.0} µs of CPU per tick, {:.1}x v{}'s {b:.0} µs",
             n / b,
@@ -545,6 +550,20 @@ pub fn judge(
         if !placement.places(pc, member_of) {
             continue;
         }
+        // A record written since the rollout began that does not list it: the agent
+        // does not follow it, and will not move.
+        if status.rollouts.get(&r.module) != Some(&r.id)
+            && status.last_seen > r.started_at + HELD_BACK_GRACE
+        {
+            counts.held_back += 1;
+            if waiting.len() < MAX_NAMED {
+                waiting.push(format!(
+                    "{pc}: held back (a narrower scope assigns {}, or the agent predates staged rollouts)",
+                    r.module
+                ));
+            }
+            continue;
+        }
         counts.placed += 1;
         if previous.as_ref().is_none_or(|p| !p.places(pc, member_of)) {
             new_in_wave += 1;
@@ -600,8 +619,7 @@ fn decide(
             let gate = failed[0].1;
             let of_gate: Vec<_> = failed.iter().filter(|f| f.1 == gate).collect();
             let reason = format!(
-                "{} gate: {} of {} agents of wave {} ({}) failed (at most {}% may): {}",
-                gate,
+                "{} of {} agents of wave {} ({}) failed (at most {}% may): {}",
                 counts.failed,
                 counts.placed,
                 r.wave + 1,
@@ -724,6 +742,7 @@ mod tests {
                 health: Some(h),
                 previous: prev,
             }],
+            rollouts: [("m".to_string(), "r1".to_string())].into(),
             ..Default::default()
         }
     }
@@ -770,11 +789,18 @@ mod tests {
                 ..Default::default()
             }
         );
+        // Only an entry with this rollout's placement is the rollout's: an end state, or
+        // a version set by hand (even the rollout's own), is not rewritten.
+        assert!(!r.owns(Some(&r.entry())));
+        r.halt.as_mut().unwrap().reverted = false;
         assert!(r.owns(Some(&r.entry())));
         assert!(!r.owns(Some(&ModuleAssignment {
-            version: Some(7),
+            version: Some(1),
             ..Default::default()
         })));
+        let mut other = r.entry();
+        other.rollout.as_mut().unwrap().id = "another".into();
+        assert!(!r.owns(Some(&other)));
     }
 
     #[test]
@@ -933,6 +959,23 @@ mod tests {
         let j = judge(&r, &all_new, &groups, Utc::now());
         assert_eq!(j.decision, Decision::Complete);
         assert_eq!(j.counts.target, 39);
+        // An agent whose fresh record does not follow the rollout (a narrower scope pins
+        // it) is held back, not waited for; one that has not written since the start is.
+        let mut pinned = statuses.clone();
+        let (pc, s) = pinned
+            .iter_mut()
+            .find(|(_, s)| s.modules[0].version == 2)
+            .unwrap();
+        let pc = pc.clone();
+        s.rollouts.clear();
+        r.wave = 0;
+        let held = judge(&r, &pinned, &groups, Utc::now());
+        let placed_before = judge(&r, &statuses, &groups, Utc::now()).counts.placed;
+        assert!(placement.places(&pc, &[]));
+        assert_eq!(held.counts.held_back, 1);
+        assert_eq!(held.counts.placed, placed_before - 1);
+        pinned.get_mut(&pc).unwrap().last_seen = r.started_at;
+        assert_eq!(judge(&r, &pinned, &groups, Utc::now()).counts.held_back, 0);
     }
 
     #[test]

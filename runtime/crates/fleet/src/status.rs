@@ -41,6 +41,11 @@ pub struct AgentStatus {
     /// good value of each is still in force.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub refused_values: std::collections::BTreeMap<String, crate::watch::RefusedValue>,
+    /// The staged rollout in force for each module on this agent (module → rollout id):
+    /// an agent that a narrower scope keeps out of a rollout does not list it, so a
+    /// controller does not wait for it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rollouts: std::collections::BTreeMap<String, String>,
     /// Assigned modules past the most an agent runs (64), not started.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub over_limit: u64,

@@ -61,6 +61,8 @@ pub struct FleetView {
     pub modules: Option<Desired>,
     /// Highest `collector_config` revision applied.
     pub assignment_revision: u64,
+    /// The staged rollout in force for each assigned module (module → rollout id).
+    pub rollouts: BTreeMap<String, String>,
     /// The PC's groups from `agent_groups`, sorted, without duplicates.
     pub groups: Vec<String>,
     /// Values refused (undecodable, or of an unknown shape), by `<bucket>/<key>`; the
@@ -322,6 +324,7 @@ impl State {
             );
             resolved.config
         });
+        let mut rollouts = BTreeMap::new();
         let modules = opts.assignments.then(|| {
             let layers = &self.assignments;
             let resolved = assignment::resolve(
@@ -339,6 +342,7 @@ impl State {
                     .iter()
                     .map(|c| format!("{ASSIGNMENTS_BUCKET}: {c} (the last group wins)")),
             );
+            rollouts = resolved.rollouts;
             resolved.modules
         });
         if conflicts != self.reported_conflicts {
@@ -352,6 +356,7 @@ impl State {
             config_revision: self.config.revision(),
             modules,
             assignment_revision: self.assignments.revision(),
+            rollouts,
             groups: self.groups.clone(),
             refused: self.refused.clone(),
             last_good: self.good.clone(),

@@ -22,7 +22,7 @@ use collector_shared::ConfigScope;
 use collector_bundle::{
     Bundle, FORMAT, Grants, Limits, Manifest, SecretKey, TrustStore, sign, verify, wit_target,
 };
-use collector_fleet::assignment::{AssignmentScope, resolve};
+use collector_fleet::assignment::{Agent, AssignmentScope, resolve};
 use collector_testkit::scenario::Scenario;
 
 /// A fuzz target: arbitrary bytes in, a panic (or an abort) on a broken contract.
@@ -171,11 +171,24 @@ pub fn assignment(data: &[u8]) {
     };
     let back = AssignmentScope::from_json(&scope.to_json()).expect("its own JSON parses");
     assert_eq!(back, scope, "an assignment changed through its own JSON");
-    let resolved = resolve(Some(&scope), [("g", &scope)], Some(&scope));
+    let groups = ["g".to_string()];
+    let agent = Agent {
+        pc_id: "pc-a",
+        groups: &groups,
+    };
+    let resolved = resolve(Some(&scope), [("g", &scope)], Some(&scope), agent);
     assert!(
         resolved.conflicts.is_empty(),
         "one scope conflicts with itself"
     );
+    // A module runs the version its entry sets, or the one its rollout moves it to.
+    for (name, version) in &resolved.modules {
+        let m = &scope.modules[name];
+        assert!(
+            m.version == Some(*version) || m.rollout.as_ref().is_some_and(|r| r.to == *version),
+            "{name} resolved to v{version}, which its entry does not name"
+        );
+    }
 }
 
 /// Structure-aware bundles: the input describes a manifest and a component, which are

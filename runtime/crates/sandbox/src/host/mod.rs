@@ -99,7 +99,7 @@ pub struct HostStats {
     /// (host functions excluded), in microseconds.
     pub guest_cpu_us: AtomicU64,
     /// CPU time of the calling thread spent in host functions on the guest's behalf
-    /// (enumerations, name look-ups, publishes, logs), in microseconds. With a
+    /// (enumerations, name look-ups, publishes), in microseconds. With a
     /// [`crate::source::SharedSource`], an enumeration is paid by the module whose call
     /// made it.
     pub host_cpu_us: AtomicU64,
