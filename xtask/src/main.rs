@@ -725,6 +725,10 @@ fn fleet_sim(extra: &[String]) -> Result<()> {
     }
     let guest = build_guest()?;
     let top_memory = build_top_memory()?;
+    let faults = GUEST_FAULTS
+        .iter()
+        .map(|f| Ok((fault_env(f), build_fault_guest(f)?)))
+        .collect::<Result<Vec<_>>>()?;
     run_step(
         "running the fleet simulation (the release build takes minutes the first time)",
         cargo()
@@ -739,7 +743,8 @@ fn fleet_sim(extra: &[String]) -> Result<()> {
             ])
             .args(extra)
             .env("COLLECTOR_GUEST_WASM", &guest)
-            .env("COLLECTOR_TOP_MEMORY_WASM", &top_memory),
+            .env("COLLECTOR_TOP_MEMORY_WASM", &top_memory)
+            .envs(faults.iter().map(|(k, v)| (k, v))),
     )
 }
 
