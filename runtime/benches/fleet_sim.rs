@@ -349,6 +349,15 @@ async fn clear_fleet(client: &async_nats::Client) -> Result<usize> {
             .purged;
         cleared += usize::try_from(purged).unwrap_or(usize::MAX);
     }
+    // Rollouts an earlier run left (a cluster made before staged rollouts has none).
+    if let Ok(stream) = js.get_stream("KV_collector_rollouts").await {
+        let purged = stream
+            .purge()
+            .await
+            .map_err(|e| format!("collector_rollouts: cannot purge: {e}"))?
+            .purged;
+        cleared += usize::try_from(purged).unwrap_or(usize::MAX);
+    }
     let store = js
         .get_object_store("collector_modules")
         .await

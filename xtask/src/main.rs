@@ -29,7 +29,9 @@ commands:
                 and JetStream, the fleet's buckets on all three (cluster --help)
   fleet-sim     run N agents (--agents, default 1000) against the cluster through a canary,
                 a global rollout and a rollback, optionally killing a server
-                (--kill-node-at S); prints the table, --write puts it in BENCHMARKS.md
+                (--kill-node-at S), then staged rollouts (`collector rollout`) of a good
+                version and of bad ones (--rollouts, --bad-module trap|silent|cpu);
+                prints the tables, --write puts them in BENCHMARKS.md
   help          show this text
 
 `test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)

@@ -36,6 +36,9 @@ use collector_shared::scope::Scope;
 pub(super) const ROLLOUTS_HISTORY: i64 = 10;
 /// How often a controller judges its rollouts.
 const STEP_EVERY: Duration = Duration::from_millis(500);
+/// How long after a start a controller waits for its first wave's assignment before
+/// taking its absence for someone else's change.
+const START_GRACE: chrono::Duration = chrono::Duration::seconds(30);
 /// How often a controller rewrites a rollout's counts when only they changed.
 const COUNTS_EVERY: chrono::Duration = chrono::Duration::seconds(2);
 
@@ -116,9 +119,9 @@ pub struct StartArgs {
     #[arg(long, value_name = "PCT", default_value_t = 90.0, value_parser = percent)]
     min_reporting: f64,
 
-    /// Ticks an agent must run the new version (its probation included) before it counts
-    /// as healthy; the data-plane and CPU gates compare per-tick figures over them.
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    /// Ticks an agent must run the new version after its probation before it counts as
+    /// healthy; the data-plane and CPU gates compare per-tick figures over them.
+    #[arg(long, value_name = "N", default_value_t = 5)]
     min_ticks: u64,
 
     /// Data-plane gate: an agent fails when the new version publishes fewer than this
@@ -853,7 +856,12 @@ async fn step(
     let now = Utc::now();
     let mut next = r.clone();
     let mut event: Option<(&str, serde_json::Value)> = None;
-    if !settle(js, rollouts, revision, r.clone(), false).await? {
+    let owned = settle(js, rollouts, revision, r.clone(), false).await?;
+    if !owned && r.wave == 0 && now - r.started_at < START_GRACE {
+        // `rollout start` writes the rollout, then its first wave: this pass fell between.
+        return Ok(Some(r));
+    }
+    if !owned {
         halt(
             &mut next,
             "assignment",

@@ -329,3 +329,33 @@ fn a_good_version_goes_through_every_wave_under_two_controllers_one_killed_midwa
     assert_eq!(count("collector_rollout_completed"), 1, "{all:#?}");
     assert_eq!(count("collector_rollout_halted"), 0, "{all:#?}");
 }
+
+#[test]
+fn bad_plans_and_gates_are_refused_by_name_before_anything_is_written() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_collector"))
+            .args(["rollout", "start", "process-perf", "2"])
+            .args(args)
+            // Nothing listens here: each refusal must come before any connection.
+            .env("NATS_URL", "nats://127.0.0.1:1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&["--global", "--waves", "10%,5%"]);
+    assert!(e.contains("--waves") && e.contains("larger than"), "{e}");
+    let e = run(&["--global", "--waves", "canary,150%"]);
+    assert!(e.contains("--waves") && e.contains("at most 100%"), "{e}");
+    let e = run(&["--global", "--max-failures", "120"]);
+    assert!(
+        e.contains("--max-failures") && e.contains("0 to 100"),
+        "{e}"
+    );
+    let e = run(&["--global", "--bake", "soon"]);
+    assert!(e.contains("--bake"), "{e}");
+    let e = run(&["--waves", "1%"]);
+    assert!(e.contains("--global") && e.contains("--group"), "{e}");
+    let e = run(&["--group", "../x"]);
+    assert!(e.contains("--group"), "{e}");
+}

@@ -461,6 +461,10 @@ impl Reconciler {
                 {
                     r.probation = false;
                     r.fallback = None;
+                    // Its health from here on: a steady state, without the first ticks
+                    // of a fresh instance (page faults, caches) or the baseline tick.
+                    r.baseline = Counters::of(&r.stats);
+                    r.reported = (r.baseline.ticks, r.baseline.traps);
                     self.status_dirty = true;
                 }
             }

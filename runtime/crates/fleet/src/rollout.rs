@@ -48,6 +48,10 @@ pub const EVENTS_SOURCE: &str = "collector:rollouts";
 pub const STALE_AFTER: chrono::Duration = chrono::Duration::minutes(3);
 /// Most agents a halt names.
 pub const MAX_NAMED: usize = 20;
+/// The CPU gate leaves alone a version whose code spends less than this many more
+/// microseconds per tick than the previous one, whatever the ratio: on a module that
+/// takes tens of microseconds, a cache miss or a preemption is a large ratio.
+pub const MIN_CPU_DIFF_US: f64 = 250.0;
 /// How long after a rollout's start an agent's record must show it before the agent
 /// counts as held back from it.
 const HELD_BACK_GRACE: chrono::Duration = chrono::Duration::seconds(2);
@@ -152,8 +156,8 @@ pub struct Gates {
     /// Agents of a wave that must report the new version judged (healthy or failed)
     /// before the wave may pass, in percent of the wave's agents.
     pub min_reporting_pct: f64,
-    /// Ticks an agent must run the new version (its probation included) before it counts
-    /// as healthy: the data-plane and CPU gates compare per-tick figures over them.
+    /// Ticks an agent must run the new version after its probation before it counts as
+    /// healthy: the data-plane and CPU gates compare per-tick figures over them.
     pub min_ticks: u64,
     /// Data-plane gate: an agent whose previous version published fails when the new one
     /// publishes fewer than this fraction of its messages per tick.
@@ -168,7 +172,7 @@ impl Default for Gates {
         Self {
             max_failure_pct: 0.0,
             min_reporting_pct: 90.0,
-            min_ticks: 8,
+            min_ticks: 5,
             min_publish_ratio: 0.5,
             max_cpu_ratio: 3.0,
         }
@@ -479,13 +483,15 @@ fn data_plane(g: &Gates, now: &ModuleHealth, before: &ModuleHealth) -> Option<St
 
 fn cpu(g: &Gates, now: &ModuleHealth, before: &ModuleHealth) -> Option<String> {
     let (n, b) = (now.cpu_us_per_tick(), before.cpu_us_per_tick());
-    (g.max_cpu_ratio > 0.0 && b > 0.0 && n > b * g.max_cpu_ratio).then(|| {
-        format!(
-            "{n:.0} µs of CPU per tick, {:.1}x v{}'s {b:.0} µs",
-            n / b,
-            before.version
-        )
-    })
+    (g.max_cpu_ratio > 0.0 && b > 0.0 && n > b * g.max_cpu_ratio && n - b > MIN_CPU_DIFF_US).then(
+        || {
+            format!(
+                "{n:.0} µs of CPU per tick, {:.1}x v{}'s {b:.0} µs",
+                n / b,
+                before.version
+            )
+        },
+    )
 }
 
 /// What a controller should do with a rollout now.

@@ -70,7 +70,8 @@ pub struct ModuleStatus {
     pub probation: bool,
     /// Calls that trapped (or ran out of time) since the agent started this module.
     pub traps: u64,
-    /// What this version did on this agent since it took over (`since`).
+    /// What this version did on this agent: since it completed its probation, or, while
+    /// on probation, since it took over (`since`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<ModuleHealth>,
     /// What the version it replaced on this agent did over its last stretch, to compare
