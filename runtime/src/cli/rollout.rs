@@ -1107,7 +1107,7 @@ async fn read_rollouts(
                 Ok(r) => out.push(r),
                 Err(e) => eprintln!(
                     "warning: {ROLLOUTS_BUCKET} {}: {}",
-                    p80(&key),
+                    names::printable(&key, 80),
                     names::printable(&e, 300)
                 ),
             }
@@ -1115,10 +1115,6 @@ async fn read_rollouts(
     }
     out.sort_by(|a, b| a.module.cmp(&b.module));
     Ok(out)
-}
-
-fn p80(s: &str) -> String {
-    names::printable(s, 80)
 }
 
 /// One line per rollout, for `fleet status`.

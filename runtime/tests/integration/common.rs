@@ -691,3 +691,13 @@ pub fn spec(module: Arc<GuestModule>, label: &str, outcome: &Outcome) -> ModuleS
         })),
     }
 }
+
+/// A child process killed (and reaped) when the test ends, passed or failed.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

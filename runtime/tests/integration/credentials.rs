@@ -13,7 +13,7 @@ use collector_fleet::ASSIGNMENTS_BUCKET;
 use collector_fleet::status::AgentStatus;
 use futures_util::StreamExt as _;
 
-use crate::common::{AgentProcess, NatsServer, guest_wasm, key, signed, write_public};
+use crate::common::{AgentProcess, KillOnDrop, NatsServer, guest_wasm, key, signed, write_public};
 
 fn credentials(dir: &Path, pcs: &[&str]) -> Output {
     let mut args = vec![
@@ -351,14 +351,4 @@ fn bad_pc_ids_are_refused_by_name() {
         );
     }
     assert!(!work.path().join("nats-server.conf").exists());
-}
-
-/// A child process killed (and reaped) when the test ends, passed or failed.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -21,7 +21,7 @@ fn component(tag: &str) -> Vec<u8> {
     bytes
 }
 
-fn collector(nats: &NatsServer, args: &[&str]) -> Output {
+pub(crate) fn collector(nats: &NatsServer, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_collector"))
         .args(args)
         .env("NATS_URL", &nats.url)
@@ -33,7 +33,7 @@ fn collector(nats: &NatsServer, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(nats: &NatsServer, args: &[&str]) -> String {
+pub(crate) fn ok(nats: &NatsServer, args: &[&str]) -> String {
     let out = collector(nats, args);
     assert!(
         out.status.success(),
@@ -44,7 +44,7 @@ fn ok(nats: &NatsServer, args: &[&str]) -> String {
 }
 
 /// Runs a command that must fail; returns its standard error.
-fn fails(nats: &NatsServer, args: &[&str], expected: &[&str]) -> String {
+pub(crate) fn fails(nats: &NatsServer, args: &[&str], expected: &[&str]) -> String {
     let out = collector(nats, args);
     assert!(!out.status.success(), "{args:?} should fail");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -6,7 +6,7 @@
 //! probation, then misbehave.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use collector_bundle::Manifest;
@@ -16,6 +16,7 @@ use collector_fleet::{ASSIGNMENTS_BUCKET, GROUPS_BUCKET, STATUS_BUCKET};
 
 use crate::common::*;
 use crate::fleet::{Fleet, enable, runs, version_of};
+use crate::fleet_cli::{fails, ok};
 
 /// A bundle of `component` as process-perf `version`, which agents may leave for any
 /// version down to `floor`.
@@ -25,44 +26,17 @@ fn bundle(component: &[u8], version: u64, floor: Option<u64>) -> Vec<u8> {
     collector_bundle::sign(&manifest, component, &[&key(1)]).unwrap()
 }
 
-/// A `collector` command against the fleet's server; its output when it succeeds.
-fn cli(fleet: &Fleet, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_collector"))
-        .args(args)
-        .env("NATS_URL", &fleet.server.url)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "collector {args:?} failed:\n{text}");
-    text
-}
-
-/// A rollout controller process (`collector rollout run`), killed on drop.
-struct Controller(Child);
-
-impl Controller {
-    fn start(fleet: &Fleet) -> Self {
-        Self(
-            Command::new(env!("CARGO_BIN_EXE_collector"))
-                .args(["rollout", "run"])
-                .env("NATS_URL", &fleet.server.url)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A rollout controller process (`collector rollout run`), killed when the test ends.
+fn controller(fleet: &Fleet) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_collector"))
+            .args(["rollout", "run"])
+            .env("NATS_URL", &fleet.server.url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn rollout_of(fleet: &Fleet) -> Option<Rollout> {
@@ -149,9 +123,9 @@ fn a_version_that_goes_silent_after_probation_is_halted_in_its_first_wave_and_re
     // controller judges around them.
     fleet.put(STATUS_BUCKET, "pc-junk", b"\x00\xff not json");
     let mut sub = fleet.subscribe("obs.rollouts");
-    let _controller = Controller::start(&fleet);
-    let started = cli(
-        &fleet,
+    let _controller = controller(&fleet);
+    let started = ok(
+        &fleet.server,
         &[
             "rollout",
             "start",
@@ -211,10 +185,10 @@ fn a_version_that_goes_silent_after_probation_is_halted_in_its_first_wave_and_re
         &global[..],
         br#"{"modules":{"process-perf":{"version":1}}}"#
     );
-    let status = cli(&fleet, &["rollout", "status", "process-perf"]);
+    let status = ok(&fleet.server, &["rollout", "status", "process-perf"]);
     assert!(status.contains("halted by the data-plane gate"), "{status}");
     assert!(status.contains("tripped: pc-"), "{status}");
-    let fleet_status = cli(&fleet, &["fleet", "status"]);
+    let fleet_status = ok(&fleet.server, &["fleet", "status"]);
     assert!(
         fleet_status.contains("rollout: process-perf v1->v2 halted"),
         "{fleet_status}"
@@ -233,8 +207,8 @@ fn a_version_that_goes_silent_after_probation_is_halted_in_its_first_wave_and_re
     assert_eq!(halted[0].payload["gate"], "data-plane");
     assert_eq!(halted[0].pc_id, "rollouts");
     // A second start is refused only while one runs: this one is over.
-    let again = cli(
-        &fleet,
+    let again = ok(
+        &fleet.server,
         &[
             "rollout",
             "start",
@@ -248,15 +222,10 @@ fn a_version_that_goes_silent_after_probation_is_halted_in_its_first_wave_and_re
         ],
     );
     assert!(again.contains("started"), "{again}");
-    let refused = Command::new(env!("CARGO_BIN_EXE_collector"))
-        .args(["rollout", "start", "process-perf", "2", "--global"])
-        .env("NATS_URL", &fleet.server.url)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success() && text.contains("rollout abort"),
-        "{text}"
+    fails(
+        &fleet.server,
+        &["rollout", "start", "process-perf", "2", "--global"],
+        &["rollout abort"],
     );
 }
 
@@ -265,10 +234,10 @@ fn a_good_version_goes_through_every_wave_under_two_controllers_one_killed_midwa
     let good = std::fs::read(guest_wasm()).unwrap();
     let (fleet, pcs, _agents) = fleet_on_v1(&good);
     let mut sub = fleet.subscribe("obs.rollouts");
-    let mut first = Controller::start(&fleet);
-    let _second = Controller::start(&fleet);
-    cli(
-        &fleet,
+    let mut first = controller(&fleet);
+    let _second = controller(&fleet);
+    ok(
+        &fleet.server,
         &[
             "rollout",
             "start",
@@ -291,7 +260,7 @@ fn a_good_version_goes_through_every_wave_under_two_controllers_one_killed_midwa
     // later picks up where the state says.
     let _ = first.0.kill();
     let _ = first.0.wait();
-    let _third = Controller::start(&fleet);
+    let _third = controller(&fleet);
     let r = follow(&fleet, &pcs, Duration::from_secs(90), &mut seen, |r| {
         !r.phase.active()
     });
@@ -313,8 +282,8 @@ fn a_good_version_goes_through_every_wave_under_two_controllers_one_killed_midwa
     );
     // An operator's own assignment after the rollout ended, even of the rollout's old
     // version, stays: the controllers still running leave an ended rollout's scope alone.
-    cli(
-        &fleet,
+    ok(
+        &fleet.server,
         &["module", "rollout", "process-perf", "1", "--global"],
     );
     std::thread::sleep(Duration::from_secs(2));
