@@ -497,10 +497,20 @@ pub enum TrustError {
 }
 
 /// The public keys an agent trusts, and how many of them must have signed a bundle.
+///
+/// Built from `--trust` key files ([`TrustStore::new`]: any key may sign any module, and
+/// the store never expires) or from a trust root ([`crate::TrustRoot::store`]: a key may
+/// be limited to some module names, revoked keys are named when they sign, and the root's
+/// expiry ends the store's use for new bundles).
 #[derive(Debug, Clone)]
 pub struct TrustStore {
     keys: Vec<PublicKey>,
     threshold: usize,
+    /// Per key (same order): the module names it may sign; `None` for any.
+    scopes: Vec<Option<Vec<String>>>,
+    revoked: Vec<KeyId>,
+    version: u64,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl TrustStore {
@@ -533,9 +543,81 @@ impl TrustStore {
             });
         }
         Ok(Self {
+            scopes: vec![None; distinct.len()],
             keys: distinct,
             threshold,
+            revoked: Vec::new(),
+            version: 0,
+            expires_at: None,
         })
+    }
+
+    /// The store a trust root describes: its signing keys with their module scopes,
+    /// its revoked keys, version and expiry. Keys given twice are kept once (their
+    /// scopes are the first's).
+    pub(crate) fn of_root(
+        keys: Vec<(PublicKey, Option<Vec<String>>)>,
+        threshold: usize,
+        revoked: Vec<KeyId>,
+        version: u64,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, TrustError> {
+        let mut store = Self::new(keys.iter().map(|(k, _)| k.clone()), threshold)?;
+        store.scopes = store
+            .keys
+            .iter()
+            .map(|k| {
+                keys.iter()
+                    .find(|(key, _)| key == k)
+                    .and_then(|(_, scope)| scope.clone())
+            })
+            .collect();
+        store.revoked = revoked;
+        store.version = version;
+        store.expires_at = Some(expires_at);
+        Ok(store)
+    }
+
+    /// The trust root version this store comes from; 0 for `--trust` key files.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// When the trust root this store comes from expires: bundles are refused from then
+    /// on ([`crate::verify`]). `None` for `--trust` key files.
+    pub fn expires_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.expires_at
+    }
+
+    /// The same store without its expiry: for a module that already ran here (a
+    /// last-known-good reloaded at start), which an expired root does not stop.
+    pub fn ignoring_expiry(&self) -> Self {
+        Self {
+            expires_at: None,
+            ..self.clone()
+        }
+    }
+
+    /// Whether key `id` was revoked by the trust root.
+    pub fn is_revoked(&self, id: KeyId) -> bool {
+        self.revoked.contains(&id)
+    }
+
+    /// Whether `key` (a key of this store) may sign module `name`.
+    pub fn may_sign(&self, key: &PublicKey, name: &str) -> bool {
+        self.keys
+            .iter()
+            .position(|k| k == key)
+            .is_some_and(|i| match &self.scopes[i] {
+                None => true,
+                Some(patterns) => patterns.iter().any(|p| scope_matches(p, name)),
+            })
+    }
+
+    /// The module names `key` may sign, when it is limited to some.
+    pub fn scope_of(&self, key: &PublicKey) -> Option<&[String]> {
+        let i = self.keys.iter().position(|k| k == key)?;
+        self.scopes[i].as_deref()
     }
 
     /// Reads public key files (`KEY.pub`) into a trust store.
@@ -570,6 +652,15 @@ impl TrustStore {
     /// is tried, so the key id a signature claims cannot steer the result.
     pub fn signer_of(&self, message: &[u8], signature: &[u8; 64]) -> Option<&PublicKey> {
         self.keys.iter().find(|k| k.verifies(message, signature))
+    }
+}
+
+/// Whether module `name` matches a scope pattern: a module name, or a prefix followed by
+/// `*` (`team-a-*`).
+pub fn scope_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
     }
 }
 

@@ -39,6 +39,15 @@
 //! [`VersionStore`]. Recording the accepted version ([`VersionStore::record`]) is left to
 //! the caller, once the module has really been accepted.
 //!
+//! # Trust roots
+//!
+//! Which keys sign bundles can change without touching an agent: a [`TrustRoot`] lists
+//! them (each optionally limited to some module names), their threshold, the keys it
+//! revokes and its expiry, and is followed from version to version, each signed by the
+//! previous version's root keys (see the `root` module's documentation on
+//! [`TrustRoot`]). [`TrustRoot::store`] is the [`TrustStore`] bundles are verified
+//! against.
+//!
 //! # Dependencies
 //!
 //! A signing machine needs only this crate, so it must not depend on tokio, async-nats,
@@ -49,6 +58,7 @@ mod format;
 pub mod grant;
 mod keys;
 mod manifest;
+mod root;
 mod verify;
 mod versions;
 pub mod wit;
@@ -59,10 +69,15 @@ pub use format::{
 };
 pub use keys::{
     KeyError, KeyId, PUBLIC_PREFIX, PublicKey, SECRET_PREFIX, SecretKey, TrustError, TrustStore,
+    scope_matches,
 };
 pub use manifest::{
     FORMAT, Grants, Limits, MAX_NAME_LEN, Manifest, ManifestError, NameError, check_module_name,
     is_module_name_char, sha256_hex, wit_target, wit_target_of, wit_targets,
+};
+pub use root::{
+    MAX_REVOKED, MAX_ROOT_KEYS, MAX_ROOT_LEN, MAX_SCOPE_PATTERNS, ROOT_EXTENSION, ROOT_FORMAT,
+    RootDoc, RootError, RootRefusal, RootSigningKey, SignedRoot, TrustRoot, check_scope_pattern,
 };
 pub use verify::{
     Refusal, SignError, SignatureProblem, Verified, VerifyError, check_component, sign, verify,

@@ -56,6 +56,22 @@ pub enum Refusal {
         /// Why each signature that did not count did not, in signature order.
         problems: Vec<SignatureProblem>,
     },
+    /// The trust root the store comes from expired: no new bundle is accepted until a
+    /// renewed root arrives (modules already running go on).
+    #[error(
+        "the trust root (version {version}) expired at {}, it is now {}; no new bundle is \
+         accepted until a renewed root arrives (`collector trust renew`)",
+        expires_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        now.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    )]
+    RootExpired {
+        /// The root's version.
+        version: u64,
+        /// The root's `expires_at`.
+        expires_at: DateTime<Utc>,
+        /// The instant the bundle was checked at.
+        now: DateTime<Utc>,
+    },
     /// The manifest's `format` is not [`FORMAT`].
     #[error("manifest format is {found:?}, this host reads {expected:?}")]
     WrongFormat {
@@ -131,6 +147,24 @@ pub enum SignatureProblem {
         /// The trusted key id it claims.
         key_id: KeyId,
     },
+    /// It claims a key the trust root revoked (and verifies under no trusted key).
+    Revoked {
+        /// The signature's position in the bundle, counting from 1.
+        index: usize,
+        /// The revoked key id it claims.
+        key_id: KeyId,
+    },
+    /// It verifies under a trusted key that the trust root limits to other modules.
+    OutOfScope {
+        /// The signature's position in the bundle, counting from 1.
+        index: usize,
+        /// The trusted key it verifies under.
+        signer: KeyId,
+        /// The bundle's module name.
+        module: String,
+        /// The module names (or `prefix*` patterns) the key may sign.
+        allowed: Vec<String>,
+    },
     /// It verifies under a trusted key that an earlier signature already counted for.
     Duplicate {
         /// The signature's position in the bundle, counting from 1.
@@ -151,6 +185,21 @@ impl fmt::Display for SignatureProblem {
                 f,
                 "signature {index} claims trusted key {key_id} but does not verify over this \
                  manifest (altered, or copied from another bundle)"
+            ),
+            Self::Revoked { index, key_id } => write!(
+                f,
+                "signature {index} is by key {key_id}, which the trust root revoked"
+            ),
+            Self::OutOfScope {
+                index,
+                signer,
+                module,
+                allowed,
+            } => write!(
+                f,
+                "signature {index} is by key {signer}, which the trust root allows to sign \
+                 {} only, not {module:?}",
+                allowed.join(", ")
             ),
             Self::Duplicate { index, signer } => write!(
                 f,
@@ -187,8 +236,9 @@ fn threshold_message(signers: &[KeyId], required: usize, problems: &[SignaturePr
 ///
 /// # Errors
 ///
-/// The first check that fails, in this order: container, manifest, signatures and
-/// threshold, format and WIT target, expiry, component length, component hash,
+/// The first check that fails, in this order: container, manifest, the trust root's
+/// expiry (when the store comes from one), signatures and threshold (each signer within
+/// its module scope), format and WIT target, expiry, component length, component hash,
 /// anti-rollback.
 pub fn verify(
     bundle: &str,
@@ -230,17 +280,38 @@ fn verify_inner(
 ) -> Result<Verified, Refusal> {
     let bundle = Bundle::parse(bytes)?;
     let manifest = Manifest::parse(bundle.manifest)?;
+    if let Some(expires_at) = trust.expires_at()
+        && now >= expires_at
+    {
+        return Err(Refusal::RootExpired {
+            version: trust.version(),
+            expires_at,
+            now,
+        });
+    }
 
     let mut signers: Vec<&PublicKey> = Vec::new();
     let mut problems = Vec::new();
     for (i, entry) in bundle.signatures.iter().enumerate() {
         let index = i + 1;
         match trust.signer_of(bundle.manifest, &entry.signature) {
+            Some(key) if !trust.may_sign(key, &manifest.name) => {
+                problems.push(SignatureProblem::OutOfScope {
+                    index,
+                    signer: key.id(),
+                    module: manifest.name.clone(),
+                    allowed: trust.scope_of(key).unwrap_or_default().to_vec(),
+                });
+            }
             Some(key) if signers.contains(&key) => problems.push(SignatureProblem::Duplicate {
                 index,
                 signer: key.id(),
             }),
             Some(key) => signers.push(key),
+            None if trust.is_revoked(entry.key_id) => problems.push(SignatureProblem::Revoked {
+                index,
+                key_id: entry.key_id,
+            }),
             None if trust.knows(entry.key_id) => problems.push(SignatureProblem::Invalid {
                 index,
                 key_id: entry.key_id,
@@ -773,5 +844,67 @@ mod tests {
             sign(&bad, COMPONENT, &[&a]),
             Err(SignError::Manifest(_))
         ));
+    }
+
+    /// A store from a root: key 1 may sign `process-*` only, key 2 any module, key 3 is
+    /// revoked; the root expires at the end of 2025.
+    fn root_store() -> TrustStore {
+        let doc = crate::RootDoc {
+            version: 4,
+            issued_at: at("2025-01-01T00:00:00Z"),
+            expires_at: at("2026-01-01T00:00:00Z"),
+            root_keys: vec![key(9).public_key()],
+            root_threshold: 1,
+            signing_keys: vec![
+                crate::RootSigningKey {
+                    key: key(1).public_key(),
+                    modules: Some(vec!["process-*".into()]),
+                },
+                crate::RootSigningKey {
+                    key: key(2).public_key(),
+                    modules: Some(vec!["disk-perf".into()]),
+                },
+            ],
+            signing_threshold: 1,
+            revoked: vec![key(3).id()],
+        };
+        doc.trust_store().unwrap()
+    }
+
+    #[test]
+    fn a_root_store_checks_scopes_revocations_and_its_expiry() {
+        let store = root_store();
+        verify("b", &signed(&[&key(1)]), &store, now(), None).unwrap();
+        // Key 2 may sign disk-perf only.
+        match refusal(&signed(&[&key(2)]), &store) {
+            Refusal::Threshold { problems, .. } => {
+                assert!(matches!(
+                    problems[..],
+                    [SignatureProblem::OutOfScope { .. }]
+                ));
+                let text = problems[0].to_string();
+                assert!(text.contains("disk-perf only"), "{text}");
+            }
+            other => panic!("{other}"),
+        }
+        // Key 3 is revoked: named as such.
+        match refusal(&signed(&[&key(3)]), &store) {
+            Refusal::Threshold { problems, .. } => {
+                assert!(matches!(problems[..], [SignatureProblem::Revoked { .. }]));
+            }
+            other => panic!("{other}"),
+        }
+        // After the root's expiry nothing new is accepted, unless expiry is ignored
+        // (a module that already ran here).
+        let late = at("2026-02-01T00:00:00Z");
+        let mut m = manifest(3, COMPONENT);
+        m.expires_at = None;
+        let bytes = sign(&m, COMPONENT, &[&key(1)]).unwrap();
+        let err = verify("b", &bytes, &store, late, None).unwrap_err();
+        assert!(
+            matches!(err.refusal, Refusal::RootExpired { version: 4, .. }),
+            "{err}"
+        );
+        verify("b", &bytes, &store.ignoring_expiry(), late, None).unwrap();
     }
 }
