@@ -17,6 +17,7 @@ use collector_fleet::rollout::ROLLOUTS_BUCKET;
 use collector_fleet::status::AgentStatus;
 use collector_fleet::{
     ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, MODULES_STREAM, STATUS_BUCKET,
+    TRUST_BUCKET,
     kv, names,
 };
 
@@ -103,13 +104,14 @@ pub fn run(args: FleetArgs) -> anyhow::Result<()> {
 /// The buckets `fleet init` creates, with the history each keeps: kanade's own as
 /// kanade creates them, assignments with a few revisions to look back at, status with
 /// only the latest record.
-fn buckets() -> [(&'static str, i64); 5] {
+fn buckets() -> [(&'static str, i64); 6] {
     [
         (CONFIG_BUCKET, super::config::KANADE_HISTORY),
         (GROUPS_BUCKET, super::config::KANADE_HISTORY),
         (ASSIGNMENTS_BUCKET, super::module_fleet::ASSIGNMENTS_HISTORY),
         (STATUS_BUCKET, 1),
         (ROLLOUTS_BUCKET, super::rollout::ROLLOUTS_HISTORY),
+        (TRUST_BUCKET, 1),
     ]
 }
 

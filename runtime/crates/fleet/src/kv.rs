@@ -90,6 +90,22 @@ pub async fn harden(js: &Context, bucket: &str) -> anyhow::Result<Vec<String>> {
             ));
         }
     }
+    if bucket == super::TRUST_BUCKET {
+        if config.allow_rollup {
+            config.allow_rollup = false;
+            changes.push("rollup headers refused (a rollup would purge every root)".into());
+        }
+        if !config.deny_delete || !config.deny_purge {
+            config.deny_delete = true;
+            config.deny_purge = true;
+            changes.push("deletes and purges refused (a published root stays)".into());
+        }
+        let cap = i32::try_from(collector_bundle::MAX_ROOT_LEN + 1024).unwrap_or(i32::MAX);
+        if config.max_message_size <= 0 || config.max_message_size > cap {
+            config.max_message_size = cap;
+            changes.push(format!("roots capped at {} KiB", cap / 1024));
+        }
+    }
     if !changes.is_empty() {
         js.update_stream(&config)
             .await

@@ -49,6 +49,15 @@ pub const MODULES_STORE: &str = "collector_modules";
 /// The JetStream stream behind [`MODULES_STORE`].
 pub const MODULES_STREAM: &str = "OBJ_collector_modules";
 
+/// Trust roots, one key per version (`v1`, `v2`, ...): agents follow the chain from the
+/// version they hold (`collector trust publish` writes them).
+pub const TRUST_BUCKET: &str = "collector_trust";
+
+/// Key of trust root `version` in [`TRUST_BUCKET`].
+pub fn root_key(version: u64) -> String {
+    format!("v{version}")
+}
+
 /// Object name of a module version in [`MODULES_STORE`].
 pub fn object_name(name: &str, version: u64) -> String {
     format!("{name}/{version}")
