@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use collector_bundle::TrustStore;
+use collector_bundle::{TrustRoot, TrustStore};
 use collector_deploy::nats_sink::NatsSink;
 use collector_deploy::reconcile::{FleetLink, Reconciler, ReconcilerOptions, ReconcilerStats};
 use collector_deploy::{Deployer, Policy, StateDir};
@@ -814,7 +814,7 @@ fn start_agents(
         let deployer = Deployer::new(
             sandbox.clone(),
             Policy {
-                trust: Some(trust()?),
+                trust: Some(TrustRoot::from_keys(trust()?)),
                 allow_unsigned: false,
                 unsigned_grants: Vec::new(),
                 ceilings: Limits::default(),

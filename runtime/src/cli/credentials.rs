@@ -12,8 +12,8 @@ use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
 use collector_fleet::rollout::{EVENTS_PC_ID, ROLLOUTS_BUCKET};
 use collector_fleet::{
-    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STREAM, STATUS_BUCKET, names,
-    obs_subject,
+    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STREAM, STATUS_BUCKET, TRUST_BUCKET,
+    names, obs_subject,
 };
 use collector_fsutil::{Links, read_regular, write_atomic};
 
@@ -295,12 +295,19 @@ fn server_config(
         &[],
         &["_INBOX.>".into()],
     );
+    // Trust roots: the operator creates their bucket (`fleet init`) and reads it; only
+    // the release publisher writes roots (`collector trust publish`).
+    operator_allow.extend(read_api(&format!("KV_{TRUST_BUCKET}")));
+    operator_allow.push(format!("$JS.API.STREAM.CREATE.KV_{TRUST_BUCKET}"));
+    operator_allow.push(format!("$JS.API.STREAM.UPDATE.KV_{TRUST_BUCKET}"));
     let mut publisher_allow: Vec<String> = vec![
         "$O.collector_modules.>".into(),
         "$JS.API.INFO".into(),
         format!("$JS.API.STREAM.CREATE.{MODULES_STREAM}"),
+        format!("$KV.{TRUST_BUCKET}.>"),
     ];
     publisher_allow.extend(read_api(MODULES_STREAM));
+    publisher_allow.extend(read_api(&format!("KV_{TRUST_BUCKET}")));
     user(
         w,
         "publisher",
@@ -317,6 +324,11 @@ fn server_config(
         format!("$JS.API.STREAM.DELETE.{MODULES_STREAM}"),
         format!("$JS.API.STREAM.PURGE.{MODULES_STREAM}"),
         format!("$JS.API.STREAM.MSG.DELETE.{MODULES_STREAM}"),
+        format!("$KV.{TRUST_BUCKET}.>"),
+        format!("$JS.API.STREAM.UPDATE.KV_{TRUST_BUCKET}"),
+        format!("$JS.API.STREAM.DELETE.KV_{TRUST_BUCKET}"),
+        format!("$JS.API.STREAM.PURGE.KV_{TRUST_BUCKET}"),
+        format!("$JS.API.STREAM.MSG.DELETE.KV_{TRUST_BUCKET}"),
     ];
     user(
         w,
@@ -353,6 +365,11 @@ fn server_config(
         ears.push(format!("$KV.{GROUPS_BUCKET}.{pc}"));
         allow.push(format!("$JS.API.DIRECT.GET.{MODULES_STREAM}"));
         allow.push(format!("$JS.API.DIRECT.GET.{MODULES_STREAM}.>"));
+        // Trust roots are public: every version, to every agent.
+        allow.push(format!(
+            "$JS.API.DIRECT.GET.KV_{TRUST_BUCKET}.$KV.{TRUST_BUCKET}.>"
+        ));
+        ears.push(format!("$KV.{TRUST_BUCKET}.>"));
         allow.push(format!("$KV.{STATUS_BUCKET}.{pc}"));
         for prefix in data_prefixes(args) {
             allow.push(format!("{prefix}.{pc}"));
@@ -374,8 +391,10 @@ fn shared_with_agents() -> Vec<(&'static str, String)> {
         .collect();
     out.push(("service", format!("$JS.API.DIRECT.GET.{MODULES_STREAM}")));
     out.push(("service", format!("$JS.API.DIRECT.GET.{MODULES_STREAM}.>")));
+    out.push(("service", format!("$JS.API.DIRECT.GET.KV_{TRUST_BUCKET}.>")));
     out.push(("service", format!("$KV.{STATUS_BUCKET}.*")));
     out.extend(reads.iter().map(|b| ("stream", format!("$KV.{b}.>"))));
+    out.push(("stream", format!("$KV.{TRUST_BUCKET}.>")));
     out
 }
 

@@ -12,8 +12,8 @@ use clap::Args;
 
 use super::ops::NatsArgs;
 
-use collector_bundle::TrustStore;
 use collector_bundle::grant::DEFAULT_GRANT;
+use collector_bundle::{MAX_ROOT_LEN, SignedRoot, TrustRoot, TrustStore};
 use collector_deploy::config_file;
 use collector_deploy::nats_sink::NatsSink;
 use collector_deploy::reconcile::{FleetLink, Reconciler, ReconcilerOptions};
@@ -51,12 +51,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     guest: Option<PathBuf>,
 
+    /// The trust root the agent is installed with (a file from `collector trust`): its
+    /// signing keys sign bundles, and the agent follows newer roots from it (from the
+    /// fleet's `collector_trust` bucket and `*.root` files in --modules), each signed by
+    /// the root keys of the one before. Roots followed are kept in --state-dir, so a
+    /// restart never goes back to an older one.
+    #[arg(long, value_name = "ROOT", conflicts_with = "trust")]
+    trust_root: Option<PathBuf>,
+
     /// A public key file (from `collector module keygen`) whose signatures are trusted.
-    /// Repeat for several keys.
+    /// Repeat for several keys. These keys act as trust root version 0: they sign
+    /// bundles, and a first trust root signed by them (--threshold of them) is followed.
     #[arg(long = "trust", value_name = "PUB")]
     trust: Vec<PathBuf>,
 
-    /// How many distinct trusted keys must have signed a bundle.
+    /// How many distinct --trust keys must have signed a bundle.
     #[arg(long, value_name = "K", default_value_t = 1)]
     threshold: usize,
 
@@ -187,10 +196,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(s) => Sandbox::with_cache(&s.cache_dir())?,
         None => Sandbox::new()?,
     };
-    let trust = if args.trust.is_empty() {
-        None
-    } else {
-        Some(TrustStore::from_files(&args.trust, args.threshold).context("--trust")?)
+    let trust = match &args.trust_root {
+        Some(path) => Some(install_root(path)?),
+        None if args.trust.is_empty() => None,
+        None => Some(TrustRoot::from_keys(
+            TrustStore::from_files(&args.trust, args.threshold).context("--trust")?,
+        )),
     };
     collector_bundle::grant::Grant::new(&args.grants, &pc_id).context("--grant")?;
     let ceilings = Limits {
@@ -237,6 +248,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .ok()
             .flatten()
     });
+    // Roots dropped next to the bundles count before the first module is chosen.
+    let initial_roots = args
+        .modules
+        .as_deref()
+        .and_then(|dir| deploy::offer_root_files(&deployer, &deploy::bundle_files(dir)));
+    if let Some(root) = deployer.trust_root() {
+        tracing::info!(
+            version = root.version(),
+            expires_at = ?root.expires_at(),
+            "trust root held"
+        );
+    }
     let local = args.guest.is_some() || args.modules.is_some() || client.is_none();
     run_agent(
         &args,
@@ -249,7 +272,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         config_text,
         saved,
         local,
+        initial_roots,
     )
+}
+
+/// Reads the root an agent is installed with: it must carry its own root keys'
+/// threshold of signatures.
+fn install_root(path: &std::path::Path) -> anyhow::Result<TrustRoot> {
+    let bytes = collector_bundle::read_bounded(path, MAX_ROOT_LEN as u64)
+        .map_err(|e| anyhow::anyhow!("--trust-root {}: {e}", path.display()))?;
+    let signed = SignedRoot::parse(&bytes)
+        .map_err(|e| anyhow::anyhow!("--trust-root {}: {e}", path.display()))?;
+    let root = TrustRoot::install(signed)
+        .map_err(|e| anyhow::anyhow!("--trust-root {}: {e}", path.display()))?;
+    if root.expires_at().is_some_and(|at| at <= chrono::Utc::now()) {
+        tracing::warn!(
+            file = %path.display(),
+            version = root.version(),
+            "the installed trust root has expired: no new bundle is accepted until a newer root is followed"
+        );
+    }
+    Ok(root)
 }
 
 /// Calls `stop` on SIGINT or SIGTERM (what service managers and container runtimes send).
@@ -289,6 +332,7 @@ fn run_agent(
     config_text: Option<String>,
     saved: Option<FleetState>,
     local: bool,
+    initial_roots: Option<deploy::RootOutcome>,
 ) -> anyhow::Result<ExitCode> {
     let fleet_config = client.is_some() && args.config.is_none();
     let first = if local {
@@ -305,8 +349,8 @@ fn run_agent(
         Some((first, is_last_known_good))
     } else {
         anyhow::ensure!(
-            !args.trust.is_empty(),
-            "--trust: fleet mode runs signed bundles only; give the public key(s) that sign them"
+            deployer.trust_root().is_some(),
+            "--trust-root: fleet mode runs signed bundles only; give the trust root (or --trust, the public key(s)) that signs them"
         );
         None
     };
@@ -355,6 +399,9 @@ fn run_agent(
         }
         reconciler.restore(saved);
     }
+    if let Some(outcome) = initial_roots {
+        deploy::ModuleTarget::roots_offered(&handle, outcome);
+    }
     let first_id = first.as_ref().map(|(first, _)| first.id.clone());
     if let Some((first, is_last_known_good)) = first {
         // With a state directory a first module is on probation too (it becomes the
@@ -364,17 +411,32 @@ fn run_agent(
     if let (Some(path), Some(text)) = (args.config.clone(), config_text) {
         config_file::watch(path, text, handle.clone(), args.config_poll);
     }
-    let watcher = client.filter(|_| fleet_config || !local).map(|client| {
-        let target = handle.clone();
-        let options = WatchOptions {
-            config: fleet_config,
-            assignments: !local,
-            last_good,
-            resync: args.fleet_resync,
-            ..WatchOptions::new(pc_id)
-        };
-        runtime.spawn(watch::run(client, options, move |view| target.fleet(view)))
-    });
+    let watcher = client
+        .clone()
+        .filter(|_| fleet_config || !local)
+        .map(|client| {
+            let target = handle.clone();
+            let options = WatchOptions {
+                config: fleet_config,
+                assignments: !local,
+                last_good,
+                resync: args.fleet_resync,
+                ..WatchOptions::new(pc_id)
+            };
+            runtime.spawn(watch::run(client, options, move |view| target.fleet(view)))
+        });
+    let root_follower = client
+        .clone()
+        .filter(|_| deployer.trust_root().is_some())
+        .map(|client| {
+            let target = handle.clone();
+            runtime.spawn(collector_fleet::trust::follow(
+                client,
+                deployer.trust_version(),
+                args.fleet_resync,
+                move |source, roots| target.roots(source, roots),
+            ))
+        });
     if let (Some(dir), Some(first_id)) = (args.modules.clone(), first_id) {
         deploy::watch(deployer, dir, first_id, handle.clone(), args.modules_poll);
     }
@@ -382,8 +444,8 @@ fn run_agent(
     on_signal(&runtime, move || stop.shutdown());
     let stats = reconciler.stats();
     reconciler.run();
-    if let Some(watcher) = watcher {
-        watcher.abort();
+    for task in [watcher, root_follower].into_iter().flatten() {
+        task.abort();
     }
     let (enumerations, samples) = shared.counts();
     tracing::info!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use collector_bundle::{Manifest, SecretKey, TrustStore};
+use collector_bundle::{Manifest, SecretKey, TrustRoot, TrustStore};
 use collector_deploy::{Deployer, Policy};
 use collector_sandbox::guest::{GuestModule, Supervisor};
 use collector_sandbox::host::{HostStats, Limits};
@@ -152,7 +152,9 @@ fn bundles_declare_the_version_they_target_and_the_agent_holds_them_to_it() {
     let deployer = Deployer::new(
         sandbox(),
         Policy {
-            trust: Some(TrustStore::new([key.public_key()], 1).unwrap()),
+            trust: Some(TrustRoot::from_keys(
+                TrustStore::new([key.public_key()], 1).unwrap(),
+            )),
             allow_unsigned: false,
             unsigned_grants: Vec::new(),
             ceilings: Limits::default(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use collector_bundle::{TrustStore, VERSIONS_FILE, VersionStore};
+use collector_bundle::{TrustRoot, TrustStore, VERSIONS_FILE, VersionStore};
 use collector_deploy::{AGENT_STATE_FILE, Deployer, LKG_DIR, ModuleId, Policy, StateDir};
 use collector_sandbox::engine::Sandbox;
 use collector_sandbox::host::Limits;
@@ -238,7 +238,9 @@ fn sigkill_at_random_points_of_swaps_and_saves_always_leaves_a_state_that_restar
         Deployer::new(
             sandbox.clone(),
             Policy {
-                trust: Some(TrustStore::new([k.public_key()], 1).unwrap()),
+                trust: Some(TrustRoot::from_keys(
+                    TrustStore::new([k.public_key()], 1).unwrap(),
+                )),
                 allow_unsigned: false,
                 unsigned_grants: Vec::new(),
                 ceilings: Limits::default(),

@@ -14,7 +14,8 @@ pub mod reconcile;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +23,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use collector_bundle::grant::Grant;
-use collector_bundle::{self as bundle, MAGIC, MAX_BUNDLE_LEN, Manifest, TrustStore, VersionStore};
+use collector_bundle::{
+    self as bundle, MAGIC, MAX_BUNDLE_LEN, MAX_ROOT_LEN, Manifest, ROOT_EXTENSION, SignedRoot,
+    TrustRoot, TrustStore, VersionStore,
+};
 use collector_fsutil::{Links, MAX_STATE_FILE_LEN, open_regular, read_regular, write_atomic};
 use collector_sandbox::agent::{HealthyHook, ModuleSpec, RollbackHook};
 use collector_sandbox::engine::Sandbox;
@@ -34,6 +38,14 @@ use collector_sandbox::host::Limits;
 pub const LKG_DIR: &str = "last-known-good";
 /// File of the state directory recording the last-known-good module and rolled-back ones.
 pub const AGENT_STATE_FILE: &str = "agent-state.json";
+/// Directory of the state directory holding the trust roots this agent followed, one
+/// file per version (`v<N>.root`): at start the chain is followed again from the root
+/// the agent was installed with, so a root is never taken back and a file planted there
+/// counts for nothing unless it is signed as the chain requires.
+pub const TRUST_DIR: &str = "trust-roots";
+/// Older good versions kept per module besides the last-known-good, for when a revoked
+/// key takes the newest away.
+const EARLIER_GOOD: usize = 3;
 /// One last-known-good module per module name.
 const AGENT_STATE_FORMAT: &str = "collector-agent-state/2";
 /// The first format: a single last-known-good module. Read, then rewritten as the second.
@@ -45,8 +57,9 @@ const FLEET_STATE_FORMAT: &str = "collector-fleet-state/1";
 
 /// What the agent accepts to run.
 pub struct Policy {
-    /// Keys and threshold for bundles; `None` when no `--trust` was given.
-    pub trust: Option<TrustStore>,
+    /// The trust root the agent was installed with (`--trust-root`, or `--trust` keys as
+    /// version 0); `None` when neither was given. Newer roots are followed from it.
+    pub trust: Option<TrustRoot>,
     /// Whether bare (unsigned) components may run (`--insecure-allow-unsigned`).
     pub allow_unsigned: bool,
     /// Grant for unsigned components (bundles carry their own).
@@ -132,6 +145,11 @@ struct AgentStateFile {
     last_known_good: BTreeMap<String, ModuleId>,
     #[serde(default)]
     failed: Vec<FailedModule>,
+    /// By module name, newest first: versions that were the last-known-good before the
+    /// current one, tried in turn when it no longer passes the checks (its key was
+    /// revoked).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    earlier_good: BTreeMap<String, Vec<ModuleId>>,
 }
 
 /// The first format of `agent-state.json`.
@@ -162,6 +180,7 @@ impl AgentStateFile {
                         .map(|id| (id.name.clone(), id))
                         .collect(),
                     failed: v1.failed,
+                    earlier_good: BTreeMap::new(),
                 })
             }
             other => Err(format!(
@@ -261,7 +280,21 @@ impl StateDir {
                     .iter()
                     .enumerate()
                     .map(|(i, f)| (format!("failed[{i}].name"), &f.id));
-                for (field, id) in lkg.chain(failed) {
+                let earlier = state.earlier_good.iter().flat_map(|(key, ids)| {
+                    ids.iter()
+                        .enumerate()
+                        .map(move |(i, id)| (format!("earlier_good.{key}[{i}].name"), id))
+                });
+                if let Some((key, id)) = state.earlier_good.iter().find_map(|(key, ids)| {
+                    ids.iter().find(|id| id.name != *key).map(|id| (key, id))
+                }) {
+                    anyhow::bail!(
+                        "{} is corrupt (field `earlier_good.{key}` holds module name {:?}); fix or remove it (removing forgets the last-known-good modules)",
+                        path.display(),
+                        id.name
+                    );
+                }
+                for (field, id) in lkg.chain(failed).chain(earlier) {
                     bundle::check_module_name(&id.name).map_err(|e| {
                         anyhow::anyhow!(
                             "{} is corrupt (field `{field}`: {e}); fix or remove it (removing forgets the last-known-good modules)",
@@ -292,6 +325,18 @@ impl StateDir {
     /// The last-known-good version of module `name`, if any.
     pub fn last_known_good(&self, name: &str) -> Option<&ModuleId> {
         self.state.last_known_good.get(name)
+    }
+
+    /// The good versions of module `name`, newest first: the last-known-good, then the
+    /// ones before it.
+    pub fn good_versions(&self, name: &str) -> Vec<ModuleId> {
+        self.state
+            .last_known_good
+            .get(name)
+            .into_iter()
+            .chain(self.state.earlier_good.get(name).into_iter().flatten())
+            .cloned()
+            .collect()
     }
 
     /// Every last-known-good module, by name.
@@ -384,10 +429,7 @@ impl StateDir {
         // most one file besides the current bundle, however many crashes came before.
         self.remove_unreferenced_bundles();
         write_atomic(&self.lkg_path(id), bundle, None)?;
-        self.state
-            .last_known_good
-            .insert(id.name.clone(), id.clone());
-        self.save()?;
+        self.promote(id)?;
         self.remove_unreferenced_bundles();
         Ok(())
     }
@@ -401,6 +443,7 @@ impl StateDir {
             .state
             .last_known_good
             .values()
+            .chain(self.state.earlier_good.values().flatten())
             .map(|id| self.lkg_path(id))
             .collect();
         let Ok(entries) = std::fs::read_dir(self.dir.join(LKG_DIR)) else {
@@ -412,6 +455,63 @@ impl StateDir {
                 let _ = std::fs::remove_file(&path);
             }
         }
+    }
+
+    /// The roots saved in [`TRUST_DIR`], by version, as their bytes (unreadable files are
+    /// logged and skipped).
+    fn saved_roots(&self) -> BTreeMap<u64, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let Ok(entries) = std::fs::read_dir(self.dir.join(TRUST_DIR)) else {
+            return out;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(version) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix('v'))
+                .and_then(|n| n.strip_suffix(".root"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            match read_regular(&entry.path(), MAX_ROOT_LEN as u64, Links::Refuse) {
+                Ok(bytes) => {
+                    out.insert(version, bytes);
+                }
+                Err(e) => tracing::error!("cannot read a saved trust root: {e}"),
+            }
+        }
+        out
+    }
+
+    fn save_root(&self, root: &SignedRoot) -> std::io::Result<()> {
+        let dir = self.dir.join(TRUST_DIR);
+        std::fs::create_dir_all(&dir)?;
+        write_atomic(
+            &dir.join(format!("v{}.root", root.doc().version)),
+            &root.to_bytes(),
+            None,
+        )
+    }
+
+    /// Makes `id` the last-known-good of its module (a new one, or one of its earlier
+    /// good versions again); the one it replaces becomes the newest earlier version.
+    fn promote(&mut self, id: &ModuleId) -> std::io::Result<()> {
+        let earlier = self.state.earlier_good.entry(id.name.clone()).or_default();
+        earlier.retain(|e| e != id);
+        if let Some(previous) = self
+            .state
+            .last_known_good
+            .insert(id.name.clone(), id.clone())
+            && previous != *id
+        {
+            earlier.insert(0, previous);
+        }
+        earlier.truncate(EARLIER_GOOD);
+        if earlier.is_empty() {
+            self.state.earlier_good.remove(&id.name);
+        }
+        self.save()
     }
 
     fn record_failure(&mut self, id: &ModuleId, reason: &str) -> std::io::Result<()> {
@@ -431,17 +531,211 @@ pub struct Deployer {
     sandbox: Arc<Sandbox>,
     policy: Policy,
     state: Option<Arc<Mutex<StateDir>>>,
+    /// The trust root held now: the installed one, or one followed since.
+    trust: RwLock<Option<TrustRoot>>,
+    /// Its version, for the fleet's root follower (which asks for the next one).
+    trust_version: Arc<AtomicU64>,
+}
+
+/// What came of roots offered to the agent ([`Deployer::offer_roots`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RootOutcome {
+    /// The versions held before and after, when a newer root was taken.
+    pub adopted: Option<(u64, u64)>,
+    /// Why a root was not taken, when one was refused: its version (when it could be
+    /// read) and the reason.
+    pub refused: Option<(Option<u64>, String)>,
 }
 
 impl Deployer {
     /// A deployer compiling with `sandbox`, accepting what `policy` allows, and keeping
     /// anti-rollback and last-known-good in `state` (without one, neither is kept).
     pub fn new(sandbox: Arc<Sandbox>, policy: Policy, state: Option<StateDir>) -> Arc<Self> {
+        let mut held = policy.trust.clone();
+        // The chain followed before: each saved root must follow the one before it,
+        // from the installed root (a file planted there counts for nothing).
+        if let (Some(root), Some(state)) = (held.as_mut(), state.as_ref()) {
+            for (version, bytes) in state.saved_roots() {
+                if version <= root.version() {
+                    continue;
+                }
+                let followed = SignedRoot::parse(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|next| root.follow(&next).map_err(|e| e.to_string()));
+                match followed {
+                    Ok(next) => *root = next,
+                    Err(e) => {
+                        tracing::error!(
+                            version,
+                            held = root.version(),
+                            "the saved trust root {TRUST_DIR}/v{version}.root does not follow the chain ({e}); staying at version {}",
+                            root.version()
+                        );
+                        break;
+                    }
+                }
+            }
+            if let Some(installed) = &policy.trust
+                && root.version() > installed.version()
+            {
+                tracing::info!(
+                    installed = installed.version(),
+                    held = root.version(),
+                    "trust root followed since installation"
+                );
+            }
+        }
+        let version = held.as_ref().map_or(0, TrustRoot::version);
         Arc::new(Self {
             sandbox,
             policy,
             state: state.map(|s| Arc::new(Mutex::new(s))),
+            trust: RwLock::new(held),
+            trust_version: Arc::new(AtomicU64::new(version)),
         })
+    }
+
+    /// The trust root held now, when there is one.
+    pub fn trust_root(&self) -> Option<TrustRoot> {
+        self.trust.read().expect("trust lock").clone()
+    }
+
+    /// The version of the root held (0 for `--trust` keys or none), kept current.
+    pub fn trust_version(&self) -> Arc<AtomicU64> {
+        self.trust_version.clone()
+    }
+
+    fn trust_store(&self) -> Option<TrustStore> {
+        self.trust
+            .read()
+            .expect("trust lock")
+            .as_ref()
+            .map(|r| r.store().clone())
+    }
+
+    /// Takes the newest root that `roots` (root files, from `source`) lead to from the
+    /// root held: each must be the next version, signed as [`TrustRoot::follow`]
+    /// requires, and the last taken must not have expired. A root of a version already
+    /// passed is ignored when it is the one followed then, and refused when it differs.
+    /// Taken roots are saved in the state directory.
+    pub fn offer_roots(&self, source: &str, roots: &[Vec<u8>]) -> RootOutcome {
+        let mut outcome = RootOutcome::default();
+        let Some(held) = self.trust_root() else {
+            outcome.refused = Some((
+                None,
+                format!(
+                    "{source}: a trust root, but this agent was given no --trust-root or --trust to follow it from"
+                ),
+            ));
+            return outcome;
+        };
+        let mut parsed = Vec::new();
+        for bytes in roots {
+            match SignedRoot::parse(bytes) {
+                Ok(root) => parsed.push(root),
+                Err(e) => outcome.refused = Some((None, format!("{source}: {e}"))),
+            }
+        }
+        parsed.sort_by_key(|r| r.doc().version);
+        parsed.dedup_by(|a, b| a.digest() == b.digest());
+        let saved = self.state().map(|s| s.saved_roots()).unwrap_or_default();
+        let mut chain = Vec::new();
+        for root in parsed {
+            let version = root.doc().version;
+            if version <= held.version() {
+                let same = if version == held.version() {
+                    held.signed().map(SignedRoot::digest)
+                } else {
+                    saved
+                        .get(&version)
+                        .and_then(|b| SignedRoot::parse(b).ok())
+                        .map(|r| r.digest())
+                };
+                if same.as_deref() != Some(root.digest().as_str()) {
+                    outcome.refused = Some((
+                        Some(version),
+                        format!(
+                            "{source}: {}",
+                            bundle::RootRefusal::NotNext {
+                                held: held.version(),
+                                offered: version
+                            }
+                        ),
+                    ));
+                }
+                continue;
+            }
+            chain.push(root);
+        }
+        // The longest run that follows, then the longest of it whose last root is valid.
+        let now = Utc::now();
+        let mut step = held.clone();
+        let mut followed: Vec<(TrustRoot, &SignedRoot)> = Vec::new();
+        for root in &chain {
+            match step.follow(root) {
+                Ok(next) => {
+                    followed.push((next.clone(), root));
+                    step = next;
+                }
+                Err(e) => {
+                    outcome.refused = Some((Some(root.doc().version), format!("{source}: {e}")));
+                    break;
+                }
+            }
+        }
+        let Some(last_valid) = followed
+            .iter()
+            .rposition(|(r, _)| r.expires_at().is_none_or(|at| at > now))
+        else {
+            if let Some((root, _)) = followed.last() {
+                let expired = bundle::RootRefusal::Expired {
+                    version: root.version(),
+                    expires_at: root.expires_at().unwrap_or(now),
+                    now,
+                };
+                outcome.refused = Some((Some(root.version()), format!("{source}: {expired}")));
+            }
+            return outcome;
+        };
+        if let Some(state) = self.state() {
+            for (_, signed) in &followed[..=last_valid] {
+                if let Err(e) = state.save_root(signed) {
+                    outcome.refused = Some((
+                        Some(signed.doc().version),
+                        format!("cannot save the trust root in the state directory: {e}"),
+                    ));
+                    return outcome;
+                }
+            }
+        }
+        let to = followed[last_valid].0.clone();
+        outcome.adopted = Some((held.version(), to.version()));
+        self.trust_version.store(to.version(), Ordering::Relaxed);
+        *self.trust.write().expect("trust lock") = Some(to);
+        outcome
+    }
+
+    /// Whether a bundle that already runs here is still vouched for by the root held now
+    /// (its signers not revoked or removed, within their scopes). Neither the root's nor
+    /// the bundle's expiry is judged: a running module goes on past them.
+    ///
+    /// # Errors
+    ///
+    /// Why it is no longer vouched for.
+    pub fn still_trusted(&self, bytes: &[u8]) -> Result<(), String> {
+        let Some(trust) = self.trust_store() else {
+            return Ok(());
+        };
+        // The earliest instant there is: no expiry is ever reached.
+        bundle::verify(
+            "",
+            bytes,
+            &trust.ignoring_expiry(),
+            DateTime::<Utc>::MIN_UTC,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| e.refusal.to_string())
     }
 
     /// Loads a bundle or (when allowed) an unsigned component from `path`.
@@ -485,17 +779,23 @@ impl Deployer {
             subject: describe(subject, &bytes),
             reason,
         };
-        let Some(trust) = &self.policy.trust else {
+        let Some(trust) = self.trust_store() else {
             return Err(refuse(
                 "a signed bundle, but no --trust key was given to check it against".into(),
             ));
+        };
+        // A module that already ran here goes on under an expired root.
+        let trust = if anti_rollback {
+            trust
+        } else {
+            trust.ignoring_expiry()
         };
         let state = self.state.as_ref().map(|s| s.lock().expect("state lock"));
         let versions = state
             .as_ref()
             .filter(|_| anti_rollback)
             .map(|s| &s.versions);
-        let verified = bundle::verify(subject, &bytes, trust, Utc::now(), versions)
+        let verified = bundle::verify(subject, &bytes, &trust, Utc::now(), versions)
             .map_err(|e| refuse(e.refusal.to_string()))?;
         let manifest = verified.manifest;
         let id = ModuleId {
@@ -599,11 +899,11 @@ impl Deployer {
         let Some(state) = &self.state else {
             return Ok(None);
         };
-        let (path, expected) = {
+        let candidates: Vec<(PathBuf, ModuleId)> = {
             let s = state.lock().expect("state lock");
             let all = s.last_known_goods();
-            let id = match name {
-                Some(name) => s.last_known_good(name),
+            let name = match name {
+                Some(name) => name.to_string(),
                 None if all.len() > 1 => {
                     return Err(Refused {
                         subject: s.dir.join(AGENT_STATE_FILE).display().to_string(),
@@ -613,26 +913,51 @@ impl Deployer {
                         ),
                     });
                 }
-                None => all.values().next(),
+                None => match all.keys().next() {
+                    Some(name) => name.clone(),
+                    None => return Ok(None),
+                },
             };
-            let Some(id) = id.cloned() else {
-                return Ok(None);
-            };
-            (s.lkg_path(&id), id)
+            s.good_versions(&name)
+                .into_iter()
+                .map(|id| (s.lkg_path(&id), id))
+                .collect()
         };
+        let mut first_refusal = None;
+        for (path, expected) in candidates {
+            match self.load_good(&path, &expected) {
+                Ok(accepted) => {
+                    if let Some(newer) = &first_refusal {
+                        tracing::warn!(module = %accepted.id, "a newer last-known-good no longer passes the checks ({newer}); using this earlier one");
+                        if let Err(e) = state.lock().expect("state lock").promote(&accepted.id) {
+                            tracing::error!(module = %accepted.id, error = %e, "cannot save it as the last-known-good");
+                        }
+                    }
+                    return Ok(Some(accepted));
+                }
+                Err(e) => {
+                    tracing::warn!("a last-known-good module cannot be used: {e}");
+                    first_refusal.get_or_insert(e);
+                }
+            }
+        }
+        first_refusal.map_or(Ok(None), Err)
+    }
+
+    fn load_good(&self, path: &Path, expected: &ModuleId) -> Result<Accepted, Refused> {
         // Written by the agent in its state directory: a link there was planted.
-        let bytes = read_regular(&path, MAX_BUNDLE_LEN, Links::Refuse).map_err(|e| Refused {
+        let bytes = read_regular(path, MAX_BUNDLE_LEN, Links::Refuse).map_err(|e| Refused {
             subject: path.display().to_string(),
             reason: e.problem.to_string(),
         })?;
         let accepted = self.load_bytes(&path.display().to_string(), "", bytes, false)?;
-        if accepted.id != expected {
+        if accepted.id != *expected {
             return Err(Refused {
                 subject: path.display().to_string(),
                 reason: format!("holds {} but the state records {expected}", accepted.id),
             });
         }
-        Ok(Some(accepted))
+        Ok(accepted)
     }
 
     /// Checks a bundle that came from the network (`subject` names where): only signed
@@ -729,6 +1054,9 @@ impl Deployer {
     ) -> Option<Accepted> {
         let mut best: Option<Accepted> = None;
         for path in files {
+            if is_root_file(path) {
+                continue;
+            }
             if !starts_with_magic(path) {
                 tracing::warn!(file = %path.display(), "not a signed bundle; a modules directory takes bundles only (see `collector module sign`)");
                 continue;
@@ -752,6 +1080,37 @@ impl Deployer {
 /// Whether the file begins like a bundle (reads 8 bytes only). The name may have turned
 /// into a FIFO or a device since it was listed: the open never blocks, and only a regular
 /// file counts.
+/// Whether `path` names a trust root file (`*.root`), which a modules directory may hold
+/// besides bundles.
+pub fn is_root_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == ROOT_EXTENSION)
+}
+
+/// Offers the trust root files among `files` to `deployer`; returns what came of it,
+/// with the files' names as the source. Unreadable files are logged and skipped.
+pub fn offer_root_files(deployer: &Deployer, files: &[PathBuf]) -> Option<RootOutcome> {
+    let roots: Vec<&PathBuf> = files.iter().filter(|p| is_root_file(p)).collect();
+    if roots.is_empty() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    for path in &roots {
+        match bundle::read_bounded(path, MAX_ROOT_LEN as u64) {
+            Ok(b) => bytes.push(b),
+            Err(e) => tracing::warn!(file = %path.display(), "cannot read a trust root file: {e}"),
+        }
+    }
+    let source = match roots.as_slice() {
+        [one] => one.display().to_string(),
+        _ => format!(
+            "{} trust root files in {}",
+            roots.len(),
+            roots[0].parent().unwrap_or(Path::new(".")).display()
+        ),
+    };
+    Some(deployer.offer_roots(&source, &bytes))
+}
+
 fn starts_with_magic(path: &Path) -> bool {
     use std::io::Read as _;
     let mut head = [0u8; 8];
@@ -796,6 +1155,9 @@ fn is_hidden(p: &Path) -> bool {
 pub trait ModuleTarget: Send + 'static {
     /// Takes a module that passed every check and was recorded as accepted.
     fn offer(&self, accepted: Accepted);
+    /// Trust roots were taken, or refused, from the directory: the running modules must
+    /// be judged again under the root held now.
+    fn roots_offered(&self, outcome: RootOutcome);
     /// Whether offers are still wanted (the watcher stops when this turns false).
     fn is_running(&self) -> bool;
 }
@@ -834,6 +1196,10 @@ pub fn watch(
                     now_seen.insert(path, stamp);
                 }
                 seen = now_seen;
+                // Roots first: a bundle in the same batch is judged under the newest.
+                if let Some(outcome) = offer_root_files(&deployer, &changed) {
+                    agent.roots_offered(outcome);
+                }
                 if let Some(next) = deployer.best_of(&changed, Some(&current.name), Some(&current)) {
                     match deployer.record_accepted(&next) {
                         Ok(()) => {
@@ -894,11 +1260,49 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         files.sort();
-        assert_eq!(files, ["process-perf-v2.bundle"]);
+        // v1 stays as the earlier good version, in case v2's signer is revoked.
+        assert_eq!(files, ["process-perf-v1.bundle", "process-perf-v2.bundle"]);
         assert_eq!(
             std::fs::read(lkg.join("process-perf-v2.bundle")).unwrap(),
             b"two"
         );
+        assert_eq!(
+            state.good_versions("process-perf"),
+            [id(2, "bb"), id(1, "aa")]
+        );
+    }
+
+    #[test]
+    fn earlier_good_versions_are_kept_newest_first_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = StateDir::open(dir.path()).unwrap();
+        for v in 1..=6 {
+            state
+                .set_last_known_good(&id(v, &format!("{v:02}")), b"x")
+                .unwrap();
+        }
+        let state = StateDir::open(dir.path()).unwrap();
+        let versions: Vec<u64> = state
+            .good_versions("process-perf")
+            .iter()
+            .map(|i| i.version)
+            .collect();
+        assert_eq!(versions, [6, 5, 4, 3]);
+        let mut files: Vec<_> = std::fs::read_dir(dir.path().join(LKG_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 4, "{files:?}");
+        // An earlier one made current again keeps the newer ones after it.
+        let mut state = state;
+        state.promote(&id(4, "04")).unwrap();
+        let versions: Vec<u64> = state
+            .good_versions("process-perf")
+            .iter()
+            .map(|i| i.version)
+            .collect();
+        assert_eq!(versions, [4, 6, 5, 3]);
     }
 
     #[test]
@@ -915,11 +1319,12 @@ mod tests {
         assert_eq!(state.last_known_good("process-perf"), Some(&id(2, "bb")));
         let mut state = state;
         state.set_last_known_good(&id(4, "dd"), b"four").unwrap();
-        let files: Vec<_> = std::fs::read_dir(&lkg)
+        let mut files: Vec<_> = std::fs::read_dir(&lkg)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(files, ["process-perf-v4.bundle"]);
+        files.sort();
+        assert_eq!(files, ["process-perf-v2.bundle", "process-perf-v4.bundle"]);
     }
 
     #[test]

@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use collector_shared::EffectiveConfig;
 
-use crate::{Accepted, Deployer, FleetState, ModuleId};
+use crate::{Accepted, Deployer, FleetState, ModuleId, RootOutcome};
 use collector_bundle::MAX_BUNDLE_LEN;
 use collector_fleet::assignment::Desired;
 use collector_fleet::fetch::{self, FetchError};
 use collector_fleet::status::{
-    AgentStatus, KIND_REFUSED, KIND_ROLLED_BACK, KIND_UPDATE, KIND_VALUE_REFUSED, ModuleHealth,
-    ModuleStatus, OBS_SOURCE, ObsEvent, Pending, Refusal, RolledBack,
+    AgentStatus, KIND_REFUSED, KIND_REVOKED, KIND_ROLLED_BACK, KIND_TRUST_EXPIRY, KIND_TRUST_ROOT,
+    KIND_TRUST_ROOT_REFUSED, KIND_UPDATE, KIND_VALUE_REFUSED, ModuleHealth, ModuleStatus,
+    OBS_SOURCE, ObsEvent, Pending, Refusal, RolledBack, RootRefused, TrustStatus,
 };
 use collector_fleet::watch::FleetView;
 use collector_fleet::{MODULES_STORE, STATUS_BUCKET, object_name, obs_subject, random_below};
@@ -83,6 +84,16 @@ pub enum Event {
     Healthy(ModuleId),
     /// A module was rolled back.
     RolledBack(ModuleId, String),
+    /// Trust root files from the fleet (`source` names where): the deployer follows
+    /// them, then the running modules are judged again.
+    Roots {
+        /// Where they came from, for messages.
+        source: String,
+        /// The root files.
+        roots: Vec<Vec<u8>>,
+    },
+    /// Roots the `--modules` watcher offered the deployer, and what came of it.
+    RootsOffered(RootOutcome),
     /// Stop every module and return.
     Shutdown,
 }
@@ -100,6 +111,11 @@ impl ReconcilerHandle {
         let _ = self.tx.send(Event::Fleet(Box::new(view)));
     }
 
+    /// Delivers trust root files read from the fleet.
+    pub fn roots(&self, source: String, roots: Vec<Vec<u8>>) {
+        let _ = self.tx.send(Event::Roots { source, roots });
+    }
+
     /// Asks every module to stop; [`Reconciler::run`] returns once they have.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Event::Shutdown);
@@ -109,6 +125,9 @@ impl ReconcilerHandle {
 impl crate::ModuleTarget for ReconcilerHandle {
     fn offer(&self, accepted: Accepted) {
         let _ = self.tx.send(Event::Offer(Box::new(accepted)));
+    }
+    fn roots_offered(&self, outcome: RootOutcome) {
+        let _ = self.tx.send(Event::RootsOffered(outcome));
     }
     fn is_running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
@@ -169,6 +188,9 @@ struct Running {
     thread: JoinHandle<()>,
     /// The module the agent runs now (or will after the swap it was sent).
     id: ModuleId,
+    /// Its bundle (none for an unsigned component): judged again when the trust root
+    /// changes.
+    bundle: Option<Arc<Vec<u8>>>,
     /// What a rollback returns to, while `id` is on probation.
     fallback: Option<ModuleId>,
     since: DateTime<Utc>,
@@ -249,6 +271,11 @@ impl Running {
 /// While a version has run fewer ticks than this, its status record is rewritten as its
 /// ticks go by (at most once a second), so a rollout's gates judge it without waiting
 /// for `--status-interval`.
+/// How long before the trust root's expiry the agent warns (status and event).
+pub const ROOT_WARN_BEFORE: chrono::TimeDelta = chrono::TimeDelta::days(14);
+/// Modules stopped by a revocation kept in the status record.
+const REVOKED_KEPT: usize = 8;
+
 const YOUNG_TICKS: u64 = 30;
 /// How often the reconciler looks at its modules' counters for a trap or a young
 /// version's ticks.
@@ -296,6 +323,9 @@ pub struct Reconciler {
     modules: BTreeMap<String, Running>,
     wanted: BTreeMap<String, Wanted>,
     rolled_back: Vec<RolledBack>,
+    revoked: Vec<RolledBack>,
+    trust_refused: Option<RootRefused>,
+    trust_state: &'static str,
     last_refusal: Option<Refusal>,
     outbox: Vec<ObsEvent>,
     status_dirty: bool,
@@ -359,6 +389,9 @@ impl Reconciler {
             modules: BTreeMap::new(),
             wanted: BTreeMap::new(),
             rolled_back: Vec::new(),
+            revoked: Vec::new(),
+            trust_refused: None,
+            trust_state: "ok",
             last_refusal: None,
             outbox: Vec::new(),
             status_dirty: true,
@@ -436,6 +469,7 @@ impl Reconciler {
             }
             self.deploy_due();
             self.look_at_health();
+            self.look_at_trust_expiry();
             self.report();
         }
         self.running.store(false, Ordering::Relaxed);
@@ -469,6 +503,11 @@ impl Reconciler {
                 }
             }
             Event::RolledBack(id, reason) => self.on_rolled_back(id, reason),
+            Event::Roots { source, roots } => {
+                let outcome = self.deployer.offer_roots(&source, &roots);
+                self.on_roots(outcome);
+            }
+            Event::RootsOffered(outcome) => self.on_roots(outcome),
             Event::Shutdown => {}
         }
     }
@@ -755,6 +794,7 @@ impl Reconciler {
             Some(r) => {
                 let from = r.id.clone();
                 tracing::info!(%from, %to, "new module accepted; swapping at the next tick boundary");
+                r.bundle = accepted.bundle.clone().map(Arc::new);
                 let spec = hooked_spec(&self.deployer, &self.tx, accepted);
                 r.handle.swap(spec);
                 r.fallback = if r.probation {
@@ -796,6 +836,7 @@ impl Reconciler {
         services.grant = accepted.grant.clone();
         services.limits = accepted.limits.clone();
         let stats = services.stats.clone();
+        let bundle = accepted.bundle.clone().map(Arc::new);
         let spec = hooked_spec(&self.deployer, &self.tx, accepted);
         let ModuleSpec {
             module,
@@ -833,6 +874,7 @@ impl Reconciler {
                 handle,
                 thread,
                 id,
+                bundle,
                 fallback: None,
                 since: Utc::now(),
                 probation,
@@ -936,6 +978,174 @@ impl Reconciler {
         self.status_dirty = true;
     }
 
+    /// What came of trust roots offered: a newer root taken judges every running module
+    /// again; a refusal is reported (once per reason).
+    fn on_roots(&mut self, outcome: RootOutcome) {
+        if let Some((from, to)) = outcome.adopted {
+            tracing::info!(from, to, "took a newer trust root");
+            self.trust_refused = None;
+            self.trust_event(KIND_TRUST_ROOT, serde_json::json!({"from": from, "to": to}));
+            self.status_dirty = true;
+            // A download refused under the old root may pass under this one: at once,
+            // not at the next recheck.
+            for w in self.wanted.values_mut() {
+                if w.refused_digest.take().is_some() {
+                    w.due = Some(Instant::now());
+                }
+            }
+            self.look_at_trust_expiry();
+            self.judge_running_modules();
+        }
+        if let Some((version, reason)) = outcome.refused {
+            let repeated = self
+                .trust_refused
+                .as_ref()
+                .is_some_and(|r| r.reason == reason);
+            if !repeated {
+                tracing::warn!("trust root refused: {reason}");
+                self.trust_event(
+                    KIND_TRUST_ROOT_REFUSED,
+                    serde_json::json!({"version": version, "reason": reason}),
+                );
+                self.trust_refused = Some(RootRefused {
+                    version,
+                    reason,
+                    at: Utc::now(),
+                });
+                self.status_dirty = true;
+            }
+        }
+    }
+
+    /// Judges every running module under the root held now: one whose bundle is no
+    /// longer vouched for (its signer revoked, removed or out of scope) is replaced by the
+    /// newest earlier good version that still is, or stopped.
+    fn judge_running_modules(&mut self) {
+        let names: Vec<String> = self.modules.keys().cloned().collect();
+        let mut changed = false;
+        for name in names {
+            let r = &self.modules[&name];
+            let Some(bundle) = r.bundle.clone() else {
+                continue;
+            };
+            let Err(reason) = self.deployer.still_trusted(&bundle) else {
+                continue;
+            };
+            let id = r.id.clone();
+            let root = self.deployer.trust_version().load(Ordering::Relaxed);
+            let reason = format!("not vouched for by trust root version {root}: {reason}");
+            tracing::warn!(module = %id, "{reason}; stopping it");
+            let replacement = match self.deployer.load_last_known_good(Some(&name)) {
+                Ok(Some(good)) if good.id != id => Some(good),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(module = %name, "no earlier good version can replace it: {e}");
+                    None
+                }
+            };
+            let to = replacement.as_ref().map(|g| g.id.version);
+            match replacement {
+                Some(good) => {
+                    tracing::info!(module = %good.id, "replacing it with this earlier good version");
+                    let r = self.modules.get_mut(&name).expect("listed");
+                    r.bundle = good.bundle.clone().map(Arc::new);
+                    r.take_over(good.id.clone());
+                    r.probation = false;
+                    r.fallback = None;
+                    // Known good: it starts without probation, like a last-known-good at
+                    // start (no hook would make it the last-known-good again).
+                    let mut spec = hooked_spec(&self.deployer, &self.tx, good);
+                    spec.on_healthy = None;
+                    r.handle.swap(spec);
+                }
+                None => {
+                    let r = self.modules.remove(&name).expect("listed");
+                    r.handle.shutdown();
+                    if r.thread.join().is_err() {
+                        tracing::error!(module = %name, "the module's agent thread panicked");
+                    }
+                }
+            }
+            self.revoked.push(RolledBack {
+                name: name.clone(),
+                version: id.version,
+                reason: reason.clone(),
+                at: Utc::now(),
+            });
+            if self.revoked.len() > REVOKED_KEPT {
+                self.revoked.remove(0);
+            }
+            self.event(
+                KIND_REVOKED,
+                &name,
+                id.version,
+                [
+                    ("to", to.map_or(serde_json::Value::Null, Into::into)),
+                    ("reason", reason.into()),
+                ],
+            );
+            changed = true;
+        }
+        if changed {
+            self.status_dirty = true;
+            // The assigned version may be the one just stopped: it is fetched again, and
+            // refused with the reason, which the status shows as pending.
+            self.plan();
+        }
+    }
+
+    /// Every [`HEALTH_EVERY`], with the health: whether the trust root held is close to
+    /// its expiry or past it; a change is logged, reported as an event and in the status.
+    fn look_at_trust_expiry(&mut self) {
+        let Some(expires_at) = self.deployer.trust_root().and_then(|r| r.expires_at()) else {
+            return;
+        };
+        let now = Utc::now();
+        let state = if now >= expires_at {
+            "expired"
+        } else if expires_at - now <= ROOT_WARN_BEFORE {
+            "expiring"
+        } else {
+            "ok"
+        };
+        if state == self.trust_state {
+            return;
+        }
+        self.trust_state = state;
+        self.status_dirty = true;
+        let version = self.deployer.trust_version().load(Ordering::Relaxed);
+        match state {
+            "expired" => tracing::error!(
+                version,
+                %expires_at,
+                "the trust root has expired: no new bundle is accepted until a renewed root arrives (running modules go on)"
+            ),
+            "expiring" => tracing::warn!(
+                version,
+                %expires_at,
+                "the trust root expires soon: publish a renewed root (`collector trust renew`)"
+            ),
+            _ => {}
+        }
+        if state != "ok" {
+            self.trust_event(
+                KIND_TRUST_EXPIRY,
+                serde_json::json!({"version": version, "state": state, "expires_at": expires_at}),
+            );
+        }
+    }
+
+    fn trust_event(&mut self, kind: &str, payload: serde_json::Value) {
+        if self.fleet.is_none() {
+            return;
+        }
+        if self.outbox.len() == OUTBOX_LIMIT {
+            self.outbox.remove(0);
+        }
+        self.outbox
+            .push(ObsEvent::trust(&self.pc_id, Utc::now(), kind, payload));
+    }
+
     /// Tells kanade's timeline that a value of a fleet bucket was refused.
     fn value_refused_event(&mut self, key: &str, refusal: &collector_fleet::watch::RefusedValue) {
         if self.fleet.is_none() {
@@ -1011,6 +1221,13 @@ impl Reconciler {
                 })
                 .collect(),
             rolled_back: self.rolled_back.clone(),
+            revoked: self.revoked.clone(),
+            trust: self.deployer.trust_root().map(|root| TrustStatus {
+                version: root.version(),
+                expires_at: root.expires_at(),
+                state: self.trust_state.to_string(),
+                refused: self.trust_refused.clone(),
+            }),
             last_refusal: self.last_refusal.clone(),
             pending: self
                 .wanted

@@ -26,6 +26,7 @@ pub mod kv;
 pub mod names;
 pub mod rollout;
 pub mod status;
+pub mod trust;
 pub mod watch;
 
 /// kanade's scope keys and layers, shared with the mock host (`collector-shared`).

@@ -15,6 +15,17 @@ pub const KIND_REFUSED: &str = "collector_module_refused";
 pub const KIND_ROLLED_BACK: &str = "collector_module_rolled_back";
 /// Event kind: a value in a fleet bucket was refused (the last good one stays).
 pub const KIND_VALUE_REFUSED: &str = "collector_fleet_value_refused";
+/// Event kind: the agent took a newer trust root (`from`, `to`).
+pub const KIND_TRUST_ROOT: &str = "collector_trust_root";
+/// Event kind: a trust root was refused (`version` when readable, `reason`).
+pub const KIND_TRUST_ROOT_REFUSED: &str = "collector_trust_root_refused";
+/// Event kind: the trust root held is close to its expiry, or past it (`state`:
+/// "expiring" or "expired", `expires_at`).
+pub const KIND_TRUST_EXPIRY: &str = "collector_trust_expiry";
+/// Event kind: a running module's bundle is no longer vouched for by the trust root
+/// (a signer revoked or removed); `to` is the earlier good version that replaced it, or
+/// null when none could.
+pub const KIND_REVOKED: &str = "collector_module_revoked";
 
 /// One agent's status record.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -49,10 +60,44 @@ pub struct AgentStatus {
     /// Assigned modules past the most an agent runs (64), not started.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub over_limit: u64,
+    /// The trust root this agent holds, when it checks bundles against one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustStatus>,
+    /// Modules stopped because the trust root no longer vouches for their bundle, the
+    /// latest last, at most a few.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<RolledBack>,
     /// Highest `agent_config` revision in force (0: built-in defaults or offline copy).
     pub config_revision: u64,
     /// Highest `collector_config` revision in force.
     pub assignment_revision: u64,
+}
+
+/// The trust root an agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustStatus {
+    /// Its version: 0 for `--trust` key files.
+    pub version: u64,
+    /// When it expires (none for `--trust` key files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// "ok", "expiring" (within the warning period: renew it) or "expired" (no new
+    /// bundle is accepted; running modules go on).
+    pub state: String,
+    /// The last root refused, while no newer one was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<RootRefused>,
+}
+
+/// A trust root that was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootRefused {
+    /// Its version, when it could be read.
+    pub version: Option<u64>,
+    /// Why, including where it came from.
+    pub reason: String,
+    /// When.
+    pub at: DateTime<Utc>,
 }
 
 /// A running module.
@@ -210,6 +255,21 @@ pub struct ObsEvent {
 }
 
 impl ObsEvent {
+    /// An event about the agent's trust root.
+    pub fn trust(pc_id: &str, at: DateTime<Utc>, kind: &str, payload: serde_json::Value) -> Self {
+        Self {
+            pc_id: pc_id.to_string(),
+            at,
+            kind: kind.to_string(),
+            source: OBS_SOURCE.to_string(),
+            event_record_id: Some(format!(
+                "{kind}:{}",
+                at.timestamp_nanos_opt().unwrap_or_default()
+            )),
+            payload,
+        }
+    }
+
     /// An event about module `name` at `version`; `payload` gets `module` and `version`
     /// added. The record id makes re-sends of the same transition harmless.
     pub fn module(

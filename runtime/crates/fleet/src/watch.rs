@@ -127,9 +127,9 @@ impl WatchOptions {
 }
 
 /// One key as read: its revision and its value (`None` when deleted, purged or absent).
-struct Read {
-    revision: u64,
-    value: Option<bytes::Bytes>,
+pub(crate) struct Read {
+    pub(crate) revision: u64,
+    pub(crate) value: Option<bytes::Bytes>,
 }
 
 /// The mirror of this PC's keys.
@@ -405,7 +405,7 @@ impl Backoff {
 
 /// Why a key could not be read.
 #[derive(Debug)]
-enum ReadError {
+pub(crate) enum ReadError {
     /// No server answered: the bucket does not exist (yet), or allows no direct gets.
     NoBucket,
     /// Anything else (a timeout, an error status).
@@ -413,7 +413,11 @@ enum ReadError {
 }
 
 /// Reads a key with a direct get by subject, the one read an agent's credential allows.
-async fn read_key(js: &jetstream::Context, bucket: &str, key: &str) -> Result<Read, ReadError> {
+pub(crate) async fn read_key(
+    js: &jetstream::Context,
+    bucket: &str,
+    key: &str,
+) -> Result<Read, ReadError> {
     let stream = js
         .get_stream_no_info(format!("KV_{bucket}"))
         .await
