@@ -287,6 +287,11 @@ fn server_config(
     operator_allow.push(format!("$JS.API.DIRECT.GET.{MODULES_STREAM}"));
     operator_allow.push(format!("$JS.API.STREAM.CREATE.{MODULES_STREAM}"));
     operator_allow.push("$JS.API.INFO".to_string());
+    // Trust roots: the operator creates their bucket (`fleet init`) and reads it; only
+    // the release publisher writes roots (`collector trust publish`).
+    operator_allow.extend(read_api(&format!("KV_{TRUST_BUCKET}")));
+    operator_allow.push(format!("$JS.API.STREAM.CREATE.KV_{TRUST_BUCKET}"));
+    operator_allow.push(format!("$JS.API.STREAM.UPDATE.KV_{TRUST_BUCKET}"));
     user(
         w,
         "operator",
@@ -295,11 +300,6 @@ fn server_config(
         &[],
         &["_INBOX.>".into()],
     );
-    // Trust roots: the operator creates their bucket (`fleet init`) and reads it; only
-    // the release publisher writes roots (`collector trust publish`).
-    operator_allow.extend(read_api(&format!("KV_{TRUST_BUCKET}")));
-    operator_allow.push(format!("$JS.API.STREAM.CREATE.KV_{TRUST_BUCKET}"));
-    operator_allow.push(format!("$JS.API.STREAM.UPDATE.KV_{TRUST_BUCKET}"));
     let mut publisher_allow: Vec<String> = vec![
         "$O.collector_modules.>".into(),
         "$JS.API.INFO".into(),

@@ -17,8 +17,7 @@ use collector_fleet::rollout::ROLLOUTS_BUCKET;
 use collector_fleet::status::AgentStatus;
 use collector_fleet::{
     ASSIGNMENTS_BUCKET, CONFIG_BUCKET, GROUPS_BUCKET, MODULES_STORE, MODULES_STREAM, STATUS_BUCKET,
-    TRUST_BUCKET,
-    kv, names,
+    TRUST_BUCKET, kv, names,
 };
 
 /// How many status records are fetched at once.
@@ -366,9 +365,35 @@ fn report(
         };
         let _ = writeln!(out, "  {name} v{version}: {n}{on_probation}");
     }
+    // Which trust root each agent holds: a rotation's progress, a forgotten renewal.
+    let mut roots: BTreeMap<u64, (usize, usize, usize)> = BTreeMap::new();
+    for t in records.iter().filter_map(|r| r.trust.as_ref()) {
+        let count = roots.entry(t.version).or_default();
+        count.0 += 1;
+        count.1 += usize::from(t.state == "expiring");
+        count.2 += usize::from(t.state == "expired");
+    }
+    if !roots.is_empty() {
+        let _ = writeln!(out, "trust roots:");
+        for (version, (n, expiring, expired)) in roots.iter().rev() {
+            let mut notes = Vec::new();
+            if *expiring > 0 {
+                notes.push(format!("{expiring} expiring: publish a renewed root"));
+            }
+            if *expired > 0 {
+                notes.push(format!("{expired} EXPIRED: new bundles refused"));
+            }
+            let notes = if notes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", notes.join(", "))
+            };
+            let _ = writeln!(out, "  v{version}: {n}{notes}");
+        }
+    }
     let _ = writeln!(out);
 
-    let rows: Vec<[String; 5]> = records
+    let rows: Vec<[String; 6]> = records
         .iter()
         .map(|r| {
             let modules: Vec<String> = r
@@ -395,6 +420,14 @@ fn report(
                     modules.join(", ")
                 },
                 r.health(now, stale_after).to_string(),
+                r.trust.as_ref().map_or_else(
+                    || "-".to_string(),
+                    |t| match t.state.as_str() {
+                        "ok" => format!("v{}", t.version),
+                        "expired" => format!("v{} EXPIRED", t.version),
+                        other => format!("v{} {other}", t.version),
+                    },
+                ),
                 refusal,
                 ops::age(now, r.last_seen),
             ]
@@ -404,6 +437,7 @@ fn report(
         "PC",
         "MODULES (* probation)",
         "HEALTH",
+        "ROOT",
         "LAST REFUSAL",
         "LAST SEEN",
     ];
@@ -413,10 +447,10 @@ fn report(
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 5]| {
+    let line = |cells: [&str; 6]| {
         let mut l = String::new();
         for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i == 4 {
+            if i == 5 {
                 l.push_str(cell);
             } else {
                 let pad = w - cell.chars().count();
@@ -438,6 +472,35 @@ fn report(
                     ops::rfc3339(b.at),
                     b.reason
                 );
+            }
+            for b in &record.revoked {
+                let _ = writeln!(
+                    out,
+                    "    revoked: {} v{} at {}: {}",
+                    b.name,
+                    b.version,
+                    ops::rfc3339(b.at),
+                    b.reason
+                );
+            }
+            if let Some(t) = &record.trust {
+                let expires = t.expires_at.map_or_else(
+                    || "never expires".to_string(),
+                    |at| format!("expires {}", ops::rfc3339(at)),
+                );
+                let _ = writeln!(
+                    out,
+                    "    trust root: v{} ({}, {expires})",
+                    t.version, t.state
+                );
+                if let Some(f) = &t.refused {
+                    let _ = writeln!(
+                        out,
+                        "    trust root refused at {}: {}",
+                        ops::rfc3339(f.at),
+                        f.reason
+                    );
+                }
             }
             for p in &record.pending {
                 let _ = writeln!(out, "    pending: {} v{}: {}", p.name, p.version, p.why);

@@ -11,6 +11,7 @@ mod rollout;
 mod run;
 #[cfg(feature = "sandbox")]
 mod test;
+mod trust;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,7 @@ enum Command {
     Fleet(fleet::FleetArgs),
     Config(config::ConfigArgs),
     Rollout(rollout::RolloutArgs),
+    Trust(trust::TrustArgs),
 }
 
 /// Parses the command line, runs the command, and maps its outcome to an exit code.
@@ -51,6 +53,7 @@ pub fn main() -> ExitCode {
         Command::Test(_) => "error",
         Command::Fleet(_) | Command::Config(_) | Command::Rollout(_) => "warn",
         Command::Module(m) if m.talks_to_nats() => "warn",
+        Command::Trust(t) if t.talks_to_nats() => "warn",
         _ => "info",
     });
     let result = match cli.command {
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Fleet(args) => fleet::run(args).map(|()| ExitCode::SUCCESS),
         Command::Config(args) => config::run(args).map(|()| ExitCode::SUCCESS),
         Command::Rollout(args) => args.run().map(|()| ExitCode::SUCCESS),
+        Command::Trust(args) => trust::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -128,6 +132,36 @@ mod tests {
         assert!(
             parse(&["fleet", "status", "--stale-after", "5"]).is_err(),
             "unit needed"
+        );
+    }
+
+    #[test]
+    fn trust_sources_are_one_or_the_other() {
+        let parses = |line: &str| {
+            let args: Vec<&str> = line.split(' ').collect();
+            Cli::try_parse_from([&["collector"], &args[..]].concat()).is_ok()
+        };
+        assert!(parses("module verify --trust k.pub b"));
+        assert!(parses("module verify --trust-root v1.root b"));
+        assert!(!parses("module verify b"), "one of them is required");
+        assert!(!parses(
+            "module verify --trust k.pub --trust-root v1.root b"
+        ));
+        assert!(!parses(
+            "module verify --trust-root v1.root --threshold 2 b"
+        ));
+        assert!(parses("module inspect b"));
+        assert!(parses("module inspect --trust-root v1.root b"));
+        assert!(
+            !parses("trust rotate v1.root --out v2.root"),
+            "nothing to change"
+        );
+        assert!(parses(
+            "trust rotate v1.root --out v2.root --root-threshold 2"
+        ));
+        assert!(
+            !parses("trust verify v1.root --threshold 2"),
+            "--threshold needs --trust"
         );
     }
 }

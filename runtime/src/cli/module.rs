@@ -127,16 +127,36 @@ struct SignArgs {
 
 /// Check a bundle as an agent would: exits 0 only if it is valid.
 ///
-/// Prints the signers and a summary of the manifest; on failure, the reason.
+/// The keys it is checked against are --trust key files (as agents started with
+/// `--trust`), or a trust root (--trust-root: its signing keys, their module scopes,
+/// its revoked keys and its expiry). Prints the signers and a summary of the manifest;
+/// on failure, the reason.
 #[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("keys")
+        .required(true)
+        .args(["trust", "trust_root"])
+))]
 struct VerifyArgs {
     /// A trusted public key file (KEY.pub). Repeat for several.
-    #[arg(long = "trust", value_name = "KEY.pub", required = true)]
+    #[arg(long = "trust", value_name = "KEY.pub")]
     trust: Vec<PathBuf>,
 
-    /// How many distinct trusted keys must have signed the bundle.
-    #[arg(long, value_name = "K", default_value_t = 1)]
+    /// How many distinct trusted keys must have signed the bundle (with --trust; a trust
+    /// root sets its own).
+    #[arg(
+        long,
+        value_name = "K",
+        default_value_t = 1,
+        conflicts_with = "trust_root"
+    )]
     threshold: usize,
+
+    /// A trust root file (from `collector trust`) to check the bundle against instead of
+    /// --trust keys. It must carry the threshold of its own root keys, as a root an
+    /// agent is installed with (`collector trust verify ROOT`).
+    #[arg(long, value_name = "ROOT")]
+    trust_root: Option<PathBuf>,
 
     /// Also refuse a rollback against the versions an agent with this state directory
     /// has accepted (read only: nothing is recorded).
@@ -148,14 +168,36 @@ struct VerifyArgs {
     bundle: PathBuf,
 }
 
-/// Show what a bundle holds, without checking its signatures: the manifest, the
-/// signatures' key ids, whether the component matches the manifest, and the
+/// Show what a bundle holds: the manifest, the signatures' key ids (checked only with
+/// --trust or --trust-root), whether the component matches the manifest, and the
 /// component's imports.
 ///
 /// Exits non-zero when the bundle is damaged (component not matching its manifest,
-/// invalid manifest or component).
+/// invalid manifest or component). With --trust or --trust-root, each signature is
+/// also checked and the verdict of `collector module verify` is shown, without changing
+/// the exit code.
 #[derive(Debug, Args)]
 struct InspectArgs {
+    /// A trusted public key file (KEY.pub) to check the signatures against. Repeat for
+    /// several.
+    #[arg(long = "trust", value_name = "KEY.pub", conflicts_with = "trust_root")]
+    trust: Vec<PathBuf>,
+
+    /// How many distinct --trust keys an agent requires.
+    #[arg(
+        long,
+        value_name = "K",
+        default_value_t = 1,
+        requires = "trust",
+        conflicts_with = "trust_root"
+    )]
+    threshold: usize,
+
+    /// A trust root file (from `collector trust`) to check the signatures against
+    /// instead of --trust keys.
+    #[arg(long, value_name = "ROOT")]
+    trust_root: Option<PathBuf>,
+
     /// The bundle to inspect.
     #[arg(value_name = "BUNDLE")]
     bundle: PathBuf,
@@ -276,8 +318,22 @@ fn sign(args: SignArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store of `--trust-root ROOT`, else of `--trust` keys (`None` when neither).
+fn trust_store(
+    trust: &[PathBuf],
+    threshold: usize,
+    trust_root: Option<&Path>,
+) -> anyhow::Result<Option<TrustStore>> {
+    Ok(match trust_root {
+        Some(root) => Some(super::trust::root_store("--trust-root", root)?),
+        None if trust.is_empty() => None,
+        None => Some(TrustStore::from_files(trust, threshold).context("--trust")?),
+    })
+}
+
 fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let trust = TrustStore::from_files(&args.trust, args.threshold).context("--trust")?;
+    let trust = trust_store(&args.trust, args.threshold, args.trust_root.as_deref())?
+        .ok_or_else(|| anyhow!("--trust or --trust-root is required"))?;
     let versions = args
         .state_dir
         .as_deref()
@@ -294,6 +350,9 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             Some(trust.threshold())
         )
     );
+    if trust.version() > 0 {
+        println!("  under:     trust root version {}", trust.version());
+    }
     Ok(())
 }
 
@@ -324,13 +383,47 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         .map_err(|e| problems.push(e.to_string()))
         .ok();
 
-    let _ = writeln!(
-        out,
-        "signatures: {} (not checked here; `collector module verify --trust KEY.pub` checks them)",
-        parts.signatures.len()
-    );
+    let trust = trust_store(&args.trust, args.threshold, args.trust_root.as_deref())?;
+    match &trust {
+        None => {
+            let _ = writeln!(
+                out,
+                "signatures: {} (not checked here; `collector module verify --trust KEY.pub` \
+                 checks them)",
+                parts.signatures.len()
+            );
+        }
+        Some(store) => {
+            let against = match store.version() {
+                0 => "the --trust keys".to_string(),
+                v => format!("trust root version {v}"),
+            };
+            let _ = writeln!(
+                out,
+                "signatures: {} (checked against {against}, {} required)",
+                parts.signatures.len(),
+                store.threshold()
+            );
+        }
+    }
     for (i, s) in parts.signatures.iter().enumerate() {
-        let _ = writeln!(out, "  {}. key id {}", i + 1, s.key_id);
+        let status = trust.as_ref().map_or_else(String::new, |store| {
+            format!(
+                ": {}",
+                signature_status(store, parts.manifest, manifest.as_ref(), s)
+            )
+        });
+        let _ = writeln!(out, "  {}. key id {}{status}", i + 1, s.key_id);
+    }
+    if let Some(store) = &trust {
+        match bundle::verify(&path, &bytes, store, now(), None) {
+            Ok(_) => {
+                let _ = writeln!(out, "verdict: valid (an agent with this trust accepts it)");
+            }
+            Err(e) => {
+                let _ = writeln!(out, "verdict: refused: {e}");
+            }
+        }
     }
 
     let _ = writeln!(
@@ -365,6 +458,31 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("bundle {path}: {}", problems.join("; "))
+    }
+}
+
+/// What one signature of a bundle is worth under `store`.
+fn signature_status(
+    store: &TrustStore,
+    manifest_bytes: &[u8],
+    manifest: Option<&Manifest>,
+    entry: &bundle::SignatureEntry,
+) -> String {
+    match store.signer_of(manifest_bytes, &entry.signature) {
+        Some(key) => match manifest {
+            Some(m) if !store.may_sign(key, &m.name) => format!(
+                "valid, by trusted key {}, which may sign {} only: does not count for {:?}",
+                key.id(),
+                store.scope_of(key).unwrap_or_default().join(", "),
+                m.name
+            ),
+            _ => format!("valid, by trusted key {}", key.id()),
+        },
+        None if store.is_revoked(entry.key_id) => "REVOKED by the trust root".into(),
+        None if store.knows(entry.key_id) => {
+            "INVALID: claims a trusted key but does not verify over this manifest".into()
+        }
+        None => "not a trusted key".into(),
     }
 }
 
@@ -457,7 +575,7 @@ fn summary(manifest: &Manifest, signers: &[bundle::KeyId], threshold: Option<usi
 
 /// Writes `bytes` next to `path` then renames it into place, so an agent watching `path`
 /// never sees half a bundle.
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -495,10 +613,10 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-fn rfc3339(t: DateTime<Utc>) -> String {
+pub(super) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
-fn now() -> DateTime<Utc> {
+pub(super) fn now() -> DateTime<Utc> {
     DateTime::<Utc>::from(SystemTime::now())
 }

@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
-use collector_bundle::MAX_BUNDLE_LEN;
+use collector_bundle::{MAX_BUNDLE_LEN, RootDoc, RootSigningKey, SignedRoot};
 use collector_fleet::fetch;
 use collector_fleet::status::AgentStatus;
 use collector_fleet::{
-    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, MODULES_STORE, MODULES_STREAM, STATUS_BUCKET,
+    ASSIGNMENTS_BUCKET, CONFIG_BUCKET, MODULES_STORE, MODULES_STREAM, STATUS_BUCKET, TRUST_BUCKET,
 };
 use futures_util::StreamExt as _;
 
-use crate::common::{AgentProcess, NatsServer, key, signed, write_public};
+use crate::common::{AgentProcess, NatsServer, key, signed, wait_for, write_public};
 
 /// The template as shipped.
 const TEMPLATE: &str = include_str!("../../../docs/nats-server.conf");
@@ -942,4 +942,102 @@ fn an_agents_credential_cannot_list_the_fleet_read_other_pcs_or_make_consumers()
             "pc-a made consumers on KV_{bucket}"
         );
     }
+}
+
+/// A trust root version 1 that agents installed with `--trust signer.pub` (key 1, the
+/// implicit version 0) follow: signed by key 1 and by its own root key 50; key 1 keeps
+/// signing bundles.
+fn first_root() -> Vec<u8> {
+    let now = chrono::Utc::now();
+    let doc = RootDoc {
+        version: 1,
+        issued_at: now,
+        expires_at: now + chrono::Duration::days(90),
+        root_keys: vec![key(50).public_key()],
+        root_threshold: 1,
+        signing_keys: vec![RootSigningKey {
+            key: key(1).public_key(),
+            modules: None,
+        }],
+        signing_threshold: 1,
+        revoked: Vec::new(),
+    };
+    let mut root = SignedRoot::new(&doc).unwrap();
+    root.sign(&key(1)).unwrap();
+    root.sign(&key(50)).unwrap();
+    root.to_bytes()
+}
+
+#[test]
+fn only_the_publisher_writes_trust_roots_and_agents_follow_them_with_their_own_rights() {
+    let broker = Broker::start();
+    broker.with_module();
+    let out = broker.ok("operator", &["fleet", "init"]);
+    assert!(
+        out.contains(&format!("{TRUST_BUCKET}: already there")),
+        "{out}"
+    );
+    broker.ok(
+        "operator",
+        &["module", "rollout", "process-perf", "1", "--global"],
+    );
+    let _a = broker.agent("pc-a");
+    wait_status(&broker, "pc-a", "version 0: the --trust key", |s| {
+        s.trust.as_ref().is_some_and(|t| t.version == 0)
+    });
+
+    // The publisher writes version 1; the agent reads it with its own credential.
+    let js = broker.js("publisher");
+    broker.rt.block_on(async {
+        let store = js.get_key_value(TRUST_BUCKET).await.unwrap();
+        store.put("v1", first_root().into()).await.unwrap();
+    });
+    wait_status(
+        &broker,
+        "pc-a",
+        "root 1 followed from the --trust key",
+        |s| s.trust.as_ref().is_some_and(|t| t.version == 1),
+    );
+
+    // Anyone else writing a root: an agent, an operator, kanade's backend.
+    let forged = b"{\"signed\": \"forged\", \"signatures\": []}";
+    for who in ["pc-a", "operator", "kanade"] {
+        let (client, errors) = broker.client(who);
+        broker.rt.block_on(async {
+            let _ = client
+                .publish(format!("$KV.{TRUST_BUCKET}.v2"), forged.as_slice().into())
+                .await;
+            let _ = client.flush().await;
+        });
+        assert!(
+            wait_for(Duration::from_secs(5), || !errors
+                .lock()
+                .unwrap()
+                .is_empty()),
+            "{who}: the broker took a write to {TRUST_BUCKET}"
+        );
+        assert_eq!(broker.get(TRUST_BUCKET, "v2"), None, "{who} wrote a root");
+    }
+    // Nor can the bucket be purged, or a published root deleted, from there.
+    let (operator, _) = broker.client("operator");
+    let purge = broker.rt.block_on(async {
+        operator
+            .request(format!("$JS.API.STREAM.PURGE.KV_{TRUST_BUCKET}"), "".into())
+            .await
+    });
+    assert!(
+        purge.is_err()
+            || !String::from_utf8_lossy(&purge.unwrap().payload).contains("\"success\":true"),
+        "the operator purged the trust roots"
+    );
+    assert!(broker.get(TRUST_BUCKET, "v1").is_some());
+    assert!(
+        broker
+            .status("pc-a")
+            .unwrap()
+            .trust
+            .unwrap()
+            .refused
+            .is_none()
+    );
 }

@@ -26,4 +26,6 @@ mod nats;
 mod nats_auth;
 mod rollout;
 mod swap;
+mod trust;
+mod trust_cli;
 mod wasi_guests;

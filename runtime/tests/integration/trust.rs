@@ -14,7 +14,9 @@ use async_nats::jetstream::kv;
 use chrono::Utc;
 use collector_bundle::{KeyId, RootDoc, RootSigningKey, SignedRoot};
 use collector_fleet::TRUST_BUCKET;
-use collector_fleet::status::{AgentStatus, KIND_REVOKED, KIND_TRUST_ROOT, ObsEvent};
+use collector_fleet::status::{
+    AgentStatus, KIND_REVOKED, KIND_TRUST_EXPIRY, KIND_TRUST_ROOT, ObsEvent,
+};
 
 use crate::common::*;
 use crate::fleet::{Fleet, enable, process_perf, runs};
@@ -187,7 +189,16 @@ fn an_agent_that_slept_through_three_rotations_catches_up_and_never_goes_back() 
     }
     a.stop();
 
-    // Restarted with the root it was installed with, it starts where it was.
+    // Restarted with the root it was installed with, it starts where it was; a root
+    // planted in its state directory (not signed by version 5's root keys) counts for
+    // nothing.
+    let planted = next(&d5, |d| {
+        d.signing_keys = vec![RootSigningKey {
+            key: key(72).public_key(),
+            modules: None,
+        }]
+    });
+    write(&saved, "v6.root", &signed_root(&planted, &[50, 51, 52]));
     let a = agent(&fleet, "pc-a", &v1, &[]);
     let held = a.stderr_line_containing("trust root held");
     assert!(held.contains("version=5"), "{held}");
@@ -443,4 +454,56 @@ fn a_revoked_keys_bundles_are_refused_from_the_modules_directory_and_the_last_kn
         !s.modules.iter().any(|m| m.version >= 2),
         "nothing signed by B runs: {s:#?}"
     );
+}
+
+#[test]
+fn an_expiring_root_warns_and_an_expired_one_refuses_new_bundles_but_not_running_ones() {
+    let fleet = Fleet::start();
+    create_trust_bucket(&fleet);
+    // Version 1 expires in a few seconds: within the warning period from the start.
+    let mut d1 = first_doc();
+    d1.issued_at = Utc::now();
+    d1.expires_at = d1.issued_at + chrono::Duration::seconds(8);
+    let v1 = write(fleet.dir.path(), "v1.root", &signed_root(&d1, &[50, 51]));
+    fleet.put_module("process-perf", 1, &process_perf(1));
+    fleet.put_module("process-perf", 2, &process_perf(2));
+    enable(&fleet, "global", "200ms");
+    fleet.assign("global", &[("process-perf", 1)]);
+    let mut events = fleet.subscribe("obs.pc-a");
+    let _a = agent(&fleet, "pc-a", &v1, &[]);
+    let s = fleet.wait_status("pc-a", CONVERGE, "v1 runs, root expiring", |s| {
+        runs(s, "process-perf", 1) && s.trust.as_ref().is_some_and(|t| t.state == "expiring")
+    });
+    assert_eq!(s.trust.unwrap().expires_at, Some(d1.expires_at));
+    let e = event_of(&fleet, &mut events, KIND_TRUST_EXPIRY, CONVERGE);
+    assert_eq!(e.payload["state"], "expiring", "{e:?}");
+
+    let s = fleet.wait_status("pc-a", CONVERGE, "root expired", |s| {
+        s.trust.as_ref().is_some_and(|t| t.state == "expired")
+    });
+    let ticks = s.modules[0].health.unwrap().ticks;
+    // A new version is refused; the running one goes on.
+    fleet.assign("global", &[("process-perf", 2)]);
+    fleet.wait_status("pc-a", CONVERGE, "v2 refused under the expired root", |s| {
+        s.last_refusal
+            .as_ref()
+            .is_some_and(|r| r.version == 2 && r.reason.contains("trust root (version 1) expired"))
+    });
+    fleet.wait_status("pc-a", CONVERGE, "the running module goes on", |s| {
+        s.modules
+            .iter()
+            .any(|m| m.version == 1 && m.health.is_some_and(|h| h.ticks > ticks + 2))
+            && s.trust.as_ref().is_some_and(|t| t.version == 1)
+    });
+
+    // The renewal arrives: v2 is fetched at once, without waiting for a recheck.
+    let d2 = next(&d1, |_| {});
+    fleet.put(TRUST_BUCKET, "v2", &signed_root(&d2, &[50, 51]));
+    let s = fleet.wait_status(
+        "pc-a",
+        Duration::from_secs(15),
+        "v2 runs under root 2",
+        |s| runs(s, "process-perf", 2),
+    );
+    assert_eq!(s.trust.unwrap().state, "ok");
 }

@@ -989,7 +989,8 @@ mod tests {
 
     #[test]
     fn invalid_documents_name_their_field() {
-        let cases: Vec<(Box<dyn Fn(&mut RootDoc)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut RootDoc)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|d| d.version = 0), "version"),
             (Box::new(|d| d.expires_at = d.issued_at), "expires_at"),
             (Box::new(|d| d.root_threshold = 4), "root_threshold"),

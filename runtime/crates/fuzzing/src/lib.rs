@@ -20,7 +20,8 @@ use chrono::{DateTime, Utc};
 use collector_shared::ConfigScope;
 
 use collector_bundle::{
-    Bundle, FORMAT, Grants, Limits, Manifest, SecretKey, TrustStore, sign, verify, wit_target,
+    Bundle, FORMAT, Grants, Limits, Manifest, RootDoc, RootSigningKey, SecretKey, SignedRoot,
+    TrustRoot, TrustStore, sign, verify, wit_target,
 };
 use collector_fleet::assignment::{Agent, AssignmentScope, resolve};
 use collector_testkit::scenario::Scenario;
@@ -36,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("scenario", scenario),
     ("config", config),
     ("assignment", assignment),
+    ("trust_root", trust_root),
 ];
 
 /// Largest single allocation a target may make. Inputs are at most a few MiB (libFuzzer's
@@ -188,6 +190,63 @@ pub fn assignment(data: &[u8]) {
             m.version == Some(*version) || m.rollout.as_ref().is_some_and(|r| r.to == *version),
             "{name} resolved to v{version}, which its entry does not name"
         );
+    }
+}
+
+/// The root of version 1 the `trust_root` target follows from: root keys A and B (one
+/// must sign), signing key A. Its seeds are version 2 roots signed by A.
+pub fn held_root() -> &'static (RootDoc, TrustRoot) {
+    static ROOT: OnceLock<(RootDoc, TrustRoot)> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let (a, b, _) = keys();
+        let doc = RootDoc {
+            version: 1,
+            issued_at: now() - chrono::Duration::days(30),
+            expires_at: now() + chrono::Duration::days(365),
+            root_keys: vec![a.public_key(), b.public_key()],
+            root_threshold: 1,
+            signing_keys: vec![RootSigningKey {
+                key: a.public_key(),
+                modules: None,
+            }],
+            signing_threshold: 1,
+            revoked: Vec::new(),
+        };
+        let mut signed = SignedRoot::new(&doc).expect("a valid root");
+        signed.sign(a).expect("room for a signature");
+        let root = TrustRoot::install(signed).expect("signed by its root key");
+        (doc, root)
+    })
+}
+
+/// A trust root file as agents read it from the fleet, `--modules` and their state
+/// directory. One that parses must come back the same through its own bytes, its
+/// document must parse alone to the same value and give a trust store; and if the held
+/// root follows it, it is the next version and its own root keys signed it.
+pub fn trust_root(data: &[u8]) {
+    let Ok(root) = SignedRoot::parse(data) else {
+        return;
+    };
+    let again = SignedRoot::parse(&root.to_bytes()).expect("a root file's own bytes parse");
+    assert_eq!(again, root, "a root changed through its own bytes");
+    let doc = RootDoc::parse(root.signed_bytes()).expect("an accepted document parses alone");
+    assert_eq!(&doc, root.doc(), "the document parsed two ways");
+    doc.trust_store()
+        .expect("a validated root gives a trust store");
+    let _ = TrustRoot::install(root.clone());
+    let (_, held) = held_root();
+    if let Ok(next) = held.follow(&root) {
+        assert_eq!(
+            next.version(),
+            held.version() + 1,
+            "followed a non-next version"
+        );
+        let own = root.signers_among(&doc.root_keys, &doc.revoked);
+        assert!(
+            own.len() >= doc.root_threshold,
+            "followed without its own threshold"
+        );
+        let _ = held.advance([&root], now());
     }
 }
 

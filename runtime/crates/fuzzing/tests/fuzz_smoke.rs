@@ -307,7 +307,35 @@ fn generated_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("manifest", "seed-full.json", full),
         ("bundle_signed", "seed-raw-manifest", raw),
         ("bundle_signed", "seed-fields", fields),
+        ("trust_root", "seed-next.root", next_root(None, &[a])),
+        (
+            "trust_root",
+            "seed-scoped-revoking.root",
+            next_root(Some(b), &[a, b]),
+        ),
     ]
+}
+
+/// A version 2 after the fuzzing's held root, signed by `signers`: with `revoke`, one
+/// that revokes that key and limits a new signing key to `process-*` modules.
+fn next_root(
+    revoke: Option<&collector_bundle::SecretKey>,
+    signers: &[&collector_bundle::SecretKey],
+) -> Vec<u8> {
+    let (held, _) = fuzzing::held_root();
+    let mut doc = held.next(fuzzing::now(), Some(chrono::Duration::days(90)));
+    if let Some(key) = revoke {
+        doc.revoke(key.id());
+        doc.signing_keys.push(collector_bundle::RootSigningKey {
+            key: collector_bundle::SecretKey::from_seed(&[9; 32]).public_key(),
+            modules: Some(vec!["process-*".into(), "disk-perf".into()]),
+        });
+    }
+    let mut root = collector_bundle::SignedRoot::new(&doc).unwrap();
+    for key in signers {
+        root.sign(key).unwrap();
+    }
+    root.to_bytes()
 }
 
 /// A length byte, then the bytes: how `fuzzing::Input` reads a string.
