@@ -264,6 +264,7 @@ struct SignArgs {
 #[derive(Debug, Args)]
 struct MergeArgs {
     /// Where to write the merged root (written atomically; may be one of the copies).
+    /// When it exists, its own signatures are kept: it must hold the same root.
     #[arg(long, value_name = "ROOT")]
     out: PathBuf,
 
@@ -1006,8 +1007,34 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
         merged.doc().version,
         merged.signatures().len()
     );
-    for path in rest {
-        let copy = read_root(path)?;
+    // What --out already holds counts too: merging copies into a file that carries
+    // signatures of its own must not lose them.
+    let out_is_a_copy = args.copies.iter().any(|c| same_file(c, &args.out));
+    let existing = if !out_is_a_copy && args.out.exists() {
+        let held = read_root(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
+        if held.digest() != merged.digest() {
+            bail!(
+                "--out {}: holds another root (version {}) than {} (version {}); its signatures \
+                 would be lost: write the merge to another file",
+                args.out.display(),
+                held.doc().version,
+                first.display(),
+                merged.doc().version
+            );
+        }
+        Some(held)
+    } else {
+        None
+    };
+    let others = rest
+        .iter()
+        .map(|p| (p.as_path(), None))
+        .chain(existing.map(|held| (args.out.as_path(), Some(held))));
+    for (path, held) in others {
+        let copy = match held {
+            Some(held) => held,
+            None => read_root(path)?,
+        };
         let added = merged
             .merge(&copy)
             .with_context(|| format!("root {}", path.display()))?;
