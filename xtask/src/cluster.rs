@@ -9,7 +9,6 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -112,17 +111,14 @@ impl Cluster {
     }
 
     /// The PID of `node` when it runs.
-    fn running_pid(&self, node: &Node) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.pid_file(node))
+    fn running_pid(&self, node: &Node) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.pid_file(node))
             .ok()?
             .trim()
             .parse()
             .ok()?;
         // The PID may have been reused since: it must still be a nats-server.
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        String::from_utf8_lossy(&cmdline)
-            .contains("nats-server")
-            .then_some(pid)
+        crate::procs::runs(pid, "nats-server").then_some(pid)
     }
 
     fn config(&self, node: &Node) -> String {
@@ -166,7 +162,7 @@ impl Cluster {
                 std::fs::write(&conf, self.config(node))?;
             }
             let log = std::fs::File::create(self.dir.join(format!("{}.log", node.name)))?;
-            let child = Command::new(nats_server)
+            let child = crate::procs::detach(&mut Command::new(nats_server))
                 .arg("-c")
                 .arg(&conf)
                 .stdin(Stdio::null())
@@ -174,7 +170,6 @@ impl Cluster {
                 .stderr(log)
                 // Its own process group: a Ctrl-C in the terminal that ran `up` does not
                 // reach it; `down` stops it.
-                .process_group(0)
                 .spawn()
                 .with_context(|| format!("cannot start {}", nats_server.display()))?;
             std::fs::write(self.pid_file(node), child.id().to_string())?;
@@ -239,23 +234,22 @@ impl Cluster {
 
     /// Stops every server of the directory: SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&self) {
-        let pids: Vec<(String, i32)> = self
+        let pids: Vec<(String, u32)> = self
             .nodes
             .iter()
             .filter_map(|n| self.running_pid(n).map(|p| (n.name.clone(), p)))
             .collect();
         for (_, pid) in &pids {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(*pid, libc::SIGTERM) };
+            crate::procs::terminate(*pid);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for (name, pid) in pids {
+            let alive = |pid| crate::procs::runs(pid, "nats-server");
             while alive(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if alive(pid) {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                crate::procs::kill(pid);
             }
             eprintln!("xtask: stopped {name} (pid {pid})");
         }
@@ -295,17 +289,6 @@ impl Drop for Stopper {
         self.0.stop();
         let _ = std::fs::remove_dir_all(&self.0.dir);
     }
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie child still has a /proc entry: look at its state.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
 }
 
 /// A plain HTTP/1.0 GET on the monitoring port: status code and body.

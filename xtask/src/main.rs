@@ -622,11 +622,19 @@ fn ensure_cargo_fuzz() -> Result<PathBuf> {
 /// Runs the release agent for minutes with hot swaps and watches its resources for
 /// growth (in soak.rs: it is long).
 fn soak(extra: &[String]) -> Result<()> {
-    soak::run(extra)
+    #[cfg(unix)]
+    return soak::run(extra);
+    #[cfg(not(unix))]
+    {
+        let _ = extra;
+        bail!("soak samples the agent through /proc/PID: it runs on Linux only")
+    }
 }
 
 mod layers;
 mod polyglot;
+mod procs;
+#[cfg(unix)]
 mod soak;
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
@@ -682,10 +690,8 @@ fn fleet_smoke(
 
 /// Runs a command in its own process group, killing the group if it outlives `timeout`.
 fn run_bounded(what: &str, cmd: &mut Command, timeout: std::time::Duration) -> Result<()> {
-    use std::os::unix::process::CommandExt as _;
     eprintln!("xtask: {what}");
-    let mut child = cmd
-        .process_group(0)
+    let mut child = procs::detach(cmd)
         .spawn()
         .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     let deadline = std::time::Instant::now() + timeout;
@@ -697,9 +703,7 @@ fn run_bounded(what: &str, cmd: &mut Command, timeout: std::time::Duration) -> R
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            let pgid = child.id() as i32;
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            procs::kill_group(child.id());
             let _ = child.wait();
             bail!("{what} did not finish within {timeout:?}; stopped");
         }
