@@ -409,6 +409,8 @@ impl Wine {
             let args = run(&["--guest", "pp-1.bundle", "--state-dir", "state"]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut agent = self.start("the signed run", &args)?;
+            // Wine keeps no access lists: the agent must know where it runs.
+            agent.wait_line(false, &["running under Wine"], "the Wine warning")?;
             for _ in 0..2 {
                 agent.wait_line(true, &["{\"", &pc], "a ProcessPerf line")?;
             }

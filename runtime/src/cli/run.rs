@@ -186,6 +186,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => (Default::default(), None),
     };
+    if collector_fsutil::private::under_wine() {
+        tracing::warn!(
+            "running under Wine, which keeps no file access lists: secret files (cache.key, \
+             keys) cannot be checked for other users' access here; never deploy this way"
+        );
+    }
     let state = args
         .state_dir
         .as_deref()

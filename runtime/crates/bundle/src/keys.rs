@@ -86,6 +86,15 @@ pub enum KeyError {
     /// The operating system gave no randomness to generate a key with; holds its error.
     #[error("cannot get randomness from the operating system: {0}")]
     Random(String),
+    /// A secret key file that users other than its owner may read or write: whoever can
+    /// read it can sign as its owner, so it is not used.
+    #[error("secret key file {path} is not private: {why}")]
+    Exposed {
+        /// The file's path.
+        path: String,
+        /// Who else may use it, and how to fix it.
+        why: String,
+    },
     /// A key id is not 16 hex digits; holds the text (its first 40 characters when its
     /// length is wrong).
     #[error("invalid key id {0:?}: expected 16 hex digits")]
@@ -276,12 +285,13 @@ impl SecretKey {
     ///
     /// # Errors
     ///
-    /// When the file cannot be read or does not hold a secret key (a public key file is
-    /// named as such).
+    /// When the file cannot be read, does not hold a secret key (a public key file is
+    /// named as such), or others than its owner may read or write it
+    /// ([`KeyError::Exposed`]).
     pub fn read(path: &Path) -> Result<Self, KeyError> {
         let text = Zeroizing::new(read_key_file(path, KeyKind::Secret)?);
-        warn_if_readable_by_others(path);
         let seed = decode_line(&path.display().to_string(), &text, KeyKind::Secret)?;
+        refuse_if_exposed(path)?;
         Ok(Self::from_seed(&seed))
     }
 
@@ -438,8 +448,6 @@ fn write_key_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Resul
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(mode);
     }
-    #[cfg(not(unix))]
-    let _ = mode;
     let mut file = options.open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             KeyError::Exists {
@@ -449,26 +457,28 @@ fn write_key_file(path: &Path, contents: &[u8], mode: u32, force: bool) -> Resul
             write_err(e)
         }
     })?;
+    // Unix has the mode from the start; elsewhere the file is made private before any
+    // byte of the key is written.
+    #[cfg(not(unix))]
+    if mode & 0o077 == 0 {
+        collector_fsutil::private::restrict(path).map_err(write_err)?;
+    }
     file.write_all(contents).map_err(write_err)?;
     file.sync_all().map_err(write_err)
 }
 
-fn warn_if_readable_by_others(path: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        if let Ok(meta) = std::fs::metadata(path)
-            && meta.permissions().mode() & 0o077 != 0
-        {
-            tracing::warn!(
-                file = %path.display(),
-                mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                "secret key file is readable by other users; chmod 600 it"
-            );
-        }
+fn refuse_if_exposed(path: &Path) -> Result<(), KeyError> {
+    match collector_fsutil::private::exposure(path) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(KeyError::Exposed {
+            path: path.display().to_string(),
+            why,
+        }),
+        Err(source) => Err(KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        }),
     }
-    #[cfg(not(unix))]
-    let _ = path;
 }
 
 /// Why a trust store could not be built.
@@ -733,6 +743,26 @@ mod tests {
         other.write_pair(&path, true).unwrap();
         assert_eq!(SecretKey::read(&path).unwrap().id(), other.id());
         assert_eq!(PublicKey::read(&public).unwrap(), other.public_key());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_key_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signer");
+        SecretKey::from_seed(&[6; 32])
+            .write_pair(&path, false)
+            .unwrap();
+        SecretKey::read(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = SecretKey::read(&path).unwrap_err();
+        assert!(matches!(err, KeyError::Exposed { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("signer") && text.contains("not private"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::fs::File;
 use std::io::{Read as _, Write};
 use std::path::{Path, PathBuf};
 
+pub mod private;
+
 /// Largest state file (`bundle-versions.json`, `agent-state.json`) read back, in bytes
 /// (4 MiB). Both hold a few hundred bytes per module; anything near this size is not a
 /// state file.
@@ -142,6 +144,15 @@ pub fn open_regular(path: &Path, links: Links) -> Result<File, ReadError> {
             libc::O_NONBLOCK | libc::O_NOCTTY | nofollow,
         );
     }
+    // A reparse point (a symbolic link, a junction) swapped in after the look above is
+    // opened as itself, not followed: the check below then refuses it.
+    #[cfg(windows)]
+    if links == Links::Refuse {
+        std::os::windows::fs::OpenOptionsExt::custom_flags(
+            &mut options,
+            windows_sys::Win32::Storage::FileSystem::FILE_FLAG_OPEN_REPARSE_POINT,
+        );
+    }
     let file = options.open(path).map_err(|e| named(e.into()))?;
     // The name may have been swapped since it was looked at: what counts is what was
     // opened.
@@ -180,7 +191,10 @@ fn kind(file_type: &std::fs::FileType) -> &'static str {
 }
 
 /// Replaces `path` with `bytes`: write a temporary file beside it, fsync it, rename it
-/// over `path`, fsync the directory. `mode` sets Unix permissions on the new file.
+/// over `path`, fsync the directory (on Windows, the rename is written through). `mode`
+/// sets Unix permissions on the new file; on Windows, a mode that denies group and others
+/// everything (`0o600`) makes the file private ([`private::restrict`]) before any byte is
+/// written.
 ///
 /// # Errors
 ///
@@ -207,15 +221,47 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Re
         if let Some(mode) = mode {
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
         }
-        #[cfg(not(unix))]
-        let _ = mode;
         let mut f = options.open(&tmp)?;
+        #[cfg(not(unix))]
+        if mode.is_some_and(|m| m & 0o077 == 0) {
+            private::restrict(&tmp)?;
+        }
         f.write_all(bytes)?;
         f.sync_all()
     };
     write().map_err(|e| named(e, "cannot write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(|e| named(e, "cannot replace", path))?;
+    replace(&tmp, path).map_err(|e| named(e, "cannot replace", path))?;
     sync_dir(dir).map_err(|e| named(e, "cannot sync the directory", dir))
+}
+
+/// Renames `from` over `to`; on Windows, written through before it returns (the
+/// directory cannot be synced there).
+fn replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(windows)]
+    {
+        use std::os::windows::ffi::OsStrExt as _;
+        use windows_sys::Win32::Storage::FileSystem::{
+            MOVEFILE_REPLACE_EXISTING, MOVEFILE_WRITE_THROUGH, MoveFileExW,
+        };
+        let wide = |p: &Path| -> Vec<u16> { p.as_os_str().encode_wide().chain([0]).collect() };
+        let (from, to) = (wide(from), wide(to));
+        // SAFETY: two NUL-terminated paths that outlive the call.
+        let ok = unsafe {
+            MoveFileExW(
+                from.as_ptr(),
+                to.as_ptr(),
+                MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH,
+            )
+        };
+        if ok == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(windows))]
+    {
+        std::fs::rename(from, to)
+    }
 }
 
 /// Makes a rename in `dir` durable.

@@ -65,7 +65,21 @@ impl CompileCache {
             ))
         };
         let key = match read_regular(&key_path, KEY_LEN as u64, Links::Refuse) {
-            Ok(bytes) => bytes.try_into().map_err(|_| bad_key())?,
+            Ok(bytes) => {
+                // Whoever can read the key can forge compiled code the agent would run
+                // without validating it; whoever can write it, replace it.
+                if let Some(why) = collector_fsutil::private::exposure(&key_path)? {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "{} is not private: {why}; or delete it (and the cache's \
+                             entries) to start a new cache",
+                            key_path.display()
+                        ),
+                    ));
+                }
+                bytes.try_into().map_err(|_| bad_key())?
+            }
             Err(e) if e.is_not_found() => {
                 let mut key = [0u8; KEY_LEN];
                 getrandom::fill(&mut key).map_err(std::io::Error::other)?;
@@ -198,6 +212,27 @@ impl Hasher for Sha256Hasher {
 mod tests {
     use super::*;
     use collector_fsutil::hostile;
+
+    #[test]
+    fn a_key_others_may_read_is_refused_naming_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        CompileCache::open(dir.path(), &Engine::default()).unwrap();
+        let key = dir.path().join("cache.key");
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = CompileCache::open(dir.path(), &Engine::default())
+            .err()
+            .expect("a readable key refused")
+            .to_string();
+        assert!(
+            err.contains("cache.key") && err.contains("not private") && err.contains("644"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_key_that_blocks_or_never_ends_is_an_error_at_once() {
