@@ -20,6 +20,11 @@
 //! compiled code of a component (`Sandbox::share_compiled`): each agent still verifies,
 //! records and swaps what it runs, in its own state directory.
 //!
+//! After the steps come staged rollouts (fleet_sim/rollouts.rs) and trust roots
+//! (fleet_sim/trust.rs): every agent follows the fleet's trust roots as `collector run`
+//! does, a first root is published and taken, then a root revoking a signing key stops
+//! the module version that key signed everywhere.
+//!
 //! `cargo xtask fleet-sim` runs it in full (release build, 1,000 agents by default);
 //! `cargo xtask test` runs it in smoke mode (`cargo test --bench fleet_sim`): 20 agents,
 //! one server killed during the global rollout, failing on a stuck agent, a canary
@@ -39,7 +44,7 @@ use collector_deploy::reconcile::{FleetLink, Reconciler, ReconcilerOptions, Reco
 use collector_deploy::{Deployer, Policy, StateDir};
 use collector_fleet::status::AgentStatus;
 use collector_fleet::watch::{self, WatchOptions};
-use collector_fleet::{NatsOptions, STATUS_BUCKET};
+use collector_fleet::{NatsOptions, STATUS_BUCKET, TRUST_BUCKET};
 use collector_sandbox::agent::AgentOptions;
 use collector_sandbox::engine::Sandbox;
 use collector_sandbox::host::{HostStats, Limits, Services};
@@ -50,6 +55,8 @@ type Result<T> = std::result::Result<T, String>;
 
 #[path = "fleet_sim/rollouts.rs"]
 mod rollouts;
+#[path = "fleet_sim/trust.rs"]
+mod trust;
 
 /// Share of the fleet in the canary group.
 const CANARY_PERCENT: usize = 5;
@@ -66,11 +73,16 @@ struct Options {
     /// killed at a random moment.
     rollouts: Vec<(rollouts::Kind, bool)>,
     bake: Duration,
+    /// Whether the trust roots scenario runs after the staged rollouts.
+    trust_roots: bool,
+    /// A full run (`cargo bench`), where missed targets fail it, not only stuck agents.
+    full: bool,
 }
 
 const USAGE: &str = "\
 usage: cargo xtask fleet-sim [--agents N] [--modules M] [--kill-node-at SECONDS]
-                             [--interval DURATION] [--step-timeout SECONDS] [--write]
+                             [--interval DURATION] [--step-timeout SECONDS]
+                             [--rollouts LIST] [--bake D] [--trust-roots on|off] [--write]
 
   --agents N          agents to run in this process (default 1000; smoke: 20)
   --modules M         modules assigned to every agent: 1 (process-perf) or 2 (and the
@@ -91,9 +103,15 @@ usage: cargo xtask fleet-sim [--agents N] [--modules M] [--kill-node-at SECONDS]
                       (default good,trap,silent,cpu,good-killed; smoke: trap)
   --bad-module KIND   the same as --rollouts KIND (trap, silent or cpu)
   --bake D            bake time of each wave (default 10s)
-  --write             put the results in BENCHMARKS.md (sections Fleet scale and Staged
-                      rollouts) and the plots in docs/fleet-convergence.svg and
-                      docs/rollouts.svg";
+  --trust-roots on|off
+                      after the staged rollouts, move every agent from its --trust key
+                      (root version 0) to a published trust root v1 (target: p99 within
+                      5 s), then revoke a signing key with root v2 while a version it
+                      signed runs everywhere (target: gone from every agent within 10 s,
+                      replaced by the earlier good version) (default on)
+  --write             put the results in BENCHMARKS.md (sections Fleet scale, Staged
+                      rollouts and Trust roots) and the plots in docs/fleet-convergence.svg
+                      and docs/rollouts.svg";
 
 fn parse_options() -> Result<Options> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -118,6 +136,8 @@ fn parse_options() -> Result<Options> {
             parse_rollouts("trap")?
         },
         bake: Duration::from_secs(10),
+        trust_roots: true,
+        full,
     };
     let mut it = args.iter();
     let value = |it: &mut std::slice::Iter<String>, flag: &str| -> Result<String> {
@@ -176,6 +196,14 @@ fn parse_options() -> Result<Options> {
                 let v = value(&mut it, arg)?;
                 o.bake = humantime::parse_duration(&v)
                     .map_err(|e| format!("--bake {v}: expected a duration such as 10s ({e})"))?;
+            }
+            "--trust-roots" => {
+                let v = value(&mut it, arg)?;
+                o.trust_roots = match v.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--trust-roots {v}: expected on or off")),
+                };
             }
             "--write" => o.write = Some(root.clone()),
             "--help" | "-h" => {
@@ -243,6 +271,12 @@ fn main() {
                 println!(
                     "{}",
                     rollouts::table(&report.rollouts, options.agents, options.bake)
+                );
+            }
+            if let Some(t) = &report.trust {
+                eprintln!(
+                    "fleet-sim: trust roots:\n{}",
+                    trust::table(t, options.agents)
                 );
             }
             if let Some(root) = &options.write
@@ -358,6 +392,19 @@ async fn clear_fleet(client: &async_nats::Client) -> Result<usize> {
             .purged;
         cleared += usize::try_from(purged).unwrap_or(usize::MAX);
     }
+    // Trust roots an earlier run published, under its own keys: this run's agents could
+    // not follow them, and the bucket refuses purges (a published root stays), so the
+    // stream goes; `fleet init` makes it again (`ensure_trust_bucket`).
+    let trust = format!("KV_{TRUST_BUCKET}");
+    if let Ok(stream) = js.get_stream(&trust).await {
+        let roots = stream.cached_info().state.messages;
+        if roots > 0 {
+            js.delete_stream(&trust)
+                .await
+                .map_err(|e| format!("{TRUST_BUCKET}: cannot delete: {e}"))?;
+            cleared += usize::try_from(roots).unwrap_or(usize::MAX);
+        }
+    }
     let store = js
         .get_object_store("collector_modules")
         .await
@@ -380,6 +427,27 @@ async fn clear_fleet(client: &async_nats::Client) -> Result<usize> {
     Ok(cleared)
 }
 
+/// Makes the trust root bucket when it is missing (`clear_fleet` deleted what an earlier
+/// run left there, or the cluster was made before trust roots) with `collector fleet
+/// init`, as `cargo xtask cluster up` made the others: it leaves the buckets that exist
+/// as they are.
+fn ensure_trust_bucket(
+    runtime: &tokio::runtime::Runtime,
+    client: &async_nats::Client,
+    operator: &Operator,
+    servers: usize,
+) -> Result<()> {
+    let exists = runtime.block_on(async {
+        let js = async_nats::jetstream::new(client.clone());
+        js.get_stream(format!("KV_{TRUST_BUCKET}")).await.is_ok()
+    });
+    if !exists {
+        let replicas = servers.clamp(1, 3).to_string();
+        operator.run(&["fleet", "init", "--replicas", &replicas])?;
+    }
+    Ok(())
+}
+
 /// What every status record said last, and when each changed.
 #[derive(Default)]
 struct Statuses {
@@ -387,6 +455,13 @@ struct Statuses {
     now: BTreeMap<String, BTreeMap<String, u64>>,
     /// Every change: when, which PC, what it runs since.
     changes: Vec<(Instant, String, BTreeMap<String, u64>)>,
+    /// PC → version of the trust root it holds (none: it checks against no root), as
+    /// last reported.
+    trust: BTreeMap<String, Option<u64>>,
+    /// Every change of a PC's trust root version: when, which PC, the version since.
+    trust_changes: Vec<(Instant, String, Option<u64>)>,
+    /// PC → its last record, whole (probation, revoked modules).
+    records: BTreeMap<String, AgentStatus>,
 }
 
 /// One measured step of the rollout.
@@ -424,6 +499,7 @@ struct Report {
     rss_total_mb: f64,
     buckets: Vec<String>,
     rollouts: Vec<rollouts::Scenario>,
+    trust: Option<trust::Outcome>,
 }
 
 fn simulate(o: &Options) -> Result<Report> {
@@ -462,6 +538,7 @@ fn simulate(o: &Options) -> Result<Report> {
     if cleared > 0 {
         eprintln!("fleet-sim: cleared {cleared} keys and objects an earlier run left");
     }
+    ensure_trust_bucket(&runtime, &observer, &operator, cluster.nodes.len())?;
 
     // The security team's side: a key, two versions of each module, published.
     operator.run(&["module", "keygen", "--out", "signer"])?;
@@ -677,6 +754,8 @@ fn simulate(o: &Options) -> Result<Report> {
 
     // Staged rollouts, at a cadence their gates can judge in seconds.
     let mut staged = Vec::new();
+    // The version of process-perf every agent runs, and the next free one.
+    let (mut current, mut next) = (1u64, 3u64);
     if !o.rollouts.is_empty() {
         operator.run(&["config", "set", "host_perf_interval=1s"])?;
         let env = rollouts::Env {
@@ -690,7 +769,6 @@ fn simulate(o: &Options) -> Result<Report> {
             timeout: o.step_timeout,
         };
         let good = std::fs::read(guest_path("COLLECTOR_GUEST_WASM")?).map_err(|e| e.to_string())?;
-        let (mut current, mut next) = (1u64, 3u64);
         for (kind, killed) in &o.rollouts {
             let component = match kind {
                 rollouts::Kind::Good => good.clone(),
@@ -711,6 +789,23 @@ fn simulate(o: &Options) -> Result<Report> {
             staged.push(s);
         }
     }
+    // Trust roots: a first root taken by every agent, then a signing key revoked.
+    let trust = if o.trust_roots {
+        let good = std::fs::read(guest_path("COLLECTOR_GUEST_WASM")?).map_err(|e| e.to_string())?;
+        let env = trust::Env {
+            operator: &operator,
+            statuses: &statuses,
+            pcs: &pcs,
+            work: work.path(),
+            timeout: o.step_timeout,
+            full: o.full,
+            // The staged rollouts set it already; probation takes three ticks.
+            fast_ticks: o.rollouts.is_empty(),
+        };
+        Some(trust::run(&env, &good, current, next))
+    } else {
+        None
+    };
     // What an operator reads next: the summary of the whole fleet.
     let asked = Instant::now();
     let summary = operator.run_once(&["fleet", "status"])?;
@@ -742,6 +837,7 @@ fn simulate(o: &Options) -> Result<Report> {
         rss_total_mb: rss_after,
         buckets,
         rollouts: staged,
+        trust,
     })
 }
 
@@ -772,12 +868,14 @@ struct Fleet {
     handles: Vec<collector_deploy::reconcile::ReconcilerHandle>,
     threads: Vec<std::thread::JoinHandle<()>>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
+    /// Each agent's trust root follower.
+    followers: Vec<tokio::task::JoinHandle<()>>,
     stats: Vec<Arc<ReconcilerStats>>,
 }
 
 impl Fleet {
     fn stop(self) {
-        for w in &self.watchers {
+        for w in self.watchers.iter().chain(&self.followers) {
             w.abort();
         }
         for h in &self.handles {
@@ -807,6 +905,7 @@ fn start_agents(
         handles: Vec::new(),
         threads: Vec::new(),
         watchers: Vec::new(),
+        followers: Vec::new(),
         stats: Vec::new(),
     };
     for pc in pcs {
@@ -822,6 +921,7 @@ fn start_agents(
             },
             Some(state),
         );
+        let held = deployer.trust_version();
         let client = runtime
             .block_on(nats.connect_in_background(pc))
             .map_err(|e| format!("{e:#}"))?;
@@ -855,10 +955,21 @@ fn start_agents(
         fleet.stats.push(reconciler.stats());
         let target = handle.clone();
         fleet.watchers.push(runtime.spawn(watch::run(
-            client,
+            client.clone(),
             WatchOptions::new(pc),
             move |view| target.fleet(view),
         )));
+        // The trust roots of the fleet, followed from the version held, as `collector run`
+        // does next to the watch.
+        let target = handle.clone();
+        fleet
+            .followers
+            .push(runtime.spawn(collector_fleet::trust::follow(
+                client,
+                held,
+                watch::RESYNC,
+                move |source, roots| target.roots(source, roots),
+            )));
         fleet.handles.push(handle);
         fleet.threads.push(
             std::thread::Builder::new()
@@ -898,12 +1009,18 @@ async fn follow_statuses(client: async_nats::Client, statuses: Arc<Mutex<Statuse
                 .duration_since(SystemTime::from(entry.created))
                 .unwrap_or_default();
             let stored = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            let root = status.trust.as_ref().map(|t| t.version);
             let mut s = statuses.lock().unwrap();
             if s.now.get(&status.pc_id) != Some(&running) {
                 s.changes
                     .push((stored, status.pc_id.clone(), running.clone()));
             }
-            s.now.insert(status.pc_id, running);
+            s.now.insert(status.pc_id.clone(), running);
+            if s.trust.get(&status.pc_id) != Some(&root) {
+                s.trust_changes.push((stored, status.pc_id.clone(), root));
+            }
+            s.trust.insert(status.pc_id.clone(), root);
+            s.records.insert(status.pc_id.clone(), status);
         }
         // The watch ended (a server went away): open it again.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1121,6 +1238,9 @@ impl Report {
         for r in &self.rollouts {
             f.extend(r.failures.iter().cloned());
         }
+        if let Some(t) = &self.trust {
+            f.extend(t.failures.iter().cloned());
+        }
         if self.messages == 0 {
             f.push("no process_perf message was ingested".into());
         } else if self.decoded == 0 {
@@ -1281,6 +1401,18 @@ impl Report {
             let text = replace_section(&text, heading, &section);
             std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         }
+        if let Some(t) = &self.trust {
+            let heading = "## Trust roots";
+            let section = format!("{heading}\n\n{}", trust::section(t, o.agents));
+            let path = root.join("BENCHMARKS.md");
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let text = if text.contains(&format!("\n{heading}\n")) {
+                replace_section(&text, heading, &section)
+            } else {
+                insert_after_section(&text, "## Staged rollouts", &section)
+            };
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         Ok(())
     }
 
@@ -1370,6 +1502,24 @@ impl Report {
         }
         svg.push_str("</svg>\n");
         svg
+    }
+}
+
+/// `text` with `section` inserted after the section starting at `after` (up to the next
+/// `## ` heading), or as [`replace_section`] inserts a section when `after` is absent.
+fn insert_after_section(text: &str, after: &str, section: &str) -> String {
+    let marker = format!("\n{after}\n");
+    let Some(start) = text.find(&marker) else {
+        let heading = section.lines().next().unwrap_or_default();
+        return replace_section(text, heading, section);
+    };
+    let rest = &text[start + marker.len()..];
+    match rest.find("\n## ") {
+        Some(i) => {
+            let end = start + marker.len() + i;
+            format!("{}\n{section}{}", &text[..end], &text[end..])
+        }
+        None => format!("{}\n\n{section}", text.trim_end()),
     }
 }
 

@@ -26,6 +26,14 @@ use super::{TRUST_BUCKET, root_key};
 pub const MAX_ROOTS_PER_PASS: u64 = 32;
 /// How long notices are gathered before reading.
 const SETTLE: Duration = Duration::from_millis(25);
+/// A read after a notice that finds nothing new (the notice can come before the server
+/// that answers has stored the root) is made again after these pauses, then left to the
+/// next resync.
+const REREAD: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1500),
+];
 /// How often the connection is checked for a reconnect.
 const RECONNECT_CHECK: Duration = Duration::from_secs(1);
 
@@ -63,6 +71,8 @@ pub async fn follow(
     let mut read_due = Some(Instant::now());
     let mut next_resync = Instant::now() + resync;
     let mut missing_reported = false;
+    // Re-reads left after the last notice (see REREAD).
+    let mut rereads: Option<usize> = None;
     loop {
         if read_due.is_some_and(|at| at <= Instant::now()) {
             read_due = None;
@@ -102,6 +112,14 @@ pub async fn follow(
                 // More may follow once these are taken.
                 read_due = Some(Instant::now() + Duration::from_millis(200));
             }
+            match rereads {
+                Some(i) if !news && read_due.is_none() && i < REREAD.len() => {
+                    read_due = Some(Instant::now() + REREAD[i]);
+                    rereads = Some(i + 1);
+                }
+                Some(_) if news => rereads = None,
+                _ => {}
+            }
             if news && !roots.is_empty() {
                 let source = format!(
                     "{TRUST_BUCKET} {}",
@@ -135,6 +153,7 @@ pub async fn follow(
                 }
                 let at = Instant::now() + SETTLE;
                 read_due = Some(read_due.map_or(at, |d| d.min(at)));
+                rereads = Some(0);
             }
             _ = reconnect_check.tick() => {
                 let now = client.statistics().connects.load(Ordering::Relaxed);
