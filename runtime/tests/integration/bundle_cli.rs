@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 
 use crate::common::guest_wasm;
 
-fn collector(args: &[&str]) -> Output {
+pub(crate) fn collector(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_collector"))
         .args(args)
         .env("NO_COLOR", "1")
@@ -14,7 +14,7 @@ fn collector(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(args: &[&str]) -> String {
+pub(crate) fn ok(args: &[&str]) -> String {
     let out = collector(args);
     assert!(
         out.status.success(),
@@ -25,7 +25,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Runs a command that must fail; returns its standard error.
-fn fails(args: &[&str], expected: &[&str]) -> String {
+pub(crate) fn fails(args: &[&str], expected: &[&str]) -> String {
     let out = collector(args);
     assert!(!out.status.success(), "{args:?} should fail");
     assert_ne!(out.status.code(), Some(0));
@@ -39,7 +39,7 @@ fn fails(args: &[&str], expected: &[&str]) -> String {
     stderr
 }
 
-fn s(p: &Path) -> &str {
+pub(crate) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 

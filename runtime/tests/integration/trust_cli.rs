@@ -4,54 +4,14 @@
 //! publishing a chain of roots into a real nats-server.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv::Operation};
 use collector_bundle::SignedRoot;
 
+use crate::bundle_cli::{collector, fails, ok, s};
 use crate::common::{NatsServer, guest_wasm};
 use crate::fleet_cli::{fails as nats_fails, ok as nats_ok};
-
-fn collector(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_collector"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = collector(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail; returns its standard error.
-fn fails(args: &[&str], expected: &[&str]) -> String {
-    let out = collector(args);
-    assert!(
-        !out.status.success(),
-        "{args:?} should fail; it printed:\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    for e in expected {
-        assert!(
-            stderr.contains(e),
-            "stderr of {args:?} lacks {e:?}:\n{stderr}"
-        );
-    }
-    stderr
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A key pair made by `collector module keygen`.
 struct Key {
